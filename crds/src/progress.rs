@@ -1,0 +1,94 @@
+//! The progress report of one micro-batch, as the engine serves it on
+//! `/progress` and the operator reads it. Shaped like Spark's
+//! `StreamingQueryProgress`, so its fields mean what Spark users expect.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The progress of one micro-batch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryProgress {
+    /// The query's id: the same across restarts from one checkpoint.
+    pub id: String,
+    /// This run's id: new each time the query starts.
+    pub run_id: String,
+    /// The query's name (`metadata.name`).
+    pub name: String,
+    /// When the batch started, RFC 3339.
+    pub timestamp: String,
+    /// The batch number, from 0.
+    pub batch_id: u64,
+    /// Rows read from all sources in this batch.
+    pub num_input_rows: u64,
+    /// Rows that arrived per second since the previous batch started.
+    pub input_rows_per_second: f64,
+    /// Rows processed per second of this batch's duration.
+    pub processed_rows_per_second: f64,
+    /// Milliseconds spent in each phase: `latestOffset`, `queryPlanning`,
+    /// `getBatch`, `addBatch`, `triggerExecution` (the whole batch).
+    pub duration_ms: BTreeMap<String, u64>,
+    /// Event-time statistics of this batch (`min`, `max`, `avg`) and the
+    /// `watermark`, RFC 3339; empty when no source declares a watermark.
+    #[serde(default)]
+    pub event_time: BTreeMap<String, String>,
+    /// One entry per stateful operator (empty for stateless queries).
+    #[serde(default)]
+    pub state_operators: Vec<StateOperatorProgress>,
+    /// One entry per source.
+    pub sources: Vec<SourceProgress>,
+    /// The sink.
+    pub sink: SinkProgress,
+}
+
+/// The progress of one stateful operator in a batch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StateOperatorProgress {
+    /// The operator, e.g. `windowAggregate`.
+    pub operator_name: String,
+    /// Rows held in state after the batch.
+    pub num_rows_total: u64,
+    /// Rows added or changed by the batch.
+    pub num_rows_updated: u64,
+    /// Rows evicted by the batch.
+    pub num_rows_removed: u64,
+    /// Input rows dropped as later than the watermark.
+    pub num_rows_dropped_by_watermark: u64,
+    /// Bytes of memory the state uses.
+    pub memory_used_bytes: u64,
+}
+
+/// The progress of one source in a batch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceProgress {
+    /// What the source is, e.g. `GeneratorSource[transactions, seed=42]`.
+    pub description: String,
+    /// The offset the batch started at (source-specific JSON), null for the
+    /// first batch.
+    pub start_offset: serde_json::Value,
+    /// The offset the batch ended at, exclusive.
+    pub end_offset: serde_json::Value,
+    /// The newest offset the source had when the batch was planned.
+    pub latest_offset: serde_json::Value,
+    /// Rows read from this source in the batch.
+    pub num_input_rows: u64,
+    /// Rows that arrived per second since the previous batch started.
+    pub input_rows_per_second: f64,
+    /// Rows processed per second of this batch's duration.
+    pub processed_rows_per_second: f64,
+    /// Records between the batch's end and the latest offset: the lag.
+    pub records_behind_latest: u64,
+}
+
+/// The progress of the sink in a batch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SinkProgress {
+    /// What the sink is, e.g. `FileSink[/data/out, json]`.
+    pub description: String,
+    /// Rows written by the batch.
+    pub num_output_rows: u64,
+}

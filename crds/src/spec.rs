@@ -1,0 +1,376 @@
+//! The `StreamingQuery` custom resource: what a user writes. The same type is
+//! read by `sluice run` from a file and by the operator from the API server.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::status::StreamingQueryStatus;
+
+/// A streaming SQL query: where its rows come from, the SQL that transforms
+/// them, where the results go, and how often it runs.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "StreamingQuery",
+    namespaced,
+    shortname = "sq",
+    status = "StreamingQueryStatus",
+    derive = "PartialEq",
+    doc = "A streaming SQL query run as micro-batches by Sluice engine pods.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StreamingQuerySpec {
+    /// The input streams. Each is a table the query reads under its `name`.
+    pub sources: Vec<Source>,
+    /// The SQL query, run by DataFusion over each micro-batch. It reads the
+    /// sources by name, e.g. `SELECT user_id, amount FROM transactions WHERE amount > 100`.
+    pub query: String,
+    /// Where the query's results are written.
+    pub sink: Sink,
+    /// Which rows each batch writes to the sink: `append` (new rows only, the
+    /// default, as in Spark), `update` (changed rows) or `complete` (the whole
+    /// result every batch).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub output_mode: OutputMode,
+    /// When batches run. Without it, each batch starts as soon as the previous
+    /// one ends and new data is available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Trigger>,
+    /// Where offsets and state are checkpointed, so that a restarted query
+    /// resumes where it stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+    /// The number of partitions that state is split into by key hash. Fixed
+    /// when the query is first started, as `spark.sql.shuffle.partitions` is
+    /// for a Spark checkpoint. Default 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub state_partitions: Option<u32>,
+}
+
+/// The default of `spec.statePartitions`.
+pub const DEFAULT_STATE_PARTITIONS: u32 = 16;
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// One input stream. Set exactly one of `generator`, `kafka` or `files`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    /// The table name the query uses for this source: lower-case letters,
+    /// digits and `_`, starting with a letter.
+    pub name: String,
+    /// A built-in, seeded data generator: no external system needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator: Option<GeneratorSource>,
+    /// A Kafka topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSource>,
+    /// A directory of data files; new files are picked up as they appear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FileSource>,
+    /// How records are encoded (Kafka and file sources). Default `json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<Format>,
+    /// The columns of each record (Kafka and file sources). Generators have
+    /// a fixed schema and take none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Vec<Column>>,
+    /// Event-time watermark: how late rows may arrive before windows over
+    /// their time are closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<Watermark>,
+}
+
+/// A seeded generator of rows. The row at offset `i` depends only on the
+/// seed, `startTime` and `i`, so a batch re-read after a restart is the same.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GeneratorSource {
+    /// What to generate: `rate` (columns `timestamp`, `value`, as Spark's
+    /// rate source) or `transactions` (card transactions for fraud
+    /// detection: `transaction_id`, `user_id`, `amount`, `merchant_id`,
+    /// `event_time`, `device_type`).
+    pub kind: GeneratorKind,
+    /// Rows per second of event time. Unless `rowsPerBatch` is set, rows are
+    /// also released at this rate of wall-clock time.
+    pub rows_per_second: u64,
+    /// A fixed number of rows per batch, not tied to the wall clock (as
+    /// Spark's `rate-micro-batch` source): runs are reproducible and run as
+    /// fast as the query can go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_per_batch: Option<u64>,
+    /// Stop after this many rows. Needed by `trigger.availableNow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_rows: Option<u64>,
+    /// The event time of the first row, RFC 3339 (e.g.
+    /// `2026-01-01T00:00:00Z`). Default: when the query starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// The random seed. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// `transactions` only: the number of distinct users. Default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<u64>,
+    /// `transactions` only: the number of distinct merchants. Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merchants: Option<u64>,
+    /// `transactions` only: how far before its place in the stream a row's
+    /// event time may be, uniformly at random (event-time disorder).
+    /// Default `2s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_disorder: Option<String>,
+}
+
+/// The data a generator source produces.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum GeneratorKind {
+    /// `timestamp`, `value`: a counter, as Spark's rate source.
+    Rate,
+    /// Card transactions: `transaction_id`, `user_id`, `amount`,
+    /// `merchant_id`, `event_time`, `device_type`.
+    Transactions,
+}
+
+/// A Kafka topic to read.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaSource {
+    /// `host:port[,host:port...]` of the Kafka brokers.
+    pub bootstrap_servers: String,
+    /// The topic to read.
+    pub topic: String,
+    /// Where a query without a checkpoint starts: `earliest` or `latest`
+    /// (the default, as in Spark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting_offsets: Option<StartingOffsets>,
+    /// The most records one batch reads, across all partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_offsets_per_trigger: Option<u64>,
+}
+
+/// Where a Kafka source starts when there is no checkpoint.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StartingOffsets {
+    /// The oldest records the topic holds.
+    Earliest,
+    /// Only records written after the query starts.
+    Latest,
+}
+
+/// A directory of data files.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileSource {
+    /// The directory: a local path, `file://...` or `s3://bucket/prefix`.
+    pub path: String,
+    /// The most new files one batch reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_files_per_trigger: Option<u64>,
+}
+
+/// A record encoding.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Format {
+    /// One JSON object per record (JSON lines in files).
+    Json,
+    /// Comma-separated values, columns in schema order.
+    Csv,
+    /// Apache Avro.
+    Avro,
+    /// Apache Parquet (files only).
+    Parquet,
+}
+
+/// One column of a source's schema.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Column {
+    /// The column name, as the query sees it.
+    pub name: String,
+    /// The column type.
+    #[serde(rename = "type")]
+    pub data_type: ColumnType,
+    /// Whether the column may be null. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nullable: Option<bool>,
+}
+
+/// The type of a source column (Spark SQL's names).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ColumnType {
+    /// UTF-8 text.
+    String,
+    /// 32-bit signed integer.
+    Int,
+    /// 64-bit signed integer.
+    Long,
+    /// 64-bit floating point.
+    Double,
+    /// true or false.
+    Boolean,
+    /// An instant, microsecond precision, UTC.
+    Timestamp,
+    /// A calendar date.
+    Date,
+}
+
+/// An event-time watermark on one source.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Watermark {
+    /// The timestamp column that holds each row's event time.
+    pub column: String,
+    /// How late a row may be, e.g. `10m`: the watermark is the largest event
+    /// time seen minus this delay.
+    pub delay: String,
+}
+
+/// Where results are written. Set exactly one of `console`, `files` or `kafka`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Sink {
+    /// Print each batch as a table on standard output, as Spark's console sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<ConsoleSink>,
+    /// Write each batch as files in a directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FileSink>,
+    /// Write each row as a record to a Kafka topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSink>,
+    /// How rows are encoded (file and Kafka sinks): `json` (the default) or
+    /// `parquet` (files only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<Format>,
+}
+
+/// The console sink's options.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsoleSink {
+    /// The most rows printed per batch. Default 20, as in Spark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_rows: Option<u32>,
+    /// Cut values longer than 20 characters. Default true, as in Spark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<bool>,
+}
+
+/// The file sink's options.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileSink {
+    /// The output directory: a local path or `file://...`.
+    pub path: String,
+}
+
+/// The Kafka sink's options.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaSink {
+    /// `host:port[,host:port...]` of the Kafka brokers.
+    pub bootstrap_servers: String,
+    /// The topic to write.
+    pub topic: String,
+}
+
+/// Which rows of the result each batch writes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OutputMode {
+    /// Only new rows; a window's row once the watermark has passed its end.
+    #[default]
+    Append,
+    /// Rows that changed in this batch.
+    Update,
+    /// The whole result, every batch.
+    Complete,
+}
+
+impl std::fmt::Display for OutputMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OutputMode::Append => "append",
+            OutputMode::Update => "update",
+            OutputMode::Complete => "complete",
+        })
+    }
+}
+
+/// When batches run. Set at most one of the fields.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Trigger {
+    /// Start a batch every interval, e.g. `30s`; a batch that takes longer is
+    /// followed at once by the next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processing_time: Option<String>,
+    /// Process everything available when the query starts, in as many batches
+    /// as the sources' limits ask, then stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_now: Option<bool>,
+}
+
+/// Where the query's progress is checkpointed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Checkpoint {
+    /// A local path, `file://...` or `s3://bucket/prefix`.
+    pub location: String,
+}
+
+impl Source {
+    /// Which kind of source this is, by the field that is set; `None` when
+    /// none or several are.
+    pub fn kind(&self) -> Option<&'static str> {
+        match (&self.generator, &self.kafka, &self.files) {
+            (Some(_), None, None) => Some("generator"),
+            (None, Some(_), None) => Some("kafka"),
+            (None, None, Some(_)) => Some("files"),
+            _ => None,
+        }
+    }
+}
+
+impl Sink {
+    /// Which kind of sink this is, by the field that is set; `None` when none
+    /// or several are.
+    pub fn kind(&self) -> Option<&'static str> {
+        match (&self.console, &self.files, &self.kafka) {
+            (Some(_), None, None) => Some("console"),
+            (None, Some(_), None) => Some("files"),
+            (None, None, Some(_)) => Some("kafka"),
+            _ => None,
+        }
+    }
+}
+
+impl Trigger {
+    /// Whether this trigger asks to process what is there and stop.
+    pub fn is_available_now(&self) -> bool {
+        self.available_now == Some(true)
+    }
+}
+
+impl StreamingQuerySpec {
+    /// `statePartitions`, or its default.
+    pub fn state_partitions(&self) -> u32 {
+        self.state_partitions.unwrap_or(DEFAULT_STATE_PARTITIONS)
+    }
+}

@@ -1,0 +1,95 @@
+//! What the operator reports back on a `StreamingQuery`. Written only by the
+//! operator, through the status subresource.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The observed state of a StreamingQuery.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamingQueryStatus {
+    /// Pending, Running, Suspended, Failed or Completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, each with its reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Engine pods running the query (for the `/scale` subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// The label selector of the engine pods (for the `/scale` subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// A summary of the latest progress reported by the engine pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressSummary>,
+    /// The last error, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The lifecycle phase of a query.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Accepted; engine pods are not running yet.
+    Pending,
+    /// Engine pods are running batches.
+    Running,
+    /// Stopped by `spec.suspend`; the checkpoint is kept.
+    Suspended,
+    /// Stopped by an error that needs the user: see `lastError` and the
+    /// `Degraded` condition.
+    Failed,
+    /// An `availableNow` query processed all its input and stopped.
+    Completed,
+}
+
+/// A condition, as Kubernetes' `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Progressing` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase word saying why.
+    pub reason: String,
+    /// The details, for a person.
+    pub message: String,
+    /// When `status` last changed, RFC 3339.
+    pub last_transition_time: String,
+    /// The spec generation this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The latest progress of a query, summed over its engine pods.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgressSummary {
+    /// The latest committed batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<i64>,
+    /// Input rows per second over the latest batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_rows_per_second: Option<f64>,
+    /// Rows processed per second of batch time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processed_rows_per_second: Option<f64>,
+    /// The event-time watermark, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
+    /// Rows held in state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_rows: Option<i64>,
+    /// Source records not yet processed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<i64>,
+    /// When the latest batch was committed, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_commit_time: Option<String>,
+}

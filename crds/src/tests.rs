@@ -1,0 +1,201 @@
+use super::*;
+
+const VALID: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {name: big-spenders}
+spec:
+  sources:
+    - name: transactions
+      generator: {kind: transactions, rowsPerSecond: 1000, rowsPerBatch: 500, seed: 42, users: 50}
+      watermark: {column: event_time, delay: 10m}
+  query: |
+    SELECT user_id, amount FROM transactions WHERE amount > 100
+  sink: {files: {path: /tmp/out}, format: parquet}
+  trigger: {processingTime: 5s}
+"#;
+
+fn problems_of(text: &str) -> Vec<String> {
+    match load(text, "test.yaml") {
+        Err(Error::Invalid { problems, .. }) => problems.0.iter().map(|p| p.to_string()).collect(),
+        other => panic!("expected problems, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_valid_spec_loads_with_its_defaults() {
+    let query = load(VALID, "test.yaml").unwrap();
+    assert_eq!(query.metadata.name.as_deref(), Some("big-spenders"));
+    assert_eq!(query.spec.output_mode, OutputMode::Append);
+    assert_eq!(query.spec.state_partitions(), DEFAULT_STATE_PARTITIONS);
+    let generator = query.spec.sources[0].generator.as_ref().unwrap();
+    assert_eq!(generator.kind, GeneratorKind::Transactions);
+    assert_eq!(generator.rows_per_batch, Some(500));
+    assert_eq!(query.spec.sink.format, Some(Format::Parquet));
+}
+
+#[test]
+fn three_mistakes_give_three_errors_with_their_paths() {
+    let text = VALID
+        .replace("delay: 10m", "delay: 10 minutes")
+        .replace("processingTime: 5s", "processingTime: soon")
+        .replace("FROM transactions", "FROM transaction");
+    let problems = problems_of(&text);
+    assert_eq!(
+        problems,
+        vec![
+            r#"spec.sources[0].watermark.delay: "10 minutes" is not a duration (try "10m")"#,
+            r#"spec.query: reads the table "transaction", which is not a source: the sources are "transactions""#,
+            r#"spec.trigger.processingTime: "soon" is not a duration: write a number and a unit, ms, s, m, h or d, e.g. "30s" or "10m""#,
+        ]
+    );
+}
+
+#[test]
+fn an_unknown_field_is_named_with_its_path() {
+    let text = VALID.replace("seed: 42", "sead: 42");
+    let err = load(&text, "test.yaml").unwrap_err().to_string();
+    assert!(err.starts_with("test.yaml: spec.sources[0].generator.sead: unknown field `sead`, expected one of `kind`"), "{err}");
+}
+
+#[test]
+fn a_wrong_enum_value_is_named_with_its_path() {
+    let text = VALID.replace("kind: transactions", "kind: trades");
+    let err = load(&text, "test.yaml").unwrap_err().to_string();
+    assert!(
+        err.contains("spec.sources[0].generator.kind: unknown variant `trades`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn another_kind_of_manifest_is_refused() {
+    let err = load("apiVersion: v1\nkind: ConfigMap\n", "cm.yaml")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "cm.yaml: is a ConfigMap of v1: expected apiVersion: sluice.dev/v1alpha1 and kind: StreamingQuery"
+    );
+}
+
+#[test]
+fn yaml_syntax_errors_give_the_line() {
+    let err = load("apiVersion: [\n", "bad.yaml").unwrap_err().to_string();
+    assert!(
+        err.starts_with("bad.yaml: is not valid YAML:") && err.contains("line"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sql_is_checked_for_syntax_statement_kind_and_tables() {
+    let bad_syntax = VALID.replace("WHERE amount > 100", "WHERE amount >");
+    assert!(problems_of(&bad_syntax)[0].starts_with("spec.query: is not valid SQL:"));
+    let insert = VALID.replace(
+        "SELECT user_id, amount FROM transactions WHERE amount > 100",
+        "INSERT INTO t VALUES (1)",
+    );
+    assert!(problems_of(&insert)[0].starts_with("spec.query: is not a query"));
+    let cte = VALID.replace(
+        "SELECT user_id, amount FROM transactions WHERE amount > 100",
+        "WITH big AS (SELECT * FROM Transactions WHERE amount > 100) SELECT * FROM big",
+    );
+    load(&cte, "test.yaml").expect("CTEs and case-folded names are fine");
+}
+
+#[test]
+fn source_shapes_are_checked() {
+    let text = VALID
+        .replace("- name: transactions", "- name: Transactions-2024")
+        .replace("users: 50", "users: 0")
+        .replace(
+            "watermark: {column: event_time",
+            "schema: [{name: a, type: string}]\n      watermark: {column: amount",
+        );
+    let problems = problems_of(&text);
+    assert!(problems.contains(&r#"spec.sources[0].name: "Transactions-2024" is not a table name the query can use: use lower-case letters, digits and '_', starting with a letter (e.g. "transactions_2024")"#.to_owned()), "{problems:#?}");
+    assert!(problems.contains(&"spec.sources[0].generator.users: must be at least 1".to_owned()));
+    assert!(problems.contains(&"spec.sources[0].schema: does not apply to a generator, whose columns are fixed: remove it".to_owned()));
+    assert!(problems.contains(&r#"spec.sources[0].watermark.column: "amount" is of type Double: a watermark needs a timestamp column"#.to_owned()));
+}
+
+#[test]
+fn sources_and_sinks_need_exactly_one_kind() {
+    let text = VALID
+        .replace(
+            "generator: {kind",
+            "files: {path: /data}\n      generator: {kind",
+        )
+        .replace(
+            "sink: {files: {path: /tmp/out}, format: parquet}",
+            "sink: {}",
+        );
+    let problems = problems_of(&text);
+    assert!(
+        problems.contains(&"spec.sources[0]: sets generator and files: set only one".to_owned()),
+        "{problems:#?}"
+    );
+    assert!(
+        problems
+            .contains(&"spec.sink: names no output: set one of console, files or kafka".to_owned())
+    );
+}
+
+#[test]
+fn spark_rules_on_modes_and_triggers_are_enforced() {
+    let text = VALID.replace(
+        "trigger: {processingTime: 5s}",
+        "trigger: {availableNow: true}\n  outputMode: update",
+    );
+    let problems = problems_of(&text);
+    assert_eq!(
+        problems,
+        vec![
+            "spec.outputMode: update is not supported by the file sink, which only appends (as in Spark): use append",
+            "spec.sources[0].generator.totalRows: is required with trigger.availableNow: a generator without it never ends",
+        ]
+    );
+}
+
+#[test]
+fn names_must_be_dns_labels() {
+    let text = VALID.replace("name: big-spenders", "name: Big_Spenders");
+    assert_eq!(
+        problems_of(&text),
+        vec![
+            r#"metadata.name: "Big_Spenders" is not a valid name: use lower-case letters, digits and '-', starting with a letter (e.g. "fraud-detection")"#
+        ]
+    );
+}
+
+#[test]
+fn a_spec_round_trips_through_yaml() {
+    let query = load(VALID, "test.yaml").unwrap();
+    let text = serde_yaml::to_string(&query).unwrap();
+    assert_eq!(load(&text, "again.yaml").unwrap(), query);
+}
+
+/// The committed CRD files must be what the types generate. Regenerate them
+/// with `SLUICE_BLESS=1 cargo test -p sluice-crds`.
+#[test]
+fn the_committed_crds_are_up_to_date() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (path, generated) in [
+        (root.join("streamingquery.yaml"), crd_yaml()),
+        (
+            root.join("../charts/sluice/templates/crd.yaml"),
+            crd_chart_template(),
+        ),
+    ] {
+        if std::env::var_os("SLUICE_BLESS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{} differs from the CRD the types generate: run `SLUICE_BLESS=1 cargo test -p sluice-crds` and commit it",
+            path.display()
+        );
+    }
+}

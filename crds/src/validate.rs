@@ -1,0 +1,591 @@
+//! One validation of a `StreamingQuery`, shared by `sluice validate`,
+//! `sluice run` and the operator's `Degraded` condition. It returns every
+//! problem at once, each with its field path and what to write instead.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{Statement, TableFactor, Visit, Visitor};
+use sqlparser::dialect::GenericDialect;
+use sqlparser::parser::Parser;
+
+use crate::duration::parse_duration;
+use crate::spec::{
+    ColumnType, Format, GeneratorKind, GeneratorSource, OutputMode, Source, StreamingQuery,
+    StreamingQuerySpec,
+};
+
+/// One thing wrong with a spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The field, e.g. `spec.sources[0].watermark.delay`.
+    pub path: String,
+    /// What is wrong and what to write instead.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in one spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Problems {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Whether no problem was found.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The longest query name: a StatefulSet's pods carry a label made of its
+/// name and a hash, and labels are limited to 63 characters.
+pub const MAX_NAME_LEN: usize = 52;
+
+/// Checks a whole `StreamingQuery`: its name and its spec.
+pub fn validate(query: &StreamingQuery) -> Result<(), Problems> {
+    let mut problems = Problems::default();
+    match query.metadata.name.as_deref() {
+        None | Some("") => problems.push(
+            "metadata.name",
+            "is required: every query needs a name (lower-case letters, digits and '-')",
+        ),
+        Some(name) => check_dns_label(&mut problems, "metadata.name", name),
+    }
+    validate_spec_into(&query.spec, &mut problems);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// Checks a spec alone.
+pub fn validate_spec(spec: &StreamingQuerySpec) -> Result<(), Problems> {
+    let mut problems = Problems::default();
+    validate_spec_into(spec, &mut problems);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+fn validate_spec_into(spec: &StreamingQuerySpec, problems: &mut Problems) {
+    if spec.sources.is_empty() {
+        problems.push("spec.sources", "needs at least one source");
+    }
+    let mut names = HashSet::new();
+    for (i, source) in spec.sources.iter().enumerate() {
+        let path = format!("spec.sources[{i}]");
+        check_source(problems, &path, source);
+        if !names.insert(source.name.as_str()) {
+            problems.push(
+                format!("{path}.name"),
+                format!(
+                    "{:?} is used by an earlier source: give each source its own name",
+                    source.name
+                ),
+            );
+        }
+    }
+    check_query(problems, spec);
+    check_sink(problems, spec);
+    check_trigger(problems, spec);
+    if let Some(checkpoint) = &spec.checkpoint {
+        check_location(problems, "spec.checkpoint.location", &checkpoint.location);
+    }
+    if let Some(n) = spec.state_partitions
+        && !(1..=4096).contains(&n)
+    {
+        problems.push(
+            "spec.statePartitions",
+            format!("{n} is out of range: use 1 to 4096"),
+        );
+    }
+}
+
+fn check_dns_label(problems: &mut Problems, path: &str, name: &str) {
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let valid_ends = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !valid_chars || !valid_ends {
+        problems.push(
+            path,
+            format!("{name:?} is not a valid name: use lower-case letters, digits and '-', starting with a letter (e.g. \"fraud-detection\")"),
+        );
+    } else if name.len() > MAX_NAME_LEN {
+        problems.push(
+            path,
+            format!(
+                "{name:?} is {} characters long: use at most {MAX_NAME_LEN}",
+                name.len()
+            ),
+        );
+    }
+}
+
+fn is_sql_identifier(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn check_source(problems: &mut Problems, path: &str, source: &Source) {
+    if !is_sql_identifier(&source.name) {
+        problems.push(
+            format!("{path}.name"),
+            format!(
+                "{:?} is not a table name the query can use: use lower-case letters, digits and '_', starting with a letter (e.g. {:?})",
+                source.name,
+                suggest_identifier(&source.name)
+            ),
+        );
+    }
+    let set = [
+        source.generator.is_some().then_some("generator"),
+        source.kafka.is_some().then_some("kafka"),
+        source.files.is_some().then_some("files"),
+    ];
+    let set: Vec<&str> = set.into_iter().flatten().collect();
+    match set.len() {
+        0 => problems.push(path, "names no input: set one of generator, kafka or files"),
+        1 => {}
+        _ => problems.push(path, format!("sets {}: set only one", set.join(" and "))),
+    }
+    if let Some(generator) = &source.generator {
+        check_generator(problems, path, source, generator);
+    }
+    if let Some(kafka) = &source.kafka {
+        if kafka.bootstrap_servers.trim().is_empty() {
+            problems.push(
+                format!("{path}.kafka.bootstrapServers"),
+                "is empty: write host:port, e.g. \"kafka:9092\"",
+            );
+        }
+        if kafka.topic.trim().is_empty() {
+            problems.push(
+                format!("{path}.kafka.topic"),
+                "is empty: name the topic to read",
+            );
+        }
+        if source.format == Some(Format::Parquet) {
+            problems.push(
+                format!("{path}.format"),
+                "parquet is a file format: Kafka records are json, csv or avro",
+            );
+        }
+    }
+    if let Some(files) = &source.files {
+        check_location(problems, &format!("{path}.files.path"), &files.path);
+    }
+    if source.kafka.is_some() || source.files.is_some() {
+        match &source.schema {
+            None => problems.push(format!("{path}.schema"), "is required for Kafka and file sources: list the columns, e.g. [{name: user_id, type: string}]"),
+            Some(columns) if columns.is_empty() => problems.push(format!("{path}.schema"), "is empty: list at least one column"),
+            Some(columns) => {
+                let mut seen = HashSet::new();
+                for (j, column) in columns.iter().enumerate() {
+                    if column.name.trim().is_empty() {
+                        problems.push(format!("{path}.schema[{j}].name"), "is empty");
+                    } else if !seen.insert(column.name.as_str()) {
+                        problems.push(format!("{path}.schema[{j}].name"), format!("{:?} appears twice", column.name));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(watermark) = &source.watermark {
+        if let Err(message) = parse_duration(&watermark.delay) {
+            problems.push(format!("{path}.watermark.delay"), message);
+        }
+        match source_column_type(source, &watermark.column) {
+            Some(ColumnType::Timestamp) => {}
+            Some(other) => problems.push(
+                format!("{path}.watermark.column"),
+                format!(
+                    "{:?} is of type {other:?}: a watermark needs a timestamp column",
+                    watermark.column
+                ),
+            ),
+            None => problems.push(
+                format!("{path}.watermark.column"),
+                format!(
+                    "{:?} is not a column of this source (its timestamp columns: {})",
+                    watermark.column,
+                    timestamp_columns(source).join(", ")
+                ),
+            ),
+        }
+    }
+}
+
+fn check_generator(
+    problems: &mut Problems,
+    path: &str,
+    source: &Source,
+    generator: &GeneratorSource,
+) {
+    let gpath = format!("{path}.generator");
+    if generator.rows_per_second == 0 {
+        problems.push(format!("{gpath}.rowsPerSecond"), "must be at least 1");
+    }
+    if generator.rows_per_batch == Some(0) {
+        problems.push(
+            format!("{gpath}.rowsPerBatch"),
+            "must be at least 1 (or left out, to follow the wall clock)",
+        );
+    }
+    if let Some(start) = &generator.start_time
+        && chrono::DateTime::parse_from_rfc3339(start).is_err()
+    {
+        problems.push(
+            format!("{gpath}.startTime"),
+            format!("{start:?} is not an RFC 3339 time: write e.g. \"2026-01-01T00:00:00Z\""),
+        );
+    }
+    if generator.kind == GeneratorKind::Rate {
+        for (field, set) in [
+            ("users", generator.users.is_some()),
+            ("merchants", generator.merchants.is_some()),
+            ("maxDisorder", generator.max_disorder.is_some()),
+        ] {
+            if set {
+                problems.push(
+                    format!("{gpath}.{field}"),
+                    "applies to kind transactions only: remove it, or set kind: transactions",
+                );
+            }
+        }
+    }
+    if generator.users == Some(0) {
+        problems.push(format!("{gpath}.users"), "must be at least 1");
+    }
+    if generator.merchants == Some(0) {
+        problems.push(format!("{gpath}.merchants"), "must be at least 1");
+    }
+    if let Some(disorder) = &generator.max_disorder
+        && let Err(message) = parse_duration(disorder)
+    {
+        problems.push(format!("{gpath}.maxDisorder"), message);
+    }
+    if source.format.is_some() {
+        problems.push(
+            format!("{path}.format"),
+            "does not apply to a generator, which makes typed rows: remove it",
+        );
+    }
+    if source.schema.is_some() {
+        problems.push(
+            format!("{path}.schema"),
+            "does not apply to a generator, whose columns are fixed: remove it",
+        );
+    }
+}
+
+/// The columns of a generator of this kind, with their types.
+pub fn generator_columns(kind: GeneratorKind) -> &'static [(&'static str, ColumnType)] {
+    match kind {
+        GeneratorKind::Rate => &[
+            ("timestamp", ColumnType::Timestamp),
+            ("value", ColumnType::Long),
+        ],
+        GeneratorKind::Transactions => &[
+            ("transaction_id", ColumnType::String),
+            ("user_id", ColumnType::String),
+            ("amount", ColumnType::Double),
+            ("merchant_id", ColumnType::String),
+            ("event_time", ColumnType::Timestamp),
+            ("device_type", ColumnType::String),
+        ],
+    }
+}
+
+fn source_columns(source: &Source) -> Vec<(String, ColumnType)> {
+    if let Some(generator) = &source.generator {
+        return generator_columns(generator.kind)
+            .iter()
+            .map(|(name, ty)| ((*name).to_owned(), *ty))
+            .collect();
+    }
+    source
+        .schema
+        .iter()
+        .flatten()
+        .map(|c| (c.name.clone(), c.data_type))
+        .collect()
+}
+
+fn source_column_type(source: &Source, column: &str) -> Option<ColumnType> {
+    source_columns(source)
+        .into_iter()
+        .find(|(name, _)| name == column)
+        .map(|(_, ty)| ty)
+}
+
+fn timestamp_columns(source: &Source) -> Vec<String> {
+    let names: Vec<String> = source_columns(source)
+        .into_iter()
+        .filter(|(_, ty)| *ty == ColumnType::Timestamp)
+        .map(|(name, _)| name)
+        .collect();
+    if names.is_empty() {
+        vec!["none".to_owned()]
+    } else {
+        names
+    }
+}
+
+fn suggest_identifier(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !out.starts_with(|c: char| c.is_ascii_lowercase()) {
+        out.insert_str(0, "t_");
+    }
+    out
+}
+
+fn check_location(problems: &mut Problems, path: &str, location: &str) {
+    if location.trim().is_empty() {
+        problems.push(
+            path,
+            "is empty: write a local path, file://... or s3://bucket/prefix",
+        );
+    } else if let Some((scheme, _)) = location.split_once("://")
+        && !matches!(scheme, "file" | "s3")
+    {
+        problems.push(
+                path,
+                format!("{location:?} uses the scheme {scheme:?}: use a local path, file://... or s3://bucket/prefix"),
+            );
+    }
+}
+
+/// Collects the tables a query reads, leaving out its own CTEs and table
+/// functions.
+#[derive(Default)]
+struct TableRefs {
+    tables: Vec<String>,
+    ctes: HashSet<String>,
+}
+
+impl Visitor for TableRefs {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &sqlparser::ast::Query) -> ControlFlow<()> {
+        if let Some(with) = &query.with {
+            for cte in &with.cte_tables {
+                self.ctes.insert(normalize_ident(&cte.alias.name));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table {
+            name, args: None, ..
+        } = factor
+        {
+            let parts: Vec<String> = name
+                .0
+                .iter()
+                .map(|part| match part.as_ident() {
+                    Some(ident) => normalize_ident(ident),
+                    None => part.to_string(),
+                })
+                .collect();
+            self.tables.push(parts.join("."));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// SQL folds unquoted identifiers to lower case (as DataFusion does).
+fn normalize_ident(ident: &sqlparser::ast::Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_ascii_lowercase()
+    }
+}
+
+fn check_query(problems: &mut Problems, spec: &StreamingQuerySpec) {
+    if spec.query.trim().is_empty() {
+        problems.push("spec.query", "is empty: write a SELECT over the sources");
+        return;
+    }
+    let statements = match Parser::parse_sql(&GenericDialect {}, &spec.query) {
+        Ok(statements) => statements,
+        Err(err) => {
+            problems.push("spec.query", format!("is not valid SQL: {err}"));
+            return;
+        }
+    };
+    let [statement] = statements.as_slice() else {
+        problems.push(
+            "spec.query",
+            format!(
+                "holds {} statements: write exactly one SELECT",
+                statements.len()
+            ),
+        );
+        return;
+    };
+    if !matches!(statement, Statement::Query(_)) {
+        problems.push(
+            "spec.query",
+            "is not a query: write a SELECT over the sources; the sink says where rows go",
+        );
+        return;
+    }
+    let mut refs = TableRefs::default();
+    let _ = statement.visit(&mut refs);
+    let names: Vec<&str> = spec.sources.iter().map(|s| s.name.as_str()).collect();
+    let mut reported = HashSet::new();
+    for table in refs.tables {
+        if refs.ctes.contains(&table) || names.contains(&table.as_str()) {
+            continue;
+        }
+        if reported.insert(table.clone()) {
+            problems.push(
+                "spec.query",
+                format!(
+                    "reads the table {table:?}, which is not a source: the sources are {}",
+                    names
+                        .iter()
+                        .map(|n| format!("{n:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+    }
+}
+
+fn check_sink(problems: &mut Problems, spec: &StreamingQuerySpec) {
+    let sink = &spec.sink;
+    let set = [
+        sink.console.is_some().then_some("console"),
+        sink.files.is_some().then_some("files"),
+        sink.kafka.is_some().then_some("kafka"),
+    ];
+    let set: Vec<&str> = set.into_iter().flatten().collect();
+    match set.len() {
+        0 => problems.push(
+            "spec.sink",
+            "names no output: set one of console, files or kafka",
+        ),
+        1 => {}
+        _ => problems.push(
+            "spec.sink",
+            format!("sets {}: set only one", set.join(" and ")),
+        ),
+    }
+    if let Some(files) = &sink.files {
+        check_location(problems, "spec.sink.files.path", &files.path);
+        if matches!(sink.format, Some(Format::Csv | Format::Avro)) {
+            problems.push("spec.sink.format", "the file sink writes json or parquet");
+        }
+    }
+    if let Some(kafka) = &sink.kafka {
+        if kafka.bootstrap_servers.trim().is_empty() {
+            problems.push(
+                "spec.sink.kafka.bootstrapServers",
+                "is empty: write host:port, e.g. \"kafka:9092\"",
+            );
+        }
+        if kafka.topic.trim().is_empty() {
+            problems.push("spec.sink.kafka.topic", "is empty: name the topic to write");
+        }
+        if matches!(
+            sink.format,
+            Some(Format::Parquet | Format::Csv | Format::Avro)
+        ) {
+            problems.push("spec.sink.format", "the Kafka sink writes json records");
+        }
+    }
+    if sink.console.is_some() && sink.format.is_some() {
+        problems.push(
+            "spec.sink.format",
+            "does not apply to the console sink: remove it",
+        );
+    }
+    if let Some(console) = &sink.console
+        && console.num_rows == Some(0)
+    {
+        problems.push("spec.sink.console.numRows", "must be at least 1");
+    }
+    if sink.files.is_some() && spec.output_mode != OutputMode::Append {
+        // Spark's rule: a file sink only supports append mode.
+        problems.push(
+            "spec.outputMode",
+            format!(
+                "{} is not supported by the file sink, which only appends (as in Spark): use append",
+                spec.output_mode
+            ),
+        );
+    }
+}
+
+fn check_trigger(problems: &mut Problems, spec: &StreamingQuerySpec) {
+    let Some(trigger) = &spec.trigger else {
+        return;
+    };
+    if trigger.processing_time.is_some() && trigger.available_now.is_some() {
+        problems.push(
+            "spec.trigger",
+            "sets processingTime and availableNow: set only one",
+        );
+    }
+    if let Some(interval) = &trigger.processing_time
+        && let Err(message) = parse_duration(interval)
+    {
+        problems.push("spec.trigger.processingTime", message);
+    }
+    if trigger.is_available_now() {
+        for (i, source) in spec.sources.iter().enumerate() {
+            if let Some(generator) = &source.generator
+                && generator.total_rows.is_none()
+            {
+                problems.push(
+                    format!("spec.sources[{i}].generator.totalRows"),
+                    "is required with trigger.availableNow: a generator without it never ends",
+                );
+            }
+        }
+    }
+}

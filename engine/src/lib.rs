@@ -1,0 +1,68 @@
+//! The Sluice streaming engine: runs a `StreamingQuery` as micro-batches of
+//! SQL on DataFusion. `sluice run` drives it from a file; engine pods drive it
+//! from a mounted ConfigMap.
+
+pub mod http;
+pub mod monitor;
+pub mod plan;
+pub mod runner;
+pub mod sink;
+pub mod source;
+
+pub use runner::{RunOptions, Runner, Stopped, Summary, check};
+
+/// The errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec could not be loaded, or has problems.
+    #[error(transparent)]
+    Spec(#[from] sluice_crds::Error),
+    /// The spec asks for something this engine does not do (yet).
+    #[error("{path}: {message}")]
+    Unsupported {
+        /// The field.
+        path: String,
+        /// What is not supported, and what to do instead.
+        message: String,
+    },
+    /// The SQL does not plan against the sources' schemas.
+    #[error("spec.query: {0}")]
+    Plan(String),
+    /// A batch failed while running the query.
+    #[error("batch {batch_id}: the query failed: {source}")]
+    Execute {
+        /// The batch.
+        batch_id: u64,
+        /// Why.
+        source: datafusion::error::DataFusionError,
+    },
+    /// A source was handed an offset it does not understand.
+    #[error("source {source_name}: offset {offset} is not {expected}")]
+    Offset {
+        /// The source's name.
+        source_name: String,
+        /// The offset, as JSON.
+        offset: String,
+        /// What the source expected.
+        expected: String,
+    },
+    /// The sink could not write.
+    #[error("sink {sink}: {message}")]
+    Sink {
+        /// The sink's description.
+        sink: String,
+        /// Why.
+        message: String,
+    },
+    /// The HTTP endpoints could not be served.
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The `Result` of the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,238 @@
+//! What a running query reports: the recent progress reports (served on
+//! `/progress`) and the Prometheus metrics (served on `/metrics`). The runner
+//! writes here; the HTTP server reads.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use sluice_crds::progress::QueryProgress;
+
+/// How many reports `/progress` keeps: Spark's
+/// `spark.sql.streaming.numRecentProgressUpdates` default.
+pub const RECENT_PROGRESS: usize = 100;
+
+/// The Prometheus metrics of one query.
+pub struct Metrics {
+    registry: Registry,
+    batches: IntCounter,
+    input_rows: IntCounterVec,
+    output_rows: IntCounter,
+    batch_duration: Histogram,
+    input_rate: Gauge,
+    processed_rate: Gauge,
+    records_behind: IntGaugeVec,
+    last_batch_id: IntGauge,
+    last_commit: Gauge,
+    watermark: Gauge,
+}
+
+impl Metrics {
+    fn new(query: &str) -> Self {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("query", query);
+        let batches =
+            IntCounter::with_opts(opts("sluice_batches_total", "Micro-batches completed."))
+                .unwrap();
+        let input_rows = IntCounterVec::new(
+            opts("sluice_input_rows_total", "Rows read, by source."),
+            &["source"],
+        )
+        .unwrap();
+        let output_rows = IntCounter::with_opts(opts(
+            "sluice_output_rows_total",
+            "Rows written to the sink.",
+        ))
+        .unwrap();
+        let batch_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_batch_duration_seconds",
+                "Time to run one micro-batch, end to end.",
+            )
+            .const_label("query", query)
+            .buckets(prometheus::exponential_buckets(0.005, 2.0, 14).unwrap()),
+        )
+        .unwrap();
+        let input_rate = Gauge::with_opts(opts(
+            "sluice_input_rows_per_second",
+            "Rows arriving per second, over the latest batch.",
+        ))
+        .unwrap();
+        let processed_rate = Gauge::with_opts(opts(
+            "sluice_processed_rows_per_second",
+            "Rows processed per second of batch time, latest batch.",
+        ))
+        .unwrap();
+        let records_behind = IntGaugeVec::new(
+            opts(
+                "sluice_source_records_behind_latest",
+                "Records the source holds beyond the latest batch: the lag.",
+            ),
+            &["source"],
+        )
+        .unwrap();
+        let last_batch_id = IntGauge::with_opts(opts(
+            "sluice_last_batch_id",
+            "The id of the latest completed batch.",
+        ))
+        .unwrap();
+        let last_commit = Gauge::with_opts(opts(
+            "sluice_last_batch_timestamp_seconds",
+            "When the latest batch completed, Unix seconds.",
+        ))
+        .unwrap();
+        let watermark = Gauge::with_opts(opts(
+            "sluice_watermark_timestamp_seconds",
+            "The event-time watermark, Unix seconds (0 before any).",
+        ))
+        .unwrap();
+        for collector in [
+            Box::new(batches.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(input_rows.clone()),
+            Box::new(output_rows.clone()),
+            Box::new(batch_duration.clone()),
+            Box::new(input_rate.clone()),
+            Box::new(processed_rate.clone()),
+            Box::new(records_behind.clone()),
+            Box::new(last_batch_id.clone()),
+            Box::new(last_commit.clone()),
+            Box::new(watermark.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        Self {
+            registry,
+            batches,
+            input_rows,
+            output_rows,
+            batch_duration,
+            input_rate,
+            processed_rate,
+            records_behind,
+            last_batch_id,
+            last_commit,
+            watermark,
+        }
+    }
+
+    fn record(&self, progress: &QueryProgress, source_names: &[String], watermark_seconds: f64) {
+        self.batches.inc();
+        for (name, source) in source_names.iter().zip(&progress.sources) {
+            let name = name.as_str();
+            self.input_rows
+                .with_label_values(&[name])
+                .inc_by(source.num_input_rows);
+            self.records_behind
+                .with_label_values(&[name])
+                .set(source.records_behind_latest as i64);
+        }
+        self.output_rows.inc_by(progress.sink.num_output_rows);
+        let total_ms = progress
+            .duration_ms
+            .get("triggerExecution")
+            .copied()
+            .unwrap_or(0);
+        self.batch_duration.observe(total_ms as f64 / 1000.0);
+        self.input_rate.set(progress.input_rows_per_second);
+        self.processed_rate.set(progress.processed_rows_per_second);
+        self.last_batch_id.set(progress.batch_id as i64);
+        self.last_commit
+            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        self.watermark.set(watermark_seconds);
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+/// The state a running query shares with its HTTP endpoints.
+pub struct Monitor {
+    recent: Mutex<VecDeque<QueryProgress>>,
+    metrics: Metrics,
+    ready: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+impl Monitor {
+    /// A monitor for the query named `query`.
+    pub fn new(query: &str) -> Self {
+        Self {
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_PROGRESS)),
+            metrics: Metrics::new(query),
+            ready: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Records a batch's progress; `source_names` are the sources' table
+    /// names, in the order of `progress.sources`.
+    pub fn record(&self, progress: QueryProgress, source_names: &[String], watermark_seconds: f64) {
+        self.metrics
+            .record(&progress, source_names, watermark_seconds);
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_PROGRESS {
+            recent.pop_front();
+        }
+        recent.push_back(progress);
+    }
+
+    /// The recent progress reports, oldest first.
+    pub fn recent(&self) -> Vec<QueryProgress> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The latest progress report.
+    pub fn last(&self) -> Option<QueryProgress> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .back()
+            .cloned()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Marks the query started: sources and sink are open, the plan is made.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Whether the query has started.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Marks the query failed, with why.
+    pub fn set_failed(&self, why: String) {
+        self.ready.store(false, Ordering::Release);
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// Why the query failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}

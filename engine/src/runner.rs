@@ -1,0 +1,459 @@
+//! The micro-batch loop: plan each source's range, read it, run the query
+//! over it, write the result, report progress; then wait for the trigger.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use datafusion::arrow::array::TimestampMicrosecondArray;
+use datafusion::arrow::record_batch::RecordBatch;
+use serde_json::Value;
+use sluice_crds::duration::parse_duration;
+use sluice_crds::progress::{QueryProgress, SinkProgress, SourceProgress};
+use sluice_crds::{Problem, Problems, StreamingQuery};
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use crate::monitor::Monitor;
+use crate::plan::QueryPlan;
+use crate::sink::{self, Sink};
+use crate::source::{self, BatchRange, ReadMode, Source};
+use crate::{Error, Result};
+
+/// How long to wait before asking the sources again when a batch found no
+/// new data and the trigger sets no interval.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// Options of one run, beyond the spec.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Stop after this many batches.
+    pub max_batches: Option<u64>,
+}
+
+/// Why a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Asked to stop (SIGINT, SIGTERM).
+    Requested,
+    /// `--max-batches` batches ran.
+    MaxBatches,
+    /// `trigger.availableNow` and everything available was processed.
+    Completed,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Batches run.
+    pub batches: u64,
+    /// Rows read from all sources.
+    pub input_rows: u64,
+    /// Rows written to the sink.
+    pub output_rows: u64,
+    /// Why it ended.
+    pub stopped: Stopped,
+}
+
+struct SourceState {
+    source: Box<dyn Source>,
+    offset: Value,
+    /// The largest event time seen, when the source declares a watermark.
+    max_event_micros: Option<i64>,
+}
+
+/// A query ready to run.
+pub struct Runner {
+    name: String,
+    id: String,
+    run_id: String,
+    sources: Vec<SourceState>,
+    sink: Box<dyn Sink>,
+    plan: QueryPlan,
+    interval: Option<Duration>,
+    available_now: bool,
+    monitor: Arc<Monitor>,
+}
+
+/// Checks what `validate()` cannot: that this engine supports every part of
+/// the spec, and that the SQL plans against the sources' schemas. Opens
+/// nothing and writes nothing.
+pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> {
+    let mut problems = Problems::default();
+    let mut push = |err: Error| match err {
+        Error::Unsupported { path, message } => problems.0.push(Problem { path, message }),
+        Error::Plan(message) => problems.0.push(Problem {
+            path: "spec.query".into(),
+            message,
+        }),
+        other => problems.0.push(Problem {
+            path: "spec".into(),
+            message: other.to_string(),
+        }),
+    };
+    let spec = &query.spec;
+    if spec.checkpoint.is_some() {
+        push(Error::Unsupported {
+            path: "spec.checkpoint".into(),
+            message: "checkpointing is not implemented in this version of the engine yet: remove it to run without recovery".into(),
+        });
+    }
+    if let Err(err) = sink::check(&spec.sink) {
+        push(err);
+    }
+    let mode = read_mode(query);
+    let mut schemas = Vec::new();
+    for (i, source_spec) in spec.sources.iter().enumerate() {
+        match source::build(source_spec, &format!("spec.sources[{i}]"), mode, Utc::now()) {
+            Ok(source) => schemas.push((source.name().to_owned(), source.schema())),
+            Err(err) => push(err),
+        }
+    }
+    if schemas.len() == spec.sources.len()
+        && let Err(err) = QueryPlan::new(&spec.query, &schemas, spec.output_mode).await
+    {
+        push(err);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+fn read_mode(query: &StreamingQuery) -> ReadMode {
+    match &query.spec.trigger {
+        Some(trigger) if trigger.is_available_now() => ReadMode::AvailableNow,
+        _ => ReadMode::Continuous,
+    }
+}
+
+fn rfc3339(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn micros_to_rfc3339(micros: i64) -> String {
+    DateTime::from_timestamp_micros(micros).map_or_else(|| micros.to_string(), rfc3339)
+}
+
+impl Runner {
+    /// Opens the sources and the sink and plans the query. The spec must have
+    /// passed `validate()`.
+    pub async fn new(query: &StreamingQuery, monitor: Arc<Monitor>) -> Result<Self> {
+        let spec = &query.spec;
+        let name = query.metadata.name.clone().unwrap_or_default();
+        if let Err(problems) = check(query).await {
+            return Err(Error::Spec(sluice_crds::Error::Invalid {
+                origin: format!("StreamingQuery {name}"),
+                problems,
+            }));
+        }
+        let mode = read_mode(query);
+        let started = Utc::now();
+        let mut sources = Vec::new();
+        for (i, source_spec) in spec.sources.iter().enumerate() {
+            let source = source::build(source_spec, &format!("spec.sources[{i}]"), mode, started)?;
+            sources.push(SourceState {
+                offset: source.initial_offset(),
+                source,
+                max_event_micros: None,
+            });
+        }
+        let schemas: Vec<_> = sources
+            .iter()
+            .map(|s| (s.source.name().to_owned(), s.source.schema()))
+            .collect();
+        let plan = QueryPlan::new(&spec.query, &schemas, spec.output_mode).await?;
+        let sink = sink::build(&spec.sink)?;
+        let interval = spec
+            .trigger
+            .as_ref()
+            .and_then(|t| t.processing_time.as_deref())
+            .map(parse_duration)
+            .transpose()
+            .map_err(|message| Error::Unsupported {
+                path: "spec.trigger.processingTime".into(),
+                message,
+            })?
+            .filter(|d| !d.is_zero());
+        let id = uuid::Uuid::new_v4().to_string();
+        Ok(Self {
+            name,
+            run_id: uuid::Uuid::new_v4().to_string(),
+            id,
+            sources,
+            sink,
+            plan,
+            interval,
+            available_now: mode == ReadMode::AvailableNow,
+            monitor,
+        })
+    }
+
+    /// The query's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs batches until `stop` turns true, `max_batches` ran, or (with
+    /// `availableNow`) the input is used up. A stop request is honoured at a
+    /// batch boundary: the batch under way finishes first.
+    pub async fn run(
+        mut self,
+        options: RunOptions,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<Summary> {
+        self.monitor.set_ready();
+        info!(query = %self.name, id = %self.id, run_id = %self.run_id, sink = %self.sink.description(), "Query started.");
+        let mut summary = Summary {
+            batches: 0,
+            input_rows: 0,
+            output_rows: 0,
+            stopped: Stopped::Requested,
+        };
+        let mut previous_start: Option<Instant> = None;
+        let mut batch_id: u64 = 0;
+        loop {
+            if *stop.borrow() {
+                summary.stopped = Stopped::Requested;
+                break;
+            }
+            if options
+                .max_batches
+                .is_some_and(|max| summary.batches >= max)
+            {
+                summary.stopped = Stopped::MaxBatches;
+                break;
+            }
+            let trigger_start = Instant::now();
+            let timestamp = Utc::now();
+            let mut ranges = Vec::with_capacity(self.sources.len());
+            for state in &mut self.sources {
+                ranges.push(state.source.plan_batch(&state.offset).await?);
+            }
+            let latest_offset_ms = trigger_start.elapsed().as_millis() as u64;
+            let input_rows: u64 = ranges.iter().map(|r| r.rows).sum();
+            if input_rows == 0 {
+                if self.available_now {
+                    summary.stopped = Stopped::Completed;
+                    break;
+                }
+                debug!("No new data.");
+                let wait = self.interval.unwrap_or(IDLE_POLL);
+                wait_or_stop(trigger_start + wait, &mut stop).await;
+                continue;
+            }
+            let progress = self
+                .run_batch(
+                    batch_id,
+                    timestamp,
+                    trigger_start,
+                    previous_start,
+                    latest_offset_ms,
+                    ranges,
+                )
+                .await?;
+            summary.batches += 1;
+            summary.input_rows += progress.num_input_rows;
+            summary.output_rows += progress.sink.num_output_rows;
+            info!(
+                batch_id,
+                input_rows = progress.num_input_rows,
+                output_rows = progress.sink.num_output_rows,
+                input_rows_per_second = format!("{:.1}", progress.input_rows_per_second),
+                processed_rows_per_second = format!("{:.1}", progress.processed_rows_per_second),
+                duration_ms = progress.duration_ms["triggerExecution"],
+                "Batch completed."
+            );
+            let names: Vec<String> = self
+                .sources
+                .iter()
+                .map(|s| s.source.name().to_owned())
+                .collect();
+            let watermark_seconds = self.watermark_micros().map_or(0.0, |m| m as f64 / 1e6);
+            self.monitor.record(progress, &names, watermark_seconds);
+            previous_start = Some(trigger_start);
+            batch_id += 1;
+            if let Some(interval) = self.interval {
+                wait_or_stop(trigger_start + interval, &mut stop).await;
+            }
+        }
+        info!(
+            query = %self.name,
+            batches = summary.batches,
+            input_rows = summary.input_rows,
+            output_rows = summary.output_rows,
+            stopped = ?summary.stopped,
+            "Query stopped."
+        );
+        Ok(summary)
+    }
+
+    /// The watermark in effect: for each source with one, its largest event
+    /// time minus its delay; the smallest of those. None until every such
+    /// source has seen a row.
+    fn watermark_micros(&self) -> Option<i64> {
+        let mut watermark: Option<i64> = None;
+        for state in &self.sources {
+            if let Some((_, delay)) = state.source.watermark() {
+                let own = state.max_event_micros? - delay.as_micros() as i64;
+                watermark = Some(watermark.map_or(own, |w| w.min(own)));
+            }
+        }
+        watermark
+    }
+
+    async fn run_batch(
+        &mut self,
+        batch_id: u64,
+        timestamp: DateTime<Utc>,
+        trigger_start: Instant,
+        previous_start: Option<Instant>,
+        latest_offset_ms: u64,
+        ranges: Vec<BatchRange>,
+    ) -> Result<QueryProgress> {
+        // The watermark reported for a batch is the one in effect while it
+        // runs, computed from the batches before it (as in Spark).
+        let watermark = self.watermark_micros();
+        let read_start = Instant::now();
+        let mut inputs = Vec::with_capacity(self.sources.len());
+        let mut event_stats = EventTimeStats::default();
+        for (state, range) in self.sources.iter_mut().zip(&ranges) {
+            let batches = state.source.read(&range.start, &range.end).await?;
+            if let Some((column, _)) = state.source.watermark() {
+                let seen = event_stats.add(column, &batches);
+                state.max_event_micros = state.max_event_micros.max(seen);
+            }
+            inputs.push(batches);
+        }
+        let get_batch_ms = read_start.elapsed().as_millis() as u64;
+        let exec_start = Instant::now();
+        let output = self
+            .plan
+            .execute(inputs)
+            .await
+            .map_err(|source| Error::Execute { batch_id, source })?;
+        let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+        self.sink
+            .add_batch(batch_id, self.plan.output_schema(), &output)
+            .await?;
+        let add_batch_ms = exec_start.elapsed().as_millis() as u64;
+        for (state, range) in self.sources.iter_mut().zip(&ranges) {
+            state.offset = range.end.clone();
+        }
+
+        let elapsed = trigger_start.elapsed();
+        let since_previous = previous_start.map(|p| trigger_start.duration_since(p));
+        let per_second = |rows: u64, over: Duration| {
+            let secs = over.as_secs_f64();
+            if secs > 0.0 { rows as f64 / secs } else { 0.0 }
+        };
+        let arrival_window = since_previous.unwrap_or(elapsed);
+        let num_input_rows: u64 = ranges.iter().map(|r| r.rows).sum();
+        let sources = self
+            .sources
+            .iter()
+            .zip(&ranges)
+            .map(|(state, range)| SourceProgress {
+                description: state.source.description(),
+                start_offset: if batch_id == 0 {
+                    Value::Null
+                } else {
+                    range.start.clone()
+                },
+                end_offset: range.end.clone(),
+                latest_offset: range.latest.clone(),
+                num_input_rows: range.rows,
+                input_rows_per_second: per_second(range.rows, arrival_window),
+                processed_rows_per_second: per_second(range.rows, elapsed),
+                records_behind_latest: range.records_behind_latest,
+            })
+            .collect();
+        let mut event_time = event_stats.report();
+        if let Some(w) = watermark {
+            event_time.insert("watermark".into(), micros_to_rfc3339(w));
+        } else if self.sources.iter().any(|s| s.source.watermark().is_some()) {
+            event_time.insert("watermark".into(), micros_to_rfc3339(0));
+        }
+        Ok(QueryProgress {
+            id: self.id.clone(),
+            run_id: self.run_id.clone(),
+            name: self.name.clone(),
+            timestamp: rfc3339(timestamp),
+            batch_id,
+            num_input_rows,
+            input_rows_per_second: per_second(num_input_rows, arrival_window),
+            processed_rows_per_second: per_second(num_input_rows, elapsed),
+            duration_ms: BTreeMap::from([
+                ("latestOffset".to_owned(), latest_offset_ms),
+                ("getBatch".to_owned(), get_batch_ms),
+                ("addBatch".to_owned(), add_batch_ms),
+                ("triggerExecution".to_owned(), elapsed.as_millis() as u64),
+            ]),
+            event_time,
+            state_operators: Vec::new(),
+            sources,
+            sink: SinkProgress {
+                description: self.sink.description(),
+                num_output_rows: output_rows,
+            },
+        })
+    }
+}
+
+/// Min, max and mean of the event-time columns of one batch.
+#[derive(Default)]
+struct EventTimeStats {
+    min: Option<i64>,
+    max: Option<i64>,
+    sum: i128,
+    count: u64,
+}
+
+impl EventTimeStats {
+    /// Adds a source's rows; returns the largest event time among them.
+    fn add(&mut self, column: &str, batches: &[RecordBatch]) -> Option<i64> {
+        let mut largest = None;
+        for batch in batches {
+            let Some(array) = batch
+                .column_by_name(column)
+                .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+            else {
+                continue;
+            };
+            for value in array.iter().flatten() {
+                self.sum += value as i128;
+                self.count += 1;
+                self.min = Some(self.min.map_or(value, |m| m.min(value)));
+                largest = largest.max(Some(value));
+            }
+        }
+        self.max = self.max.max(largest);
+        largest
+    }
+
+    fn report(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if let (Some(min), Some(max)) = (self.min, self.max) {
+            out.insert("min".into(), micros_to_rfc3339(min));
+            out.insert("max".into(), micros_to_rfc3339(max));
+            out.insert(
+                "avg".into(),
+                micros_to_rfc3339((self.sum / self.count.max(1) as i128) as i64),
+            );
+        }
+        out
+    }
+}
+
+/// Sleeps until `deadline`, or until a stop is requested.
+async fn wait_or_stop(deadline: Instant, stop: &mut watch::Receiver<bool>) {
+    if *stop.borrow() {
+        return;
+    }
+    tokio::select! {
+        () = tokio::time::sleep_until(deadline.into()) => {}
+        _ = stop.changed() => {}
+    }
+}

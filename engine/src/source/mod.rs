@@ -1,0 +1,84 @@
+//! Sources: where a query's rows come from. A source hands out offsets (JSON,
+//! as Spark's offset log stores them) and reads the rows between two of them,
+//! the same rows every time it is asked, so that a batch can be replayed.
+
+mod generator;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use serde_json::Value;
+use sluice_crds::Source as SourceSpec;
+
+pub use generator::GeneratorSource;
+
+use crate::{Error, Result};
+
+/// How a source releases data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Data arrives over time; each batch reads what has arrived.
+    Continuous,
+    /// Everything the source holds counts as available now
+    /// (`trigger.availableNow`); the query stops once it is all read.
+    AvailableNow,
+}
+
+/// The range one batch reads from a source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchRange {
+    /// Where the batch starts (the previous batch's end).
+    pub start: Value,
+    /// Where the batch ends, exclusive: the latest offset, capped by the
+    /// source's per-batch limit.
+    pub end: Value,
+    /// The newest offset the source has.
+    pub latest: Value,
+    /// Records from `start` to `end`.
+    pub rows: u64,
+    /// Records between `end` and `latest`: the lag after this batch.
+    pub records_behind_latest: u64,
+}
+
+/// A streaming source.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// The table name the query reads this source under.
+    fn name(&self) -> &str;
+    /// Says what the source is, for progress reports.
+    fn description(&self) -> String;
+    /// The schema of the rows it produces.
+    fn schema(&self) -> SchemaRef;
+    /// The offset a query without a checkpoint starts from.
+    fn initial_offset(&self) -> Value;
+    /// Plans the next batch from `start`.
+    async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange>;
+    /// Reads the rows of `[start, end)`.
+    async fn read(&mut self, start: &Value, end: &Value) -> Result<Vec<RecordBatch>>;
+    /// The name of the column holding event time, when the source declares a
+    /// watermark, with the delay.
+    fn watermark(&self) -> Option<(&str, std::time::Duration)> {
+        None
+    }
+}
+
+/// Builds the source a spec describes.
+pub fn build(
+    spec: &SourceSpec,
+    path: &str,
+    mode: ReadMode,
+    started: chrono::DateTime<chrono::Utc>,
+) -> Result<Box<dyn Source>> {
+    if let Some(generator) = &spec.generator {
+        return Ok(Box::new(GeneratorSource::new(
+            spec, generator, mode, started,
+        )?));
+    }
+    let kind = spec.kind().unwrap_or("unknown");
+    Err(Error::Unsupported {
+        path: path.to_owned(),
+        message: format!(
+            "the {kind} source is not implemented in this version of the engine yet: use a generator source"
+        ),
+    })
+}

@@ -1,0 +1,15 @@
+//! Engine integration tests: one binary, a module per area.
+
+mod cli;
+mod examples;
+mod pipeline;
+
+use std::path::PathBuf;
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}

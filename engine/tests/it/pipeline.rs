@@ -1,0 +1,161 @@
+//! Generator → SQL → file sink, in process, checked row for row.
+
+use std::sync::Arc;
+
+use sluice_engine::monitor::Monitor;
+use sluice_engine::{RunOptions, Runner, Stopped};
+use tokio::sync::watch;
+
+async fn run(yaml: &str, max_batches: Option<u64>) -> sluice_engine::Summary {
+    let query = sluice_crds::load(yaml, "test.yaml").unwrap();
+    let monitor = Arc::new(Monitor::new("test"));
+    let runner = Runner::new(&query, monitor.clone()).await.unwrap();
+    let (_stop, stop_rx) = watch::channel(false);
+    runner
+        .run(RunOptions { max_batches }, stop_rx)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn rate_rows_are_filtered_transformed_and_written_a_file_per_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let yaml = format!(
+        r#"
+apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: rate-test}}
+spec:
+  sources:
+    - name: rate
+      generator: {{kind: rate, rowsPerSecond: 4, rowsPerBatch: 5, startTime: "2026-01-01T00:00:00Z"}}
+  query: |
+    SELECT value,
+           value * value AS squared,
+           CASE WHEN value % 2 = 0 THEN 'even' ELSE 'odd' END AS parity,
+           CAST(value AS DOUBLE) / 4 AS seconds,
+           timestamp
+    FROM rate WHERE value % 3 <> 0
+  sink: {{files: {{path: "{}"}}}}
+"#,
+        out.display()
+    );
+    let summary = run(&yaml, Some(3)).await;
+    assert_eq!(summary.batches, 3);
+    assert_eq!(summary.input_rows, 15);
+    assert_eq!(summary.output_rows, 10);
+    assert_eq!(summary.stopped, Stopped::MaxBatches);
+
+    // Row v's event time is v / rowsPerSecond seconds after startTime;
+    // whole seconds are written without a fraction.
+    let row = |v: i64| {
+        let ms = v * 250;
+        let fraction = if ms % 1000 == 0 {
+            String::new()
+        } else {
+            format!(".{:03}", ms % 1000)
+        };
+        format!(
+            r#"{{"value":{v},"squared":{},"parity":"{}","seconds":{},"timestamp":"2026-01-01T00:00:{:02}{fraction}Z"}}"#,
+            v * v,
+            if v % 2 == 0 { "even" } else { "odd" },
+            serde_json::to_string(&(v as f64 / 4.0)).unwrap(),
+            ms / 1000,
+        )
+    };
+    let expected = |values: &[i64]| values.iter().map(|v| row(*v) + "\n").collect::<String>();
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
+    assert_eq!(read("part-00000000.jsonl"), expected(&[1, 2, 4]));
+    assert_eq!(read("part-00000001.jsonl"), expected(&[5, 7, 8]));
+    assert_eq!(read("part-00000002.jsonl"), expected(&[10, 11, 13, 14]));
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "part-00000000.jsonl",
+            "part-00000001.jsonl",
+            "part-00000002.jsonl"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn available_now_reads_every_row_once_then_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"
+apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: all-rows}}
+spec:
+  sources:
+    - name: rate
+      generator: {{kind: rate, rowsPerSecond: 1000, rowsPerBatch: 300, totalRows: 1000}}
+  query: SELECT value FROM rate
+  sink: {{files: {{path: "{}"}}, format: parquet}}
+  trigger: {{availableNow: true}}
+"#,
+        dir.path().display()
+    );
+    let summary = run(&yaml, None).await;
+    assert_eq!(
+        (summary.batches, summary.input_rows, summary.output_rows),
+        (4, 1000, 1000)
+    );
+    assert_eq!(summary.stopped, Stopped::Completed);
+    let ctx = datafusion::prelude::SessionContext::new();
+    let df = ctx
+        .read_parquet(dir.path().to_str().unwrap(), Default::default())
+        .await
+        .unwrap();
+    ctx.register_table("t", df.into_view()).unwrap();
+    let out = ctx
+        .sql("SELECT count(*) AS n, count(DISTINCT value) AS d, min(value) AS lo, max(value) AS hi FROM t")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&out)
+        .unwrap()
+        .to_string();
+    assert!(text.contains("| 1000 | 1000 | 0  | 999 |"), "{text}");
+}
+
+/// The transactions generator's rows for a seed are fixed: the golden file
+/// holds them. Regenerate on purpose with `SLUICE_BLESS=1 cargo test`.
+#[tokio::test]
+async fn transactions_for_a_seed_match_the_golden_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        r#"
+apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: golden}}
+spec:
+  sources:
+    - name: transactions
+      generator: {{kind: transactions, rowsPerSecond: 10, rowsPerBatch: 12, totalRows: 12, seed: 42, users: 20, merchants: 5, startTime: "2026-01-01T00:00:00Z"}}
+  query: SELECT * FROM transactions
+  sink: {{files: {{path: "{}"}}}}
+  trigger: {{availableNow: true}}
+"#,
+        dir.path().display()
+    );
+    run(&yaml, None).await;
+    let actual = std::fs::read_to_string(dir.path().join("part-00000000.jsonl")).unwrap();
+    let golden = super::repo_root().join("engine/tests/it/golden/transactions-seed42.jsonl");
+    if std::env::var_os("SLUICE_BLESS").is_some() {
+        std::fs::write(&golden, &actual).unwrap();
+    }
+    assert_eq!(
+        actual,
+        std::fs::read_to_string(&golden).unwrap_or_default(),
+        "regenerate with SLUICE_BLESS=1"
+    );
+}

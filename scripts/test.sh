@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every test: formatting, lints, unit and integration tests of every crate,
+# then the end-to-end checks against the real `sluice` binary.
+cd "$(dirname "$0")/.."
+source scripts/lib/setup.sh
+apt_install "${BUILD_PACKAGES[@]}" curl prometheus lua5.4
+rustup_components rustfmt clippy
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --locked --workspace
+echo "== e2e"
+for test in e2e/*.sh; do
+  echo "-- $test"
+  bash "$test"
+done
