@@ -35,7 +35,8 @@ required = ["id", "runId", "name", "timestamp", "batchId", "numInputRows", "inpu
 missing = [f for f in required if f not in last]
 assert not missing, f"missing {missing} in {last}"
 assert last["numInputRows"] > 0, last
-print(f"progress: batch {last[\"batchId\"]}, {last[\"numInputRows\"]} rows, {last[\"inputRowsPerSecond\"]:.1f} rows/s in")
+batch, rows, rate = last["batchId"], last["numInputRows"], last["inputRowsPerSecond"]
+print(f"progress: batch {batch}, {rows} rows, {rate:.1f} rows/s in")
 '
 curl -fsS "localhost:$port/metrics" > "$work/metrics.txt"
 grep -q '^sluice_batches_total{query="rate-to-files"}' "$work/metrics.txt"
