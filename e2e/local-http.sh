@@ -12,7 +12,7 @@ sluice="$CARGO_TARGET_DIR/debug/sluice"
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-sed -e "s#/tmp/sluice/rate-to-files#$work/out#" -e 's/processingTime: 2s/processingTime: 500ms/' \
+sed -e "s#/tmp/sluice/rate-to-files#$work#" -e 's/processingTime: 2s/processingTime: 500ms/' \
   examples/local/rate-to-files.yaml > "$work/query.yaml"
 
 "$sluice" run "$work/query.yaml" --http-port "$port" --http-address 127.0.0.1 2> "$work/log" &
@@ -48,5 +48,11 @@ curl -fsS "localhost:$port/readyz" > /dev/null
 kill -TERM "$pid"
 wait "$pid"
 grep -q 'stopped=Requested' "$work/log"
-ls "$work/out"/part-*.jsonl > /dev/null
+ls "$work/out"/part-*.jsonl "$work/out/_sluice_metadata/0" "$work/checkpoint/commits/0" > /dev/null
+
+# Started again, it resumes after the last committed batch.
+last=$(ls "$work/checkpoint/commits" | sort -n | tail -1)
+"$sluice" run "$work/query.yaml" --max-batches 1 2> "$work/log2"
+grep -q "Recovered from the checkpoint. location=$work/checkpoint next_batch=$((last + 1))" "$work/log2" \
+  || { cat "$work/log2"; echo "FAIL: did not resume after batch $last"; exit 1; }
 echo "e2e local-http: 1 passed, 0 failed"

@@ -2,6 +2,8 @@
 //! SQL on DataFusion. `sluice run` drives it from a file; engine pods drive it
 //! from a mounted ConfigMap.
 
+pub mod checkpoint;
+pub mod fault;
 pub mod http;
 pub mod monitor;
 pub mod plan;
@@ -45,6 +47,14 @@ pub enum Error {
         offset: String,
         /// What the source expected.
         expected: String,
+    },
+    /// The checkpoint cannot be used: damaged, another query's, or unwritable.
+    #[error("checkpoint {file}: {message}")]
+    Checkpoint {
+        /// The file (or directory) at fault.
+        file: String,
+        /// What is wrong and what to do.
+        message: String,
     },
     /// The sink could not write.
     #[error("sink {sink}: {message}")]

@@ -15,11 +15,13 @@ use sluice_crds::{Problem, Problems, StreamingQuery};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+use crate::checkpoint::{Checkpoint, OffsetEntry, SourceOffsets, new_metadata, offset_entry};
+use crate::fault;
 use crate::monitor::Monitor;
 use crate::plan::QueryPlan;
 use crate::sink::{self, Sink};
 use crate::source::{self, BatchRange, ReadMode, Source};
-use crate::{Error, Result};
+use crate::{Error, Result, checkpoint};
 
 /// How long to wait before asking the sources again when a batch found no
 /// new data and the trigger sets no interval.
@@ -74,6 +76,12 @@ pub struct Runner {
     interval: Option<Duration>,
     available_now: bool,
     monitor: Arc<Monitor>,
+    checkpoint: Option<Checkpoint>,
+    /// The first batch id this run runs.
+    next_batch: u64,
+    /// A batch planned before a crash but not committed: run first, with
+    /// exactly its offsets.
+    replay: Option<OffsetEntry>,
 }
 
 /// Checks what `validate()` cannot: that this engine supports every part of
@@ -93,11 +101,10 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
         }),
     };
     let spec = &query.spec;
-    if spec.checkpoint.is_some() {
-        push(Error::Unsupported {
-            path: "spec.checkpoint".into(),
-            message: "checkpointing is not implemented in this version of the engine yet: remove it to run without recovery".into(),
-        });
+    if let Some(checkpoint) = &spec.checkpoint
+        && let Err(err) = checkpoint::check_location(&checkpoint.location)
+    {
+        push(err);
     }
     if let Err(err) = sink::check(&spec.sink) {
         push(err);
@@ -120,6 +127,65 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
     } else {
         Err(problems)
     }
+}
+
+/// Where a run starts: from the checkpoint when the spec has one.
+struct Restored {
+    checkpoint: Option<Checkpoint>,
+    id: String,
+    next_batch: u64,
+    replay: Option<OffsetEntry>,
+}
+
+/// Opens the checkpoint, if the spec names one, and puts the sources where
+/// the last committed batch left them. Without one, the query starts afresh
+/// with a new id.
+async fn restore(
+    query: &StreamingQuery,
+    name: &str,
+    sources: &mut [SourceState],
+) -> Result<Restored> {
+    let Some(location) = query.spec.checkpoint.as_ref().map(|c| &c.location) else {
+        return Ok(Restored {
+            checkpoint: None,
+            id: uuid::Uuid::new_v4().to_string(),
+            next_batch: 0,
+            replay: None,
+        });
+    };
+    let store = Checkpoint::open(location)?;
+    let names = sources.iter().map(|s| s.source.name().to_owned()).collect();
+    let metadata = store
+        .metadata(new_metadata(name, names, query.spec.state_partitions()))
+        .await?;
+    let recovery = store.recover().await?;
+    for state in sources.iter_mut() {
+        let source_name = state.source.name().to_owned();
+        if let Some(committed) = &recovery.committed {
+            state.offset = offsets_of(committed, &source_name)?.end.clone();
+        }
+        state.max_event_micros = recovery.max_event_micros.get(&source_name).copied();
+    }
+    info!(
+        location = %location,
+        next_batch = recovery.next_batch,
+        replay = recovery.replay.is_some(),
+        "Recovered from the checkpoint."
+    );
+    Ok(Restored {
+        checkpoint: Some(store),
+        id: metadata.id,
+        next_batch: recovery.next_batch,
+        replay: recovery.replay,
+    })
+}
+
+/// A source's entry in a batch's offsets.
+fn offsets_of<'a>(entry: &'a OffsetEntry, source: &str) -> Result<&'a SourceOffsets> {
+    entry.sources.iter().find(|s| s.name == source).ok_or_else(|| Error::Checkpoint {
+        file: format!("offsets/{}", entry.batch_id),
+        message: format!("has no offsets for the source {source:?}: the checkpoint is damaged or another query's"),
+    })
 }
 
 fn read_mode(query: &StreamingQuery) -> ReadMode {
@@ -177,11 +243,14 @@ impl Runner {
                 message,
             })?
             .filter(|d| !d.is_zero());
-        let id = uuid::Uuid::new_v4().to_string();
+        let restored = restore(query, &name, &mut sources).await?;
         Ok(Self {
             name,
+            checkpoint: restored.checkpoint,
+            next_batch: restored.next_batch,
+            replay: restored.replay,
             run_id: uuid::Uuid::new_v4().to_string(),
-            id,
+            id: restored.id,
             sources,
             sink,
             plan,
@@ -213,7 +282,7 @@ impl Runner {
             stopped: Stopped::Requested,
         };
         let mut previous_start: Option<Instant> = None;
-        let mut batch_id: u64 = 0;
+        let mut batch_id = self.next_batch;
         loop {
             if *stop.borrow() {
                 summary.stopped = Stopped::Requested;
@@ -228,22 +297,49 @@ impl Runner {
             }
             let trigger_start = Instant::now();
             let timestamp = Utc::now();
-            let mut ranges = Vec::with_capacity(self.sources.len());
-            for state in &mut self.sources {
-                ranges.push(state.source.plan_batch(&state.offset).await?);
-            }
-            let latest_offset_ms = trigger_start.elapsed().as_millis() as u64;
-            let input_rows: u64 = ranges.iter().map(|r| r.rows).sum();
-            if input_rows == 0 {
-                if self.available_now {
-                    summary.stopped = Stopped::Completed;
-                    break;
+            let ranges = if let Some(entry) = self.replay.take() {
+                info!(
+                    batch_id,
+                    "Running again a batch that did not commit before the last stop."
+                );
+                self.replay_ranges(&entry)?
+            } else {
+                let mut ranges = Vec::with_capacity(self.sources.len());
+                for state in &mut self.sources {
+                    ranges.push(state.source.plan_batch(&state.offset).await?);
                 }
-                debug!("No new data.");
-                let wait = self.interval.unwrap_or(IDLE_POLL);
-                wait_or_stop(trigger_start + wait, &mut stop).await;
-                continue;
-            }
+                if ranges.iter().all(|r| r.rows == 0) {
+                    if self.available_now {
+                        summary.stopped = Stopped::Completed;
+                        break;
+                    }
+                    debug!("No new data.");
+                    let wait = self.interval.unwrap_or(IDLE_POLL);
+                    wait_or_stop(trigger_start + wait, &mut stop).await;
+                    continue;
+                }
+                // The write-ahead: what this batch reads is durable before it
+                // reads anything.
+                if let Some(store) = &self.checkpoint {
+                    let sources = self
+                        .sources
+                        .iter()
+                        .zip(&ranges)
+                        .map(|(state, range)| SourceOffsets {
+                            name: state.source.name().to_owned(),
+                            start: range.start.clone(),
+                            end: range.end.clone(),
+                            max_event_micros: state.max_event_micros,
+                        })
+                        .collect();
+                    store
+                        .write_offsets(&offset_entry(batch_id, sources))
+                        .await?;
+                    fault::point("offsets", batch_id);
+                }
+                ranges
+            };
+            let latest_offset_ms = trigger_start.elapsed().as_millis() as u64;
             let progress = self
                 .run_batch(
                     batch_id,
@@ -290,6 +386,24 @@ impl Runner {
         Ok(summary)
     }
 
+    /// The ranges of a batch planned before a crash, as its offsets entry
+    /// says; the watermark state is put back as it was before it.
+    fn replay_ranges(&mut self, entry: &OffsetEntry) -> Result<Vec<BatchRange>> {
+        let mut ranges = Vec::with_capacity(self.sources.len());
+        for state in &mut self.sources {
+            let offsets = offsets_of(entry, state.source.name())?;
+            state.max_event_micros = offsets.max_event_micros;
+            ranges.push(BatchRange {
+                start: offsets.start.clone(),
+                end: offsets.end.clone(),
+                latest: offsets.end.clone(),
+                rows: 0,
+                records_behind_latest: 0,
+            });
+        }
+        Ok(ranges)
+    }
+
     /// The watermark in effect: for each source with one, its largest event
     /// time minus its delay; the smallest of those. None until every such
     /// source has seen a row.
@@ -318,9 +432,11 @@ impl Runner {
         let watermark = self.watermark_micros();
         let read_start = Instant::now();
         let mut inputs = Vec::with_capacity(self.sources.len());
+        let mut rows_read = Vec::with_capacity(self.sources.len());
         let mut event_stats = EventTimeStats::default();
         for (state, range) in self.sources.iter_mut().zip(&ranges) {
             let batches = state.source.read(&range.start, &range.end).await?;
+            rows_read.push(batches.iter().map(|b| b.num_rows() as u64).sum::<u64>());
             if let Some((column, _)) = state.source.watermark() {
                 let seen = event_stats.add(column, &batches);
                 state.max_event_micros = state.max_event_micros.max(seen);
@@ -339,6 +455,16 @@ impl Runner {
             .add_batch(batch_id, self.plan.output_schema(), &output)
             .await?;
         let add_batch_ms = exec_start.elapsed().as_millis() as u64;
+        fault::point("sink", batch_id);
+        if let Some(store) = &self.checkpoint {
+            let max_events = self
+                .sources
+                .iter()
+                .filter_map(|s| Some((s.source.name().to_owned(), s.max_event_micros?)))
+                .collect();
+            store.write_commit(batch_id, max_events).await?;
+            fault::point("commit", batch_id);
+        }
         for (state, range) in self.sources.iter_mut().zip(&ranges) {
             state.offset = range.end.clone();
         }
@@ -349,13 +475,16 @@ impl Runner {
             let secs = over.as_secs_f64();
             if secs > 0.0 { rows as f64 / secs } else { 0.0 }
         };
-        let arrival_window = since_previous.unwrap_or(elapsed);
-        let num_input_rows: u64 = ranges.iter().map(|r| r.rows).sum();
+        // Rows that arrived since the previous trigger; as in Spark, 0 for the
+        // first batch of a run, which has no previous trigger to measure from.
+        let arrival_window = since_previous.unwrap_or(Duration::ZERO);
+        let num_input_rows: u64 = rows_read.iter().sum();
         let sources = self
             .sources
             .iter()
             .zip(&ranges)
-            .map(|(state, range)| SourceProgress {
+            .zip(rows_read)
+            .map(|((state, range), rows)| SourceProgress {
                 description: state.source.description(),
                 start_offset: if batch_id == 0 {
                     Value::Null
@@ -364,9 +493,9 @@ impl Runner {
                 },
                 end_offset: range.end.clone(),
                 latest_offset: range.latest.clone(),
-                num_input_rows: range.rows,
-                input_rows_per_second: per_second(range.rows, arrival_window),
-                processed_rows_per_second: per_second(range.rows, elapsed),
+                num_input_rows: rows,
+                input_rows_per_second: per_second(rows, arrival_window),
+                processed_rows_per_second: per_second(rows, elapsed),
                 records_behind_latest: range.records_behind_latest,
             })
             .collect();

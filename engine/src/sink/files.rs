@@ -1,10 +1,19 @@
 //! The file sink: each batch's rows as a file in a directory, JSON lines or
-//! Parquet. A file is written under a hidden temporary name and renamed into
-//! place, so a reader never sees half a file.
+//! Parquet, and a manifest per batch, as Spark's file sink keeps
+//! `_spark_metadata`:
 //!
-//! NB: this sink is at-least-once: a batch replayed after a crash writes its
-//! file again under the same name. Exactly-once output (a manifest per batch)
-//! comes with the checkpoint protocol.
+//! ```text
+//! <dir>/part-<N>.jsonl | .parquet      batch N's rows (none for an empty batch)
+//! <dir>/_sluice_metadata/<N>           {"batchId": N, "files": [{"path": ..., "rows": ...}]}
+//! ```
+//!
+//! Every file is written under a hidden temporary name and renamed into place,
+//! so no reader sees half a file. The manifest is written last: it is the
+//! batch's commit in the sink. A batch whose manifest exists is not written
+//! again, so a batch replayed after a crash adds nothing twice; a data file
+//! without a manifest belongs to a batch that did not finish and is replaced
+//! when the batch is run again. Readers that want exactly the committed rows
+//! read the files the manifests list ([`committed_files`]).
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -87,6 +96,62 @@ fn write_file(
     file.sync_all().map_err(|e| e.to_string())
 }
 
+/// The folder of the per-batch manifests, inside the sink's directory.
+pub const METADATA_DIR: &str = "_sluice_metadata";
+
+/// A batch's manifest.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    batch_id: u64,
+    files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestFile {
+    path: String,
+    rows: u64,
+}
+
+/// The data files of the committed batches of a file sink's directory, in
+/// batch order.
+pub fn committed_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut manifests: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir.join(METADATA_DIR))? {
+        let path = entry?.path();
+        if let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+        {
+            manifests.push((id, path));
+        }
+    }
+    manifests.sort();
+    let mut files = Vec::new();
+    for (_, path) in manifests {
+        let manifest: Manifest = serde_json::from_slice(&std::fs::read(&path)?).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        files.extend(manifest.files.into_iter().map(|f| dir.join(f.path)));
+    }
+    Ok(files)
+}
+
+/// Writes `bytes` to `path` through a hidden temporary file and a rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut file = File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 #[async_trait]
 impl Sink for FileSink {
     fn description(&self) -> String {
@@ -103,27 +168,37 @@ impl Sink for FileSink {
         schema: &SchemaRef,
         batches: &[RecordBatch],
     ) -> Result<()> {
-        if batches.iter().all(|b| b.num_rows() == 0) {
-            return Ok(());
-        }
+        let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
         let name = self.file_name(batch_id);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let target = self.dir.join(&name);
-        let (format, schema, batches, dest) = (
-            self.format,
-            schema.clone(),
-            batches.to_vec(),
-            target.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            write_file(&tmp, format, &schema, &batches)?;
-            std::fs::rename(&tmp, &dest).map_err(|e| e.to_string())
+        let dir = self.dir.clone();
+        let (format, schema, batches) = (self.format, schema.clone(), batches.to_vec());
+        tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
+            let manifest_path = dir.join(METADATA_DIR).join(batch_id.to_string());
+            if manifest_path.exists() {
+                // Committed before a crash: the batch is replayed, not rewritten.
+                return Ok(());
+            }
+            let mut files = Vec::new();
+            if rows > 0 {
+                let tmp = dir.join(format!(".{name}.tmp"));
+                let target = dir.join(&name);
+                write_file(&tmp, format, &schema, &batches)?;
+                std::fs::rename(&tmp, &target)
+                    .map_err(|e| format!("cannot write {}: {e}", target.display()))?;
+                files.push(ManifestFile { path: name, rows });
+            }
+            crate::fault::point("sink-data", batch_id);
+            std::fs::create_dir_all(dir.join(METADATA_DIR)).map_err(|e| e.to_string())?;
+            let manifest =
+                serde_json::to_vec(&Manifest { batch_id, files }).expect("a manifest serializes");
+            write_atomically(&manifest_path, &manifest)
+                .map_err(|e| format!("cannot write {}: {e}", manifest_path.display()))
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()))
         .map_err(|message| Error::Sink {
             sink: self.description(),
-            message: format!("cannot write {}: {message}", target.display()),
+            message,
         })
     }
 }

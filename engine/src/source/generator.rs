@@ -45,8 +45,9 @@ pub struct GeneratorSource {
     merchants: u64,
     max_disorder_micros: i64,
     mode: ReadMode,
-    /// When rows started to be released, for the wall-clock pacing.
-    released_from: std::time::Instant,
+    /// The wall-clock pacing: when and from which row rows started to be
+    /// released (the first batch planned by this run).
+    pace: Option<(std::time::Instant, u64)>,
     watermark: Option<(String, Duration)>,
     schema: SchemaRef,
 }
@@ -101,7 +102,7 @@ impl GeneratorSource {
             merchants: spec.merchants.unwrap_or(DEFAULT_MERCHANTS).max(1),
             max_disorder_micros: max_disorder.as_micros() as i64,
             mode,
-            released_from: std::time::Instant::now(),
+            pace: None,
             watermark,
             schema: schema_of(spec.kind),
         })
@@ -112,10 +113,13 @@ impl GeneratorSource {
         self.start_micros + (i as i128 * 1_000_000 / self.rows_per_second as i128) as i64
     }
 
-    /// Rows released by the wall clock so far.
-    fn rows_due(&self) -> u64 {
-        let elapsed = self.released_from.elapsed().as_micros();
-        (elapsed * self.rows_per_second as u128 / 1_000_000) as u64
+    /// The rows released by the wall clock so far: `rowsPerSecond` since this
+    /// run first planned a batch, counted from the row it resumed at.
+    fn rows_due(&mut self, start_row: u64) -> u64 {
+        let (since, from) = *self
+            .pace
+            .get_or_insert((std::time::Instant::now(), start_row));
+        from + (since.elapsed().as_micros() * self.rows_per_second as u128 / 1_000_000) as u64
     }
 
     fn generate(&self, start: u64, end: u64) -> RecordBatch {
@@ -217,12 +221,20 @@ pub fn schema_of(kind: GeneratorKind) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-fn offset_of(value: &Value, source: &str) -> Result<u64> {
-    value.as_u64().ok_or_else(|| Error::Offset {
+/// A generator's offset: the next row, and the event time of row 0, so that
+/// the rows of a range are the same after a restart whatever the clock says.
+fn offset_of(value: &Value, source: &str) -> Result<(u64, i64)> {
+    let row = value.get("row").and_then(Value::as_u64);
+    let start = value.get("startMicros").and_then(Value::as_i64);
+    row.zip(start).ok_or_else(|| Error::Offset {
         source_name: source.to_owned(),
         offset: value.to_string(),
-        expected: "a row number".to_owned(),
+        expected: r#"{"row": <next row>, "startMicros": <event time of row 0>}"#.to_owned(),
     })
+}
+
+fn offset(row: u64, start_micros: i64) -> Value {
+    serde_json::json!({"row": row, "startMicros": start_micros})
 }
 
 #[async_trait]
@@ -247,11 +259,11 @@ impl Source for GeneratorSource {
     }
 
     fn initial_offset(&self) -> Value {
-        Value::from(0u64)
+        offset(0, self.start_micros)
     }
 
     async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange> {
-        let start_row = offset_of(start, &self.name)?;
+        let (start_row, start_micros) = offset_of(start, &self.name)?;
         let total = self.total_rows.unwrap_or(u64::MAX);
         let latest = match (self.mode, self.rows_per_batch) {
             (ReadMode::AvailableNow, _) => total,
@@ -260,7 +272,7 @@ impl Source for GeneratorSource {
             (ReadMode::Continuous, Some(per_batch)) => {
                 start_row.saturating_add(per_batch).min(total)
             }
-            (ReadMode::Continuous, None) => self.rows_due().min(total),
+            (ReadMode::Continuous, None) => self.rows_due(start_row).min(total),
         }
         .max(start_row);
         let end = match self.rows_per_batch {
@@ -269,15 +281,17 @@ impl Source for GeneratorSource {
         };
         Ok(BatchRange {
             start: start.clone(),
-            end: Value::from(end),
-            latest: Value::from(latest),
+            end: offset(end, start_micros),
+            latest: offset(latest, start_micros),
             rows: end - start_row,
             records_behind_latest: latest - end,
         })
     }
 
     async fn read(&mut self, start: &Value, end: &Value) -> Result<Vec<RecordBatch>> {
-        let (start, end) = (offset_of(start, &self.name)?, offset_of(end, &self.name)?);
+        let ((start, start_micros), (end, _)) =
+            (offset_of(start, &self.name)?, offset_of(end, &self.name)?);
+        self.start_micros = start_micros;
         let mut batches = Vec::new();
         let mut from = start;
         while from < end {
@@ -340,9 +354,33 @@ mod tests {
         let yaml = "{name: t, generator: {kind: transactions, rowsPerSecond: 100, seed: 7}}";
         let mut a = source(yaml, ReadMode::AvailableNow);
         let mut b = source(yaml, ReadMode::AvailableNow);
-        let whole = a.read(&Value::from(0), &Value::from(100)).await.unwrap();
-        let part = b.read(&Value::from(40), &Value::from(60)).await.unwrap();
+        let start_micros = a.start_micros;
+        let at = |row| offset(row, start_micros);
+        let whole = a.read(&at(0), &at(100)).await.unwrap();
+        let part = b.read(&at(40), &at(60)).await.unwrap();
         assert_eq!(whole[0].slice(40, 20), part[0]);
+    }
+
+    /// Without `startTime`, event time starts when the query first starts;
+    /// the offsets carry it, so a restarted run re-reads the same rows.
+    #[tokio::test]
+    async fn offsets_carry_the_start_time_across_restarts() {
+        let yaml = "{name: t, generator: {kind: transactions, rowsPerSecond: 100}}";
+        let spec: SourceSpec = serde_yaml::from_str(yaml).unwrap();
+        let generator = spec.generator.as_ref().unwrap();
+        let first_start = Utc::now() - chrono::Duration::hours(5);
+        let mut first =
+            GeneratorSource::new(&spec, generator, ReadMode::AvailableNow, first_start).unwrap();
+        let mut restarted =
+            GeneratorSource::new(&spec, generator, ReadMode::AvailableNow, Utc::now()).unwrap();
+        let (from, to) = (
+            offset(10, first.start_micros),
+            offset(20, first.start_micros),
+        );
+        assert_eq!(
+            first.read(&from, &to).await.unwrap(),
+            restarted.read(&from, &to).await.unwrap()
+        );
     }
 
     #[tokio::test]
@@ -368,7 +406,7 @@ mod tests {
         let yaml =
             "{name: r, generator: {kind: rate, rowsPerSecond: 10, rowsPerBatch: 4, totalRows: 10}}";
         let mut s = source(yaml, ReadMode::AvailableNow);
-        let range = s.plan_batch(&Value::from(0)).await.unwrap();
+        let range = s.plan_batch(&s.initial_offset()).await.unwrap();
         assert_eq!((range.rows, range.records_behind_latest), (4, 6));
     }
 

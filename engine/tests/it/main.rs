@@ -1,6 +1,7 @@
 //! Engine integration tests: one binary, a module per area.
 
 mod cli;
+mod crash;
 mod examples;
 mod pipeline;
 
