@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 source scripts/lib/setup.sh
 apt_install "${BUILD_PACKAGES[@]}" curl prometheus lua5.4
 rustup_components rustfmt clippy
+# An S3-compatible server for the checkpoint tests (e2e/s3-crash.sh).
+python3 -c 'import moto, boto3' 2>/dev/null || python3 -m pip install -q "moto[server]"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -15,9 +15,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use datafusion::object_store::local::LocalFileSystem;
-use datafusion::object_store::path::Path;
-use datafusion::object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -110,20 +112,52 @@ pub struct Checkpoint {
 
 /// Checks that this engine can use a checkpoint location, without touching it.
 pub fn check_location(location: &str) -> Result<()> {
-    if location.starts_with("s3://") {
+    if let Some(rest) = location.strip_prefix("s3://")
+        && rest.split('/').next().is_none_or(str::is_empty)
+    {
         return Err(Error::Unsupported {
             path: "spec.checkpoint.location".into(),
-            message: "S3 checkpoints are not implemented in this version of the engine yet: use a local path".into(),
+            message: format!("{location:?} names no bucket: write s3://BUCKET/PREFIX"),
         });
     }
     Ok(())
 }
 
+/// An S3 store rooted at `s3://bucket/prefix`. Endpoint, region and
+/// credentials come from the environment, as the AWS tools read them
+/// (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint),
+/// so S3-compatible servers work and a pod takes them from a Secret.
+fn s3_store(location: &str) -> Result<Arc<dyn ObjectStore>> {
+    let s3 = AmazonS3Builder::from_env()
+        .with_url(location)
+        .build()
+        .map_err(|e| Error::Checkpoint {
+            file: location.to_owned(),
+            message: format!("cannot open it: {e}"),
+        })?;
+    let prefix = location
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or("", |(_, prefix)| prefix.trim_matches('/'));
+    Ok(if prefix.is_empty() {
+        Arc::new(s3)
+    } else {
+        Arc::new(PrefixStore::new(s3, prefix))
+    })
+}
+
 impl Checkpoint {
-    /// Opens a checkpoint location: a local path or `file://...`. The
-    /// directory is created when missing.
+    /// Opens a checkpoint location: `s3://bucket/prefix`, a local path or
+    /// `file://...` (a local directory is created when missing).
     pub fn open(location: &str) -> Result<Self> {
         check_location(location)?;
+        if location.starts_with("s3://") {
+            return Ok(Self {
+                store: s3_store(location)?,
+                location: location.trim_end_matches('/').to_owned(),
+            });
+        }
         let dir = location.strip_prefix("file://").unwrap_or(location);
         let error = |message: String| Error::Checkpoint {
             file: dir.to_owned(),
@@ -145,7 +179,7 @@ impl Checkpoint {
     async fn read_json<T: DeserializeOwned>(&self, path: &Path) -> Result<Option<T>> {
         let bytes = match self.store.get(path).await {
             Ok(result) => result.bytes().await,
-            Err(datafusion::object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(err) => Err(err),
         }
         .map_err(|e| Error::Checkpoint {
@@ -171,7 +205,7 @@ impl Checkpoint {
             .await
         {
             Ok(_) => Ok(()),
-            Err(datafusion::object_store::Error::AlreadyExists { .. }) => Err(Error::Checkpoint {
+            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::Checkpoint {
                 file: self.name_of(path),
                 message:
                     "was written by another run of this query at the same time: stop the other run"

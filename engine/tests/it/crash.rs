@@ -1,8 +1,10 @@
-//! Exactly once across crashes: the engine, as a child process with a local
+//! Exactly once across crashes: the engine, as a child process with a
 //! checkpoint and a file sink, is killed with SIGKILL at every step of the
 //! protocol (fail points, see `sluice_engine::fault`) and at random moments,
 //! and restarted each time. At the end the committed rows in the sink must be
-//! exactly those of an uninterrupted run: none lost, none twice.
+//! exactly those of an uninterrupted run: none lost, none twice. It runs with
+//! the checkpoint on the local filesystem, and on an S3 server when
+//! `e2e/s3-crash.sh` starts one.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -14,7 +16,7 @@ use sluice_engine::sink::committed_files;
 /// 40 batches of 200 rows.
 const BATCHES: u64 = 40;
 
-fn write_spec(dir: &Path) -> std::path::PathBuf {
+fn write_spec(dir: &Path, checkpoint: &str) -> std::path::PathBuf {
     let spec = format!(
         r#"apiVersion: sluice.dev/v1alpha1
 kind: StreamingQuery
@@ -30,7 +32,7 @@ spec:
 "#,
         total = BATCHES * 200,
         out = dir.join("out").display(),
-        checkpoint = dir.join("checkpoint").display(),
+        checkpoint = checkpoint,
     );
     let path = dir.join("query.yaml");
     std::fs::write(&path, spec).unwrap();
@@ -85,14 +87,44 @@ fn sink_rows(dir: &Path) -> Vec<String> {
 
 #[test]
 fn killed_at_any_step_the_sink_holds_every_row_once() {
+    crash_test(|dir| dir.join("checkpoint").display().to_string());
+}
+
+/// The environment variable naming the S3 location for the S3 variant, e.g.
+/// `s3://checkpoints/crash-test`; `AWS_ENDPOINT_URL` and the credentials come
+/// from the environment too.
+const S3_ENV: &str = "SLUICE_TEST_S3_CHECKPOINT";
+
+#[test]
+#[ignore = "needs an S3 server: run e2e/s3-crash.sh"]
+fn killed_at_any_step_the_sink_holds_every_row_once_with_an_s3_checkpoint() {
+    let base = std::env::var(S3_ENV)
+        .unwrap_or_else(|_| panic!("{S3_ENV} is not set: run e2e/s3-crash.sh"));
+    let location = crash_test(|_| format!("{base}/{}", uuid::Uuid::new_v4()));
+    // The checkpoint really is on S3: it holds every batch's commit.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let recovery = runtime.block_on(async {
+        let checkpoint = sluice_engine::checkpoint::Checkpoint::open(&location).unwrap();
+        checkpoint.recover().await.unwrap()
+    });
+    assert_eq!(recovery.next_batch, BATCHES, "{location}");
+}
+
+/// Runs the crash test with checkpoints at `checkpoint_of(dir)`; returns the
+/// crashed run's checkpoint location.
+fn crash_test(checkpoint_of: impl Fn(&Path) -> String) -> String {
     let reference = tempfile::tempdir().unwrap();
-    let status = wait(&mut start(&write_spec(reference.path()), None));
+    let status = wait(&mut start(
+        &write_spec(reference.path(), &checkpoint_of(reference.path())),
+        None,
+    ));
     assert!(status.success(), "the uninterrupted run failed: {status:?}");
     let expected = sink_rows(reference.path());
     assert!(expected.len() > 1000, "{} rows", expected.len());
 
     let crashed = tempfile::tempdir().unwrap();
-    let spec = write_spec(crashed.path());
+    let location = checkpoint_of(crashed.path());
+    let spec = write_spec(crashed.path(), &location);
     let mut kills = 0;
     // Every step of the protocol, in eight batches spread over the run.
     for batch in [0, 1, 4, 7, 11, 15, 19, 23] {
@@ -142,4 +174,5 @@ fn killed_at_any_step_the_sink_holds_every_row_once() {
             assert!(committed.contains(&path), "{name} is not in any manifest");
         }
     }
+    location
 }
