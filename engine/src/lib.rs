@@ -38,6 +38,14 @@ pub enum Error {
         /// Why.
         source: datafusion::error::DataFusionError,
     },
+    /// A source could not read.
+    #[error("source {source_name}: {message}")]
+    Source {
+        /// The source's name.
+        source_name: String,
+        /// What failed: the file, the line, why.
+        message: String,
+    },
     /// A source was handed an offset it does not understand.
     #[error("source {source_name}: offset {offset} is not {expected}")]
     Offset {

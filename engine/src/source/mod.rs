@@ -2,6 +2,7 @@
 //! as Spark's offset log stores them) and reads the rows between two of them,
 //! the same rows every time it is asked, so that a batch can be replayed.
 
+mod files;
 mod generator;
 
 use async_trait::async_trait;
@@ -10,6 +11,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use serde_json::Value;
 use sluice_crds::Source as SourceSpec;
 
+pub use files::FileSource;
 pub use generator::GeneratorSource;
 
 use crate::{Error, Result};
@@ -34,9 +36,10 @@ pub struct BatchRange {
     pub end: Value,
     /// The newest offset the source has.
     pub latest: Value,
-    /// Records from `start` to `end`.
+    /// Records from `start` to `end` (files, for a file source).
     pub rows: u64,
-    /// Records between `end` and `latest`: the lag after this batch.
+    /// Records between `end` and `latest`: the lag after this batch (files,
+    /// for a file source).
     pub records_behind_latest: u64,
 }
 
@@ -74,11 +77,14 @@ pub fn build(
             spec, generator, mode, started,
         )?));
     }
+    if let Some(files) = &spec.files {
+        return Ok(Box::new(FileSource::new(spec, files, path)?));
+    }
     let kind = spec.kind().unwrap_or("unknown");
     Err(Error::Unsupported {
         path: path.to_owned(),
         message: format!(
-            "the {kind} source is not implemented in this version of the engine yet: use a generator source"
+            "the {kind} source is not implemented in this version of the engine yet: use a generator or files source"
         ),
     })
 }

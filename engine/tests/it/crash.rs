@@ -16,21 +16,27 @@ use sluice_engine::sink::committed_files;
 /// 40 batches of 200 rows.
 const BATCHES: u64 = 40;
 
-fn write_spec(dir: &Path, checkpoint: &str) -> std::path::PathBuf {
+/// The generated transactions: `BATCHES` batches of 200 rows.
+fn generator_source() -> String {
+    format!(
+        r#"{{name: transactions, generator: {{kind: transactions, rowsPerSecond: 1000, rowsPerBatch: 200, totalRows: {}, seed: 7, startTime: "2026-01-01T00:00:00Z"}}}}"#,
+        BATCHES * 200
+    )
+}
+
+fn write_spec(dir: &Path, checkpoint: &str, source: &str) -> std::path::PathBuf {
     let spec = format!(
         r#"apiVersion: sluice.dev/v1alpha1
 kind: StreamingQuery
 metadata: {{name: crash-test}}
 spec:
   sources:
-    - name: transactions
-      generator: {{kind: transactions, rowsPerSecond: 1000, rowsPerBatch: 200, totalRows: {total}, seed: 7, startTime: "2026-01-01T00:00:00Z"}}
+    - {source}
   query: SELECT transaction_id, user_id, amount, event_time FROM transactions WHERE amount > 20
   sink: {{files: {{path: "{out}"}}}}
   checkpoint: {{location: "{checkpoint}"}}
   trigger: {{availableNow: true}}
 "#,
-        total = BATCHES * 200,
         out = dir.join("out").display(),
         checkpoint = checkpoint,
     );
@@ -46,12 +52,26 @@ fn start(spec: &Path, fail_point: Option<&str>) -> Child {
         .arg(spec)
         .env("SLUICE_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(log_file(spec));
     match fail_point {
         Some(point) => command.env(sluice_engine::fault::ENV, point),
         None => command.env_remove(sluice_engine::fault::ENV),
     };
     command.spawn().unwrap()
+}
+
+/// Every run's standard error goes to `engine.log` beside the spec, shown
+/// when an assertion fails.
+fn log_file(spec: &Path) -> std::fs::File {
+    std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(spec.with_file_name("engine.log"))
+        .unwrap()
+}
+
+fn log_of(spec: &Path) -> String {
+    std::fs::read_to_string(spec.with_file_name("engine.log")).unwrap_or_default()
 }
 
 fn wait(child: &mut Child) -> ExitStatus {
@@ -87,7 +107,45 @@ fn sink_rows(dir: &Path) -> Vec<String> {
 
 #[test]
 fn killed_at_any_step_the_sink_holds_every_row_once() {
-    crash_test(|dir| dir.join("checkpoint").display().to_string());
+    crash_test(&generator_source(), |dir| {
+        dir.join("checkpoint").display().to_string()
+    });
+}
+
+/// The same over a file source: `BATCHES` JSON-lines files, one a batch,
+/// written beforehand by `sluice` itself from the generator.
+#[test]
+fn killed_at_any_step_over_a_file_source_the_sink_holds_every_row_once() {
+    let input = tempfile::tempdir().unwrap();
+    let spec = format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: crash-input}}
+spec:
+  sources:
+    - {}
+  query: SELECT * FROM transactions
+  sink: {{files: {{path: "{}"}}}}
+  trigger: {{availableNow: true}}
+"#,
+        generator_source(),
+        input.path().display()
+    );
+    let spec_path = input.path().join("_input.yaml");
+    std::fs::write(&spec_path, spec).unwrap();
+    assert!(
+        wait(&mut start(&spec_path, None)).success(),
+        "{}",
+        log_of(&spec_path)
+    );
+    let files = committed_files(input.path()).unwrap();
+    assert_eq!(files.len() as u64, BATCHES);
+
+    let source = format!(
+        r#"{{name: transactions, files: {{path: "{}", maxFilesPerTrigger: 1}}, format: json, schema: [{{name: transaction_id, type: string}}, {{name: user_id, type: string}}, {{name: amount, type: double}}, {{name: merchant_id, type: string}}, {{name: event_time, type: timestamp}}, {{name: device_type, type: string}}]}}"#,
+        input.path().display()
+    );
+    crash_test(&source, |dir| dir.join("checkpoint").display().to_string());
 }
 
 /// The environment variable naming the S3 location for the S3 variant, e.g.
@@ -100,7 +158,9 @@ const S3_ENV: &str = "SLUICE_TEST_S3_CHECKPOINT";
 fn killed_at_any_step_the_sink_holds_every_row_once_with_an_s3_checkpoint() {
     let base = std::env::var(S3_ENV)
         .unwrap_or_else(|_| panic!("{S3_ENV} is not set: run e2e/s3-crash.sh"));
-    let location = crash_test(|_| format!("{base}/{}", uuid::Uuid::new_v4()));
+    let location = crash_test(&generator_source(), |_| {
+        format!("{base}/{}", uuid::Uuid::new_v4())
+    });
     // The checkpoint really is on S3: it holds every batch's commit.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let recovery = runtime.block_on(async {
@@ -110,21 +170,24 @@ fn killed_at_any_step_the_sink_holds_every_row_once_with_an_s3_checkpoint() {
     assert_eq!(recovery.next_batch, BATCHES, "{location}");
 }
 
-/// Runs the crash test with checkpoints at `checkpoint_of(dir)`; returns the
-/// crashed run's checkpoint location.
-fn crash_test(checkpoint_of: impl Fn(&Path) -> String) -> String {
+/// Runs the crash test over `source` (a source's spec, in YAML flow style)
+/// with checkpoints at `checkpoint_of(dir)`; returns the crashed run's
+/// checkpoint location.
+fn crash_test(source: &str, checkpoint_of: impl Fn(&Path) -> String) -> String {
     let reference = tempfile::tempdir().unwrap();
-    let status = wait(&mut start(
-        &write_spec(reference.path(), &checkpoint_of(reference.path())),
-        None,
-    ));
-    assert!(status.success(), "the uninterrupted run failed: {status:?}");
+    let reference_spec = write_spec(reference.path(), &checkpoint_of(reference.path()), source);
+    let status = wait(&mut start(&reference_spec, None));
+    assert!(
+        status.success(),
+        "the uninterrupted run failed: {status:?}\n{}",
+        log_of(&reference_spec)
+    );
     let expected = sink_rows(reference.path());
     assert!(expected.len() > 1000, "{} rows", expected.len());
 
     let crashed = tempfile::tempdir().unwrap();
     let location = checkpoint_of(crashed.path());
-    let spec = write_spec(crashed.path(), &location);
+    let spec = write_spec(crashed.path(), &location, source);
     let mut kills = 0;
     // Every step of the protocol, in eight batches spread over the run.
     for batch in [0, 1, 4, 7, 11, 15, 19, 23] {
@@ -134,7 +197,8 @@ fn crash_test(checkpoint_of: impl Fn(&Path) -> String) -> String {
             assert_eq!(
                 status.signal(),
                 Some(libc::SIGKILL),
-                "{fail_point} did not kill the engine: {status:?}"
+                "{fail_point} did not kill the engine: {status:?}\n{}",
+                log_of(&spec)
             );
             kills += 1;
         }
@@ -156,7 +220,11 @@ fn crash_test(checkpoint_of: impl Fn(&Path) -> String) -> String {
         }
     }
     let status = wait(&mut start(&spec, None));
-    assert!(status.success(), "the final run failed: {status:?}");
+    assert!(
+        status.success(),
+        "the final run failed: {status:?}\n{}",
+        log_of(&spec)
+    );
 
     assert!(kills + random_kills >= 30, "{kills} + {random_kills} kills");
     let actual = sink_rows(crashed.path());
