@@ -81,6 +81,9 @@ pub struct SourceProgress {
     pub processed_rows_per_second: f64,
     /// Records between the batch's end and the latest offset: the lag.
     pub records_behind_latest: u64,
+    /// Malformed records set aside in the dead-letter destination.
+    #[serde(default)]
+    pub num_dead_letter_records: u64,
 }
 
 /// The progress of the sink in a batch.

@@ -90,6 +90,21 @@ pub struct Source {
     /// their time are closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark: Option<Watermark>,
+    /// Where records that do not decode with the schema go, with their file,
+    /// line and reason, instead of stopping the query. Without it, such a
+    /// record stops the query with an error that names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetter>,
+}
+
+/// A dead-letter destination for malformed records.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeadLetter {
+    /// A local directory. Batch N's malformed records go to
+    /// `<path>/<source>-<N>.jsonl`, one JSON object each: `file`, `line`,
+    /// `error`, `record`.
+    pub path: String,
 }
 
 /// A seeded generator of rows. The row at offset `i` depends only on the

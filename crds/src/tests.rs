@@ -121,6 +121,20 @@ fn source_shapes_are_checked() {
 }
 
 #[test]
+fn a_dead_letter_destination_needs_a_source_that_can_be_malformed() {
+    let text = VALID.replace(
+        "watermark: {column: event_time, delay: 10m}",
+        "watermark: {column: event_time, delay: 10m}\n      deadLetter: {path: /tmp/dead}",
+    );
+    assert_eq!(
+        problems_of(&text),
+        vec![
+            "spec.sources[0].deadLetter: does not apply to a generator, whose rows are always well-formed: remove it"
+        ]
+    );
+}
+
+#[test]
 fn sources_and_sinks_need_exactly_one_kind() {
     let text = VALID
         .replace(

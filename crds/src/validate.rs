@@ -221,6 +221,19 @@ fn check_source(problems: &mut Problems, path: &str, source: &Source) {
             }
         }
     }
+    if let Some(dead_letter) = &source.dead_letter {
+        check_location(
+            problems,
+            &format!("{path}.deadLetter.path"),
+            &dead_letter.path,
+        );
+        if source.generator.is_some() {
+            problems.push(
+                format!("{path}.deadLetter"),
+                "does not apply to a generator, whose rows are always well-formed: remove it",
+            );
+        }
+    }
     if let Some(watermark) = &source.watermark {
         if let Err(message) = parse_duration(&watermark.delay) {
             problems.push(format!("{path}.watermark.delay"), message);

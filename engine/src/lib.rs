@@ -3,6 +3,7 @@
 //! from a mounted ConfigMap.
 
 pub mod checkpoint;
+pub mod dead_letter;
 pub mod fault;
 pub mod http;
 pub mod monitor;

@@ -26,6 +26,7 @@ pub struct Metrics {
     input_rate: Gauge,
     processed_rate: Gauge,
     records_behind: IntGaugeVec,
+    dead_letter: IntCounterVec,
     last_batch_id: IntGauge,
     last_commit: Gauge,
     watermark: Gauge,
@@ -75,6 +76,14 @@ impl Metrics {
             &["source"],
         )
         .unwrap();
+        let dead_letter = IntCounterVec::new(
+            opts(
+                "sluice_dead_letter_records_total",
+                "Malformed records set aside in the dead-letter destination, by source.",
+            ),
+            &["source"],
+        )
+        .unwrap();
         let last_batch_id = IntGauge::with_opts(opts(
             "sluice_last_batch_id",
             "The id of the latest completed batch.",
@@ -98,6 +107,7 @@ impl Metrics {
             Box::new(input_rate.clone()),
             Box::new(processed_rate.clone()),
             Box::new(records_behind.clone()),
+            Box::new(dead_letter.clone()),
             Box::new(last_batch_id.clone()),
             Box::new(last_commit.clone()),
             Box::new(watermark.clone()),
@@ -115,6 +125,7 @@ impl Metrics {
             input_rate,
             processed_rate,
             records_behind,
+            dead_letter,
             last_batch_id,
             last_commit,
             watermark,
@@ -128,6 +139,9 @@ impl Metrics {
             self.input_rows
                 .with_label_values(&[name])
                 .inc_by(source.num_input_rows);
+            self.dead_letter
+                .with_label_values(&[name])
+                .inc_by(source.num_dead_letter_records);
             self.records_behind
                 .with_label_values(&[name])
                 .set(source.records_behind_latest as i64);

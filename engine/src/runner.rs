@@ -2,6 +2,7 @@
 //! over it, write the result, report progress; then wait for the trigger.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,15 +14,15 @@ use sluice_crds::duration::parse_duration;
 use sluice_crds::progress::{QueryProgress, SinkProgress, SourceProgress};
 use sluice_crds::{Problem, Problems, StreamingQuery};
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::checkpoint::{Checkpoint, OffsetEntry, SourceOffsets, new_metadata, offset_entry};
-use crate::fault;
 use crate::monitor::Monitor;
 use crate::plan::QueryPlan;
 use crate::sink::{self, Sink};
 use crate::source::{self, BatchRange, ReadMode, Source};
 use crate::{Error, Result, checkpoint};
+use crate::{dead_letter, fault};
 
 /// How long to wait before asking the sources again when a batch found no
 /// new data and the trigger sets no interval.
@@ -61,6 +62,8 @@ pub struct Summary {
 struct SourceState {
     source: Box<dyn Source>,
     offset: Value,
+    /// Where malformed records go (`deadLetter.path`).
+    dead_letter: Option<PathBuf>,
     /// The largest event time seen, when the source declares a watermark.
     max_event_micros: Option<i64>,
 }
@@ -222,6 +225,10 @@ impl Runner {
             let source = source::build(source_spec, &format!("spec.sources[{i}]"), mode, started)?;
             sources.push(SourceState {
                 offset: source.initial_offset(),
+                dead_letter: source_spec
+                    .dead_letter
+                    .as_ref()
+                    .map(|d| PathBuf::from(d.path.strip_prefix("file://").unwrap_or(&d.path))),
                 source,
                 max_event_micros: None,
             });
@@ -433,10 +440,17 @@ impl Runner {
         let read_start = Instant::now();
         let mut inputs = Vec::with_capacity(self.sources.len());
         let mut rows_read = Vec::with_capacity(self.sources.len());
+        let mut dead_letters = Vec::with_capacity(self.sources.len());
         let mut event_stats = EventTimeStats::default();
         for (state, range) in self.sources.iter_mut().zip(&ranges) {
             let batches = state.source.read(&range.start, &range.end).await?;
             rows_read.push(batches.iter().map(|b| b.num_rows() as u64).sum::<u64>());
+            let bad = state.source.take_bad_records();
+            if let (Some(dir), false) = (&state.dead_letter, bad.is_empty()) {
+                let file = dead_letter::write(dir, state.source.name(), batch_id, &bad).await?;
+                warn!(source = state.source.name(), batch_id, records = bad.len(), file = %file.display(), "Set malformed records aside.");
+            }
+            dead_letters.push(bad.len() as u64);
             if let Some((column, _)) = state.source.watermark() {
                 let seen = event_stats.add(column, &batches);
                 state.max_event_micros = state.max_event_micros.max(seen);
@@ -484,7 +498,8 @@ impl Runner {
             .iter()
             .zip(&ranges)
             .zip(rows_read)
-            .map(|((state, range), rows)| SourceProgress {
+            .zip(dead_letters)
+            .map(|(((state, range), rows), bad)| SourceProgress {
                 description: state.source.description(),
                 start_offset: if batch_id == 0 {
                     Value::Null
@@ -497,6 +512,7 @@ impl Runner {
                 input_rows_per_second: per_second(rows, arrival_window),
                 processed_rows_per_second: per_second(rows, elapsed),
                 records_behind_latest: range.records_behind_latest,
+                num_dead_letter_records: bad,
             })
             .collect();
         let mut event_time = event_stats.report();

@@ -143,7 +143,7 @@ pub fn committed_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Writes `bytes` to `path` through a hidden temporary file and a rename.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     let mut file = File::create(&tmp)?;

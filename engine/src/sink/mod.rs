@@ -9,7 +9,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use sluice_crds::Sink as SinkSpec;
 
 pub use console::ConsoleSink;
-pub use files::{FileSink, METADATA_DIR, committed_files};
+pub use files::{FileSink, METADATA_DIR, committed_files, write_atomically};
 
 use crate::{Error, Result};
 

@@ -10,7 +10,7 @@
 //! as `_SUCCESS`) are ignored. Local directories only so far.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +26,7 @@ use serde_json::Value;
 use sluice_crds::duration::parse_duration;
 use sluice_crds::{ColumnType, FileSource as FileSpec, Format, Source as SourceSpec};
 
-use super::{BatchRange, Source};
+use super::{BadRecord, BatchRange, Source};
 use crate::{Error, Result};
 
 /// Rows per Arrow batch when decoding text formats.
@@ -40,6 +40,9 @@ pub struct FileSource {
     schema: SchemaRef,
     max_files: Option<u64>,
     watermark: Option<(String, Duration)>,
+    /// Whether malformed records are set aside (`deadLetter`) or fail the read.
+    dead_letter: bool,
+    bad_records: Vec<BadRecord>,
 }
 
 /// The Arrow type of a spec column type.
@@ -97,6 +100,8 @@ impl FileSource {
             schema: Arc::new(Schema::new(fields)),
             max_files: spec.max_files_per_trigger,
             watermark,
+            dead_letter: source.dead_letter.is_some(),
+            bad_records: Vec::new(),
         })
     }
 
@@ -129,52 +134,109 @@ impl FileSource {
         Ok(names)
     }
 
-    fn read_file(&self, name: &str) -> std::result::Result<Vec<RecordBatch>, String> {
+    fn read_file(
+        &self,
+        name: &str,
+    ) -> std::result::Result<(Vec<RecordBatch>, Vec<BadRecord>), String> {
         let path = self.dir.join(name);
-        let file = File::open(&path).map_err(|e| format!("cannot open it: {e}"))?;
+        let mut file = File::open(&path).map_err(|e| format!("cannot open it: {e}"))?;
+        let file_name = path.display().to_string();
+        let schema = self.schema.clone();
         match self.format {
-            Format::Json => read_json(file, &self.schema),
-            Format::Csv => CsvReaderBuilder::new(self.schema.clone())
-                .with_header(true)
-                .with_batch_size(BATCH_ROWS)
-                .build(file)
-                .map_err(|e| e.to_string())?
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string()),
-            Format::Parquet => read_parquet(file, &self.schema),
+            Format::Parquet => Ok((read_parquet(file, &self.schema)?, Vec::new())),
             Format::Avro => Err("Avro is not implemented".into()),
+            Format::Json => {
+                let mut text = Vec::new();
+                file.read_to_end(&mut text).map_err(|e| e.to_string())?;
+                let decode = |bytes: &[u8]| -> std::result::Result<Vec<RecordBatch>, String> {
+                    JsonReaderBuilder::new(schema.clone())
+                        .with_batch_size(BATCH_ROWS)
+                        .build(BufReader::new(bytes))
+                        .map_err(|e| e.to_string())?
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())
+                };
+                decode_lines(&text, None, &file_name, self.dead_letter, decode)
+            }
+            Format::Csv => {
+                let mut text = Vec::new();
+                file.read_to_end(&mut text).map_err(|e| e.to_string())?;
+                let decode = |bytes: &[u8]| -> std::result::Result<Vec<RecordBatch>, String> {
+                    CsvReaderBuilder::new(schema.clone())
+                        .with_header(true)
+                        .with_batch_size(BATCH_ROWS)
+                        .build(bytes)
+                        .map_err(|e| e.to_string())?
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())
+                };
+                let header_len = text
+                    .iter()
+                    .position(|b| *b == b'\n')
+                    .map_or(text.len(), |i| i + 1);
+                let (header, body) = text.split_at(header_len);
+                decode_lines(body, Some(header), &file_name, self.dead_letter, decode)
+            }
         }
     }
 }
 
-/// Decodes JSON lines; on a malformed line, says which.
-fn read_json(mut file: File, schema: &SchemaRef) -> std::result::Result<Vec<RecordBatch>, String> {
-    let mut text = Vec::new();
-    file.read_to_end(&mut text).map_err(|e| e.to_string())?;
-    let decode = |bytes: &[u8]| -> std::result::Result<Vec<RecordBatch>, String> {
-        JsonReaderBuilder::new(schema.clone())
-            .with_batch_size(BATCH_ROWS)
-            .build(BufReader::new(bytes))
-            .map_err(|e| e.to_string())?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())
+/// Decodes a line-oriented file. When the whole does not decode, each line is
+/// decoded on its own (after `header`, for CSV) to find the malformed ones:
+/// they are returned aside when `set_aside`, else the first is the error.
+fn decode_lines(
+    body: &[u8],
+    header: Option<&[u8]>,
+    file: &str,
+    set_aside: bool,
+    decode: impl Fn(&[u8]) -> std::result::Result<Vec<RecordBatch>, String>,
+) -> std::result::Result<(Vec<RecordBatch>, Vec<BadRecord>), String> {
+    let header = header.unwrap_or_default();
+    let mut whole = header.to_vec();
+    whole.extend_from_slice(body);
+    let whole_error = match decode(&whole) {
+        Ok(batches) => return Ok((batches, Vec::new())),
+        Err(e) => e,
     };
-    decode(&text).map_err(|whole| {
-        // Find the first line that does not decode on its own, to name it.
-        for (i, line) in BufReader::new(text.as_slice()).lines().enumerate() {
-            let Ok(line) = line else {
-                return format!("line {}: not UTF-8", i + 1);
-            };
-            if let Err(e) = decode(line.as_bytes()) {
-                return format!(
-                    "line {}: {e}: {}",
-                    i + 1,
-                    line.chars().take(200).collect::<String>()
-                );
+    let first_line = if header.is_empty() { 1 } else { 2 };
+    let mut good = header.to_vec();
+    let mut bad = Vec::new();
+    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let mut one = header.to_vec();
+        one.extend_from_slice(line);
+        one.push(b'\n');
+        match decode(&one) {
+            Ok(_) => {
+                good.extend_from_slice(line);
+                good.push(b'\n');
+            }
+            Err(error) => {
+                let record = BadRecord {
+                    file: file.to_owned(),
+                    line: (i + first_line) as u64,
+                    error,
+                    record: String::from_utf8_lossy(line).into_owned(),
+                };
+                if !set_aside {
+                    return Err(format!(
+                        "line {}: {}: {} (set deadLetter.path on this source to set such records aside and go on)",
+                        record.line,
+                        record.error,
+                        record.record.chars().take(200).collect::<String>()
+                    ));
+                }
+                bad.push(record);
             }
         }
-        whole
-    })
+    }
+    if bad.is_empty() {
+        // No single line is at fault (e.g. a value broken across lines).
+        return Err(whole_error);
+    }
+    Ok((decode(&good)?, bad))
 }
 
 /// Reads Parquet and shapes it to the declared schema: columns by name, cast
@@ -277,17 +339,22 @@ impl Source for FileSource {
             if to.as_deref().is_none_or(|to| name.as_str() > to) {
                 break;
             }
-            let file_batches = self.read_file(name).map_err(|message| Error::Source {
+            let (file_batches, bad) = self.read_file(name).map_err(|message| Error::Source {
                 source_name: self.name.clone(),
                 message: format!("{}: {message}", Path::new(&self.dir).join(name).display()),
             })?;
             batches.extend(file_batches);
+            self.bad_records.extend(bad);
         }
         Ok(batches)
     }
 
     fn watermark(&self) -> Option<(&str, Duration)> {
         self.watermark.as_ref().map(|(c, d)| (c.as_str(), *d))
+    }
+
+    fn take_bad_records(&mut self) -> Vec<BadRecord> {
+        std::mem::take(&mut self.bad_records)
     }
 }
 
@@ -298,8 +365,12 @@ mod tests {
     use super::*;
 
     fn source(dir: &Path, format: &str, max_files: Option<u64>) -> FileSource {
+        source_with(dir, format, max_files, "")
+    }
+
+    fn source_with(dir: &Path, format: &str, max_files: Option<u64>, extra: &str) -> FileSource {
         let yaml = format!(
-            "{{name: t, files: {{path: {:?}{}}}, format: {format}, schema: [{{name: id, type: string}}, {{name: amount, type: double}}, {{name: at, type: timestamp}}]}}",
+            "{{name: t, files: {{path: {:?}{}}}, format: {format}, schema: [{{name: id, type: string}}, {{name: amount, type: double}}, {{name: at, type: timestamp}}]{extra}}}",
             dir.display(),
             max_files.map_or(String::new(), |m| format!(", maxFilesPerTrigger: {m}"))
         );
@@ -389,6 +460,42 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("lots"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn with_a_dead_letter_destination_malformed_records_are_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.json"),
+            "{\"id\": \"x\", \"amount\": 1.0, \"at\": \"2026-01-01T00:00:00Z\"}\nnot json at all\n{\"id\": \"y\", \"amount\": \"lots\"}\n{\"id\": \"z\", \"amount\": 3.0, \"at\": \"2026-01-01T00:00:01Z\"}\n",
+        )
+        .unwrap();
+        let mut s = source_with(
+            dir.path(),
+            "json",
+            None,
+            ", deadLetter: {path: /tmp/unused}",
+        );
+        let range = s.plan_batch(&s.initial_offset()).await.unwrap();
+        let batches = s.read(&range.start, &range.end).await.unwrap();
+        assert_eq!(ids(&batches), ["x", "z"]);
+        let bad = s.take_bad_records();
+        assert_eq!(bad.iter().map(|b| b.line).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(bad[1].record, r#"{"id": "y", "amount": "lots"}"#);
+        assert!(bad[0].file.ends_with("a.json"));
+        assert!(s.take_bad_records().is_empty());
+
+        let csv = tempfile::tempdir().unwrap();
+        std::fs::write(
+            csv.path().join("a.csv"),
+            "id,amount,at\nx,2.5,2026-01-01T00:00:00Z\ny,lots,2026-01-01T00:00:00Z\n",
+        )
+        .unwrap();
+        let mut s = source_with(csv.path(), "csv", None, ", deadLetter: {path: /tmp/unused}");
+        let range = s.plan_batch(&s.initial_offset()).await.unwrap();
+        assert_eq!(ids(&s.read(&range.start, &range.end).await.unwrap()), ["x"]);
+        let bad = s.take_bad_records();
+        assert_eq!((bad.len(), bad[0].line), (1, 3));
     }
 
     #[tokio::test]

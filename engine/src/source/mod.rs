@@ -43,6 +43,19 @@ pub struct BatchRange {
     pub records_behind_latest: u64,
 }
 
+/// A record that did not decode with the source's schema.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BadRecord {
+    /// The file it came from.
+    pub file: String,
+    /// Its line in the file, from 1.
+    pub line: u64,
+    /// Why it did not decode.
+    pub error: String,
+    /// The record's text.
+    pub record: String,
+}
+
 /// A streaming source.
 #[async_trait]
 pub trait Source: Send + Sync {
@@ -62,6 +75,11 @@ pub trait Source: Send + Sync {
     /// watermark, with the delay.
     fn watermark(&self) -> Option<(&str, std::time::Duration)> {
         None
+    }
+    /// The malformed records the last `read` set aside; only a source with
+    /// a dead-letter destination sets any aside instead of failing.
+    fn take_bad_records(&mut self) -> Vec<BadRecord> {
+        Vec::new()
     }
 }
 

@@ -208,3 +208,67 @@ spec:
     let expected: Vec<String> = (0..12).map(|v| format!(r#"{{"value":{v}}}"#)).collect();
     assert_eq!(values, expected);
 }
+
+/// Malformed records go to the dead-letter destination with their file, line
+/// and reason, and are counted; the rest of the batch goes on to the sink.
+#[tokio::test]
+async fn malformed_records_go_to_the_dead_letter_destination_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    std::fs::write(
+        input.join("a.json"),
+        "{\"id\": 1, \"name\": \"one\"}\n{\"id\": \"two\", \"name\": \"two\"}\n{\"id\": 3, \"name\": \"three\"}\n{oops\n",
+    )
+    .unwrap();
+    let yaml = format!(
+        r#"
+apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: dead-letters}}
+spec:
+  sources:
+    - name: people
+      files: {{path: "{}"}}
+      schema: [{{name: id, type: long}}, {{name: name, type: string}}]
+      deadLetter: {{path: "{}"}}
+  query: SELECT id, upper(name) AS name FROM people
+  sink: {{files: {{path: "{}"}}}}
+  trigger: {{availableNow: true}}
+"#,
+        input.display(),
+        dir.path().join("dead").display(),
+        dir.path().join("out").display()
+    );
+    let query = sluice_crds::load(&yaml, "test.yaml").unwrap();
+    let monitor = Arc::new(Monitor::new("dead-letters"));
+    let runner = Runner::new(&query, monitor.clone()).await.unwrap();
+    let (_stop, stop_rx) = watch::channel(false);
+    let summary = runner.run(RunOptions::default(), stop_rx).await.unwrap();
+    assert_eq!((summary.input_rows, summary.output_rows), (2, 2));
+
+    let out = std::fs::read_to_string(dir.path().join("out/part-00000000.jsonl")).unwrap();
+    assert_eq!(
+        out,
+        "{\"id\":1,\"name\":\"ONE\"}\n{\"id\":3,\"name\":\"THREE\"}\n"
+    );
+    let dead = std::fs::read_to_string(dir.path().join("dead/people-00000000.jsonl")).unwrap();
+    let dead: Vec<serde_json::Value> = dead
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0]["line"], 2);
+    assert_eq!(dead[0]["record"], r#"{"id": "two", "name": "two"}"#);
+    assert!(dead[0]["file"].as_str().unwrap().ends_with("in/a.json"));
+    assert!(!dead[0]["error"].as_str().unwrap().is_empty());
+    assert_eq!(dead[1]["line"], 4);
+
+    let progress = monitor.last().unwrap();
+    assert_eq!(progress.sources[0].num_dead_letter_records, 2);
+    assert!(
+        monitor.metrics().render().contains(
+            "sluice_dead_letter_records_total{query=\"dead-letters\",source=\"people\"} 2"
+        )
+    );
+}
