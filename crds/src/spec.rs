@@ -9,6 +9,9 @@ use crate::status::StreamingQueryStatus;
 
 /// A streaming SQL query: where its rows come from, the SQL that transforms
 /// them, where the results go, and how often it runs.
+// NB: each printcolumn(...) names its own `type_`; clippy reads the repeats as
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "sluice.dev",
@@ -19,7 +22,30 @@ use crate::status::StreamingQueryStatus;
     status = "StreamingQueryStatus",
     derive = "PartialEq",
     doc = "A streaming SQL query run as micro-batches by Sluice engine pods.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(
+        name = "Input/s",
+        type_ = "number",
+        json_path = ".status.progress.inputRowsPerSecond"
+    ),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.progress.lag"),
+    printcolumn(
+        name = "Watermark",
+        type_ = "string",
+        json_path = ".status.progress.watermark",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Last Batch",
+        type_ = "date",
+        json_path = ".status.progress.lastCommitTime"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -54,6 +80,56 @@ pub struct StreamingQuerySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub state_partitions: Option<u32>,
+    /// Stop the engine pods and keep the checkpoint; set back to false to
+    /// resume where the query stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
+    /// The number of engine pods. Default 1. The `/scale` subresource sets it,
+    /// so `kubectl scale`, an HPA or KEDA can drive it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+    /// How the engine pods run: image, resources, environment, state volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineSpec>,
+}
+
+/// The engine pods' settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EngineSpec {
+    /// The engine image. Default: the operator's own engine image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `Always`, `IfNotPresent` or `Never`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// CPU and memory requests and limits of the engine container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// Environment variables of the engine container, e.g. AWS credentials
+    /// from a Secret (`valueFrom.secretKeyRef`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<k8s_openapi::api::core::v1::EnvVar>,
+    /// Whole Secrets or ConfigMaps as environment variables, e.g. Kafka and S3
+    /// credentials.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<k8s_openapi::api::core::v1::EnvFromSource>,
+    /// The volume holding local state. Default: an emptyDir (state is
+    /// restored from the checkpoint after a reschedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_volume: Option<StateVolume>,
+}
+
+/// A PersistentVolumeClaim per engine pod for local state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StateVolume {
+    /// The claim's size, e.g. `20Gi`.
+    pub size: k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+    /// The storage class. Default: the cluster's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
 }
 
 /// The default of `spec.statePartitions`.
@@ -387,5 +463,10 @@ impl StreamingQuerySpec {
     /// `statePartitions`, or its default.
     pub fn state_partitions(&self) -> u32 {
         self.state_partitions.unwrap_or(DEFAULT_STATE_PARTITIONS)
+    }
+
+    /// Whether `suspend` is set.
+    pub fn is_suspended(&self) -> bool {
+        self.suspend == Some(true)
     }
 }

@@ -3,16 +3,43 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use sluice_crds::{API_VERSION, KIND, StreamingQuery};
+use sluice_crds::{API_VERSION, KIND, StreamingQuery, StreamingQuerySpec};
 
 use crate::{Error, Result};
 
 /// The key of the spec file in the query's ConfigMap; engine pods mount it
 /// and run `sluice run /etc/sluice/query.yaml`.
 pub const QUERY_FILE: &str = "query.yaml";
+/// Where engine pods mount the query's ConfigMap.
+pub const QUERY_DIR: &str = "/etc/sluice";
+/// Where engine pods keep local state.
+pub const STATE_DIR: &str = "/var/lib/sluice";
+/// The engine's HTTP port: `/progress`, `/metrics`, `/healthz`, `/readyz`.
+pub const HTTP_PORT: i32 = 9464;
+/// The pod-template annotation holding a hash of the query's manifest: a spec
+/// change changes it, and so rolls the pods.
+pub const SPEC_HASH_ANNOTATION: &str = "sluice.dev/spec-hash";
+/// The uid the engine runs as (the image's non-root user).
+const ENGINE_UID: i64 = 65532;
+
+/// What the operator is configured with, beyond each query's spec.
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    /// The engine image when `spec.engine.image` is not set.
+    pub engine_image: String,
+}
 
 /// The labels every object of a query carries.
 pub fn labels(query: &StreamingQuery) -> BTreeMap<String, String> {
@@ -30,21 +57,27 @@ pub fn labels(query: &StreamingQuery) -> BTreeMap<String, String> {
 }
 
 /// The ConfigMap holding the query's manifest, as the engine reads it: the
-/// same file `sluice run` takes, without status or server-side metadata.
+/// same file `sluice run` takes, without status or server-side metadata, and
+/// without the fields that shape the pods rather than the query (`replicas`,
+/// `suspend`, `engine`), so that scaling or suspending does not change it and
+/// roll the pods.
 pub fn config_map(query: &StreamingQuery) -> Result<ConfigMap> {
     let name = query
         .metadata
         .name
         .clone()
         .ok_or(Error::Missing("metadata.name"))?;
-    let owner = query
-        .controller_owner_ref(&())
-        .ok_or(Error::Missing("metadata.uid"))?;
+    let owner = owner(query)?;
     let manifest = serde_json::json!({
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": name, "namespace": query.namespace()},
-        "spec": query.spec,
+        "spec": StreamingQuerySpec {
+            replicas: None,
+            suspend: None,
+            engine: None,
+            ..query.spec.clone()
+        },
     });
     Ok(ConfigMap {
         metadata: ObjectMeta {
@@ -63,7 +96,7 @@ pub fn config_map(query: &StreamingQuery) -> Result<ConfigMap> {
 }
 
 #[cfg(test)]
-mod tests {
+mod config_map_tests {
     use super::*;
 
     const QUERY: &str = r#"
@@ -101,5 +134,452 @@ status: {phase: Running}
             config_map(&query).unwrap_err().to_string(),
             "StreamingQuery has no metadata.uid"
         );
+    }
+}
+
+fn metadata(query: &StreamingQuery, name: String) -> Result<ObjectMeta> {
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: query.namespace(),
+        labels: Some(labels(query)),
+        owner_references: Some(vec![owner(query)?]),
+        ..ObjectMeta::default()
+    })
+}
+
+fn owner(query: &StreamingQuery) -> Result<OwnerReference> {
+    query
+        .controller_owner_ref(&())
+        .ok_or(Error::Missing("metadata.uid"))
+}
+
+fn selector(query: &StreamingQuery) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(labels(query)),
+        ..LabelSelector::default()
+    }
+}
+
+/// FNV-1a, 64 bits: stable across Rust versions and builds, unlike
+/// `DefaultHasher`, so that upgrading the operator does not roll every pod.
+fn fnv1a(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The headless Service that gives each engine pod a stable DNS name.
+pub fn service(query: &StreamingQuery) -> Result<Service> {
+    let name = query
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::Missing("metadata.name"))?;
+    Ok(Service {
+        metadata: metadata(query, name)?,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            selector: Some(labels(query)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_owned()),
+                port: HTTP_PORT,
+                target_port: Some(IntOrString::String("http".to_owned())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    })
+}
+
+/// The PodDisruptionBudget: voluntary evictions take one engine pod at a time.
+pub fn pod_disruption_budget(query: &StreamingQuery) -> Result<PodDisruptionBudget> {
+    let name = query
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::Missing("metadata.name"))?;
+    Ok(PodDisruptionBudget {
+        metadata: metadata(query, name)?,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(selector(query)),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    })
+}
+
+/// The StatefulSet of engine pods: `spec.replicas` of them (0 when
+/// suspended), each running the query from the mounted ConfigMap, non-root
+/// with a read-only root filesystem and no capabilities, probed on
+/// `/healthz` and `/readyz`, scraped by Prometheus on `/metrics`.
+pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<StatefulSet> {
+    let name = query
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::Missing("metadata.name"))?;
+    let spec = &query.spec;
+    let engine = spec.engine.clone().unwrap_or_default();
+    let replicas = if spec.is_suspended() {
+        0
+    } else {
+        spec.replicas.unwrap_or(1)
+    };
+    let manifest = config_map(query)?
+        .data
+        .and_then(|mut d| d.remove(QUERY_FILE))
+        .unwrap_or_default();
+    let probe = |path: &str, initial_delay: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("http".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        initial_delay_seconds: Some(initial_delay),
+        period_seconds: Some(10),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    let mut env = vec![EnvVar {
+        name: "POD_NAME".to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }];
+    env.extend(engine.env.iter().cloned());
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    };
+    let container = Container {
+        name: "engine".to_owned(),
+        image: Some(
+            engine
+                .image
+                .clone()
+                .unwrap_or_else(|| defaults.engine_image.clone()),
+        ),
+        image_pull_policy: engine.image_pull_policy.clone(),
+        args: Some(vec![
+            "run".to_owned(),
+            format!("{QUERY_DIR}/{QUERY_FILE}"),
+            "--http-port".to_owned(),
+            HTTP_PORT.to_string(),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: HTTP_PORT,
+            ..ContainerPort::default()
+        }]),
+        env: Some(env),
+        env_from: (!engine.env_from.is_empty()).then(|| engine.env_from.clone()),
+        resources: engine.resources.clone(),
+        liveness_probe: Some(probe("/healthz", 10)),
+        readiness_probe: Some(probe("/readyz", 5)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("query", QUERY_DIR, true),
+            mount("state", STATE_DIR, false),
+            // The root filesystem is read-only; /tmp is the one scratch place.
+            mount("tmp", "/tmp", false),
+        ]),
+        ..Container::default()
+    };
+    let empty_dir = |name: &str| Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    let mut volumes = vec![
+        Volume {
+            name: "query".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: format!("{name}-query"),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        empty_dir("tmp"),
+    ];
+    let claims = match &engine.state_volume {
+        Some(volume) => Some(vec![PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some("state".to_owned()),
+                labels: Some(labels(query)),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                storage_class_name: volume.storage_class_name.clone(),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_owned(),
+                        volume.size.clone(),
+                    )])),
+                    ..VolumeResourceRequirements::default()
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
+        }]),
+        None => {
+            volumes.push(empty_dir("state"));
+            None
+        }
+    };
+    let annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+        ("prometheus.io/port".to_owned(), HTTP_PORT.to_string()),
+        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+        (SPEC_HASH_ANNOTATION.to_owned(), fnv1a(&manifest)),
+    ]);
+    Ok(StatefulSet {
+        metadata: metadata(query, name.clone())?,
+        spec: StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(name),
+            // Engine pods share nothing at start-up: start and stop them together.
+            pod_management_policy: Some("Parallel".to_owned()),
+            selector: selector(query),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(query)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(ENGINE_UID),
+                        run_as_group: Some(ENGINE_UID),
+                        fs_group: Some(ENGINE_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    // Let a batch under way finish (SIGTERM stops at a batch boundary).
+                    termination_grace_period_seconds: Some(60),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: claims,
+            ..StatefulSetSpec::default()
+        },
+        ..StatefulSet::default()
+    })
+}
+
+#[cfg(test)]
+mod builder_tests {
+    use super::*;
+
+    const QUERY: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {name: fraud, namespace: risk, uid: 1234-abcd}
+spec:
+  sources: [{name: transactions, generator: {kind: transactions, rowsPerSecond: 100}}]
+  query: SELECT * FROM transactions WHERE amount > 100
+  sink: {console: {}}
+"#;
+
+    fn defaults() -> Defaults {
+        Defaults {
+            engine_image: "sluice:test".to_owned(),
+        }
+    }
+
+    fn query(extra: &str) -> StreamingQuery {
+        sluice_crds::load(&format!("{QUERY}{extra}"), "test").unwrap()
+    }
+
+    fn container(sts: &StatefulSet) -> &Container {
+        &sts.spec.template.spec.as_ref().unwrap().containers[0]
+    }
+
+    #[test]
+    fn the_statefulset_runs_the_mounted_query_safely() {
+        let sts = stateful_set(&query(""), &defaults()).unwrap();
+        let spec = &sts.spec;
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.service_name.as_deref(), Some("fraud"));
+        assert_eq!(
+            sts.metadata.owner_references.as_ref().unwrap()[0].name,
+            "fraud"
+        );
+        let c = container(&sts);
+        assert_eq!(c.image.as_deref(), Some("sluice:test"));
+        assert_eq!(
+            c.args.as_ref().unwrap(),
+            &["run", "/etc/sluice/query.yaml", "--http-port", "9464"]
+        );
+        let security = c.security_context.as_ref().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            security
+                .capabilities
+                .as_ref()
+                .unwrap()
+                .drop
+                .as_ref()
+                .unwrap(),
+            &["ALL"]
+        );
+        let path = |p: &Option<Probe>| {
+            p.as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(
+            (path(&c.liveness_probe), path(&c.readiness_probe)),
+            ("/healthz".into(), "/readyz".into())
+        );
+        let template = spec.template.metadata.as_ref().unwrap();
+        let annotations = template.annotations.as_ref().unwrap();
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(annotations["prometheus.io/port"], "9464");
+        let volumes = spec
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .as_ref()
+            .unwrap();
+        assert_eq!(volumes[0].config_map.as_ref().unwrap().name, "fraud-query");
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v.name == "state" && v.empty_dir.is_some())
+        );
+        assert_eq!(spec.selector.match_labels, template.labels);
+    }
+
+    #[test]
+    fn suspend_scales_to_zero_and_replicas_are_taken_from_the_spec() {
+        let suspended =
+            stateful_set(&query("  suspend: true\n  replicas: 3\n"), &defaults()).unwrap();
+        assert_eq!(suspended.spec.replicas, Some(0));
+        let three = stateful_set(&query("  replicas: 3\n"), &defaults()).unwrap();
+        assert_eq!(three.spec.replicas, Some(3));
+    }
+
+    #[test]
+    fn a_spec_change_changes_the_pod_template_and_rolls_the_pods() {
+        let hash = |q: &StreamingQuery| {
+            stateful_set(q, &defaults())
+                .unwrap()
+                .spec
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()[SPEC_HASH_ANNOTATION]
+                .clone()
+        };
+        assert_eq!(hash(&query("")), hash(&query("")));
+        assert_eq!(
+            hash(&query("")),
+            hash(&query("  replicas: 4\n  suspend: false\n")),
+            "scaling rolls nothing"
+        );
+        let changed =
+            sluice_crds::load(&QUERY.replace("amount > 100", "amount > 200"), "test").unwrap();
+        assert_ne!(hash(&query("")), hash(&changed));
+    }
+
+    #[test]
+    fn engine_settings_reach_the_container() {
+        let sts = stateful_set(
+            &query(
+                "  engine:\n    image: registry.example/sluice:2\n    env: [{name: AWS_REGION, value: eu-west-1}]\n    envFrom: [{secretRef: {name: s3-credentials}}]\n    resources: {requests: {cpu: 500m, memory: 1Gi}}\n    stateVolume: {size: 20Gi, storageClassName: fast}\n",
+            ),
+            &defaults(),
+        )
+        .unwrap();
+        let c = container(&sts);
+        assert_eq!(c.image.as_deref(), Some("registry.example/sluice:2"));
+        let env = c.env.as_ref().unwrap();
+        assert_eq!(env[0].name, "POD_NAME");
+        assert_eq!(
+            (env[1].name.as_str(), env[1].value.as_deref()),
+            ("AWS_REGION", Some("eu-west-1"))
+        );
+        assert_eq!(
+            c.env_from.as_ref().unwrap()[0]
+                .secret_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "s3-credentials"
+        );
+        assert_eq!(
+            c.resources.as_ref().unwrap().requests.as_ref().unwrap()["memory"].0,
+            "1Gi"
+        );
+        let spec = sts.spec;
+        let claim = &spec.volume_claim_templates.unwrap()[0];
+        assert_eq!(claim.metadata.name.as_deref(), Some("state"));
+        let claim_spec = claim.spec.as_ref().unwrap();
+        assert_eq!(claim_spec.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(
+            claim_spec
+                .resources
+                .as_ref()
+                .unwrap()
+                .requests
+                .as_ref()
+                .unwrap()["storage"]
+                .0,
+            "20Gi"
+        );
+        let volumes = spec.template.spec.unwrap().volumes.unwrap();
+        assert!(
+            !volumes.iter().any(|v| v.name == "state"),
+            "the claim replaces the emptyDir"
+        );
+    }
+
+    #[test]
+    fn the_service_is_headless_and_the_budget_takes_one_pod_at_a_time() {
+        let q = query("");
+        let svc = service(&q).unwrap();
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.ports.unwrap()[0].port, HTTP_PORT);
+        assert_eq!(spec.selector, Some(labels(&q)));
+        let pdb = pod_disruption_budget(&q).unwrap();
+        assert_eq!(pdb.spec.unwrap().max_unavailable, Some(IntOrString::Int(1)));
     }
 }
