@@ -7,14 +7,24 @@ use sluice_engine::{RunOptions, Runner, Stopped};
 use tokio::sync::watch;
 
 async fn run(yaml: &str, max_batches: Option<u64>) -> sluice_engine::Summary {
+    run_monitored(yaml, max_batches).await.0
+}
+
+/// Runs a query in process; returns what it did and its monitor.
+async fn run_monitored(
+    yaml: &str,
+    max_batches: Option<u64>,
+) -> (sluice_engine::Summary, Arc<Monitor>) {
     let query = sluice_crds::load(yaml, "test.yaml").unwrap();
-    let monitor = Arc::new(Monitor::new("test"));
+    let name = query.metadata.name.clone().unwrap();
+    let monitor = Arc::new(Monitor::new(&name));
     let runner = Runner::new(&query, monitor.clone()).await.unwrap();
     let (_stop, stop_rx) = watch::channel(false);
-    runner
+    let summary = runner
         .run(RunOptions { max_batches }, stop_rx)
         .await
-        .unwrap()
+        .unwrap();
+    (summary, monitor)
 }
 
 #[tokio::test]
@@ -240,11 +250,7 @@ spec:
         dir.path().join("dead").display(),
         dir.path().join("out").display()
     );
-    let query = sluice_crds::load(&yaml, "test.yaml").unwrap();
-    let monitor = Arc::new(Monitor::new("dead-letters"));
-    let runner = Runner::new(&query, monitor.clone()).await.unwrap();
-    let (_stop, stop_rx) = watch::channel(false);
-    let summary = runner.run(RunOptions::default(), stop_rx).await.unwrap();
+    let (summary, monitor) = run_monitored(&yaml, None).await;
     assert_eq!((summary.input_rows, summary.output_rows), (2, 2));
 
     let out = std::fs::read_to_string(dir.path().join("out/part-00000000.jsonl")).unwrap();
