@@ -6,6 +6,7 @@
 //! binary are not built yet; the engine runs queries with `sluice run`.
 
 pub mod objects;
+pub mod status;
 
 /// The errors of the operator.
 #[derive(Debug, thiserror::Error)]
