@@ -80,6 +80,8 @@ pub struct Runner {
     available_now: bool,
     monitor: Arc<Monitor>,
     checkpoint: Option<Checkpoint>,
+    /// The sources' names, in spec order (metric labels).
+    source_names: Vec<String>,
     /// The first batch id this run runs.
     next_batch: u64,
     /// A batch planned before a crash but not committed: run first, with
@@ -253,6 +255,7 @@ impl Runner {
         let restored = restore(query, &name, &mut sources).await?;
         Ok(Self {
             name,
+            source_names: sources.iter().map(|s| s.source.name().to_owned()).collect(),
             checkpoint: restored.checkpoint,
             next_batch: restored.next_batch,
             replay: restored.replay,
@@ -369,13 +372,9 @@ impl Runner {
                 duration_ms = progress.duration_ms["triggerExecution"],
                 "Batch completed."
             );
-            let names: Vec<String> = self
-                .sources
-                .iter()
-                .map(|s| s.source.name().to_owned())
-                .collect();
             let watermark_seconds = self.watermark_micros().map_or(0.0, |m| m as f64 / 1e6);
-            self.monitor.record(progress, &names, watermark_seconds);
+            self.monitor
+                .record(progress, &self.source_names, watermark_seconds);
             previous_start = Some(trigger_start);
             batch_id += 1;
             if let Some(interval) = self.interval {
