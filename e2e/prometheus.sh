@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# End to end with a real Prometheus (Debian's package): it scrapes a running
+# `sluice run` every second, and PromQL over its HTTP API returns the query's
+# input rate and lag, the series a dashboard and the autoscaler use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
+command -v prometheus > /dev/null || { echo "prometheus: not installed: apt-get install prometheus" >&2; exit 1; }
+cargo build --locked --quiet --bin sluice
+sluice="$CARGO_TARGET_DIR/debug/sluice"
+
+work=$(mktemp -d)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+engine_port=$(free_port)
+prom_port=$(free_port)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+sed -e "s#/tmp/sluice/rate-to-files#$work#" -e 's/processingTime: 2s/processingTime: 500ms/' \
+  -e 's/rowsPerSecond: 10$/rowsPerSecond: 200/' examples/local/rate-to-files.yaml > "$work/query.yaml"
+"$sluice" run "$work/query.yaml" --http-port "$engine_port" --http-address 127.0.0.1 2> "$work/engine.log" &
+pids+=($!)
+
+cat > "$work/prometheus.yml" <<YAML
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+scrape_configs:
+  - job_name: sluice-engine
+    metrics_path: /metrics
+    static_configs: [{targets: ["127.0.0.1:$engine_port"]}]
+YAML
+prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
+  --web.listen-address="127.0.0.1:$prom_port" > "$work/prometheus.log" 2>&1 &
+pids+=($!)
+
+# Asks Prometheus; prints the first sample's value, or nothing.
+promql() {
+  curl -fsS --get "http://127.0.0.1:$prom_port/api/v1/query" --data-urlencode "query=$1" 2>/dev/null \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")' 2>/dev/null || true
+}
+
+rate=""
+for _ in $(seq 1 60); do
+  rate=$(promql 'sum(rate(sluice_input_rows_total{query="rate-to-files"}[5s]))')
+  if [ -n "$rate" ] && python3 -c "import sys; sys.exit(0 if float('$rate') > 0 else 1)"; then break; fi
+  rate=""
+  sleep 1
+done
+[ -n "$rate" ] || { tail -5 "$work/engine.log" "$work/prometheus.log"; echo "FAIL: no input rate from Prometheus"; exit 1; }
+lag=$(promql 'sum(sluice_source_records_behind_latest{query="rate-to-files"})')
+[ -n "$lag" ] || { echo "FAIL: no lag series in Prometheus"; exit 1; }
+batches=$(promql 'sluice_batches_total{query="rate-to-files"}')
+echo "PromQL: input rate $rate rows/s, lag $lag records, $batches batches"
+echo "e2e prometheus: 1 passed, 0 failed"
