@@ -50,4 +50,23 @@ lag=$(promql 'sum(sluice_source_records_behind_latest{query="rate-to-files"})')
 [ -n "$lag" ] || { echo "FAIL: no lag series in Prometheus"; exit 1; }
 batches=$(promql 'sluice_batches_total{query="rate-to-files"}')
 echo "PromQL: input rate $rate rows/s, lag $lag records, $batches batches"
+
+# Every panel of the Grafana dashboard, evaluated by this Prometheus: each
+# query must be valid and return data, so the dashboard uses only metric
+# names the engine exports.
+sleep 3
+python3 - "$prom_port" charts/sluice/dashboards/sluice.json <<'PY'
+import json, sys, urllib.parse, urllib.request
+port, path = sys.argv[1], sys.argv[2]
+failed = 0
+for panel in json.load(open(path))["panels"]:
+    for target in panel["targets"]:
+        expr = target["expr"].replace("$query", "rate-to-files")
+        url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        answer = json.load(urllib.request.urlopen(url))
+        ok = answer["status"] == "success" and answer["data"]["result"]
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {panel['title']}: {expr}")
+sys.exit(1 if failed else 0)
+PY
 echo "e2e prometheus: 1 passed, 0 failed"
