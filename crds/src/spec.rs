@@ -287,6 +287,17 @@ pub enum Format {
     Parquet,
 }
 
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Json => "json",
+            Format::Csv => "csv",
+            Format::Avro => "avro",
+            Format::Parquet => "parquet",
+        })
+    }
+}
+
 /// One column of a source's schema.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

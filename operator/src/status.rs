@@ -294,6 +294,21 @@ spec:
             .with_timezone(&Utc)
     }
 
+    /// The status with a StatefulSet of `replicas` pods, `ready` of them
+    /// ready, at minute `minute`.
+    fn with_pods(
+        q: &StreamingQuery,
+        replicas: i32,
+        ready: i32,
+        minute: u32,
+    ) -> StreamingQueryStatus {
+        let observed = Observed {
+            stateful_set: sts(replicas, ready),
+            ..Observed::default()
+        };
+        compute(q, &observed, at(minute))
+    }
+
     fn get<'a>(status: &'a StreamingQueryStatus, type_: &str) -> &'a Condition {
         status.conditions.iter().find(|c| c.type_ == type_).unwrap()
     }
@@ -346,25 +361,11 @@ spec:
     #[test]
     fn pods_starting_then_ready() {
         let q = query("");
-        let starting = compute(
-            &q,
-            &Observed {
-                stateful_set: sts(2, 0),
-                ..Observed::default()
-            },
-            at(0),
-        );
+        let starting = with_pods(&q, 2, 0, 0);
         assert_eq!(starting.phase, Some(Phase::Pending));
         assert_eq!(get(&starting, "Ready").status, "False");
         assert_eq!(get(&starting, "Progressing").reason, "RollingOut");
-        let ready = compute(
-            &q,
-            &Observed {
-                stateful_set: sts(2, 2),
-                ..Observed::default()
-            },
-            at(1),
-        );
+        let ready = with_pods(&q, 2, 2, 1);
         assert_eq!(ready.phase, Some(Phase::Running));
         assert_eq!(
             (
@@ -385,34 +386,13 @@ spec:
     #[test]
     fn a_transition_time_moves_only_when_the_status_does() {
         let mut q = query("");
-        q.status = Some(compute(
-            &q,
-            &Observed {
-                stateful_set: sts(2, 2),
-                ..Observed::default()
-            },
-            at(0),
-        ));
-        let again = compute(
-            &q,
-            &Observed {
-                stateful_set: sts(2, 2),
-                ..Observed::default()
-            },
-            at(5),
-        );
+        q.status = Some(with_pods(&q, 2, 2, 0));
+        let again = with_pods(&q, 2, 2, 5);
         assert_eq!(
             get(&again, "Ready").last_transition_time,
             "2026-11-21T10:00:00Z"
         );
-        let lost = compute(
-            &q,
-            &Observed {
-                stateful_set: sts(2, 1),
-                ..Observed::default()
-            },
-            at(7),
-        );
+        let lost = with_pods(&q, 2, 1, 7);
         assert_eq!(
             get(&lost, "Ready").last_transition_time,
             "2026-11-21T10:07:00Z"
@@ -426,24 +406,10 @@ spec:
     #[test]
     fn suspended_queries_say_so_until_their_pods_are_gone() {
         let q = query("  suspend: true\n");
-        let stopping = compute(
-            &q,
-            &Observed {
-                stateful_set: sts(2, 2),
-                ..Observed::default()
-            },
-            at(0),
-        );
+        let stopping = with_pods(&q, 2, 2, 0);
         assert_eq!(stopping.phase, Some(Phase::Suspended));
         assert_eq!(get(&stopping, "Progressing").status, "True");
-        let stopped = compute(
-            &q,
-            &Observed {
-                stateful_set: sts(0, 0),
-                ..Observed::default()
-            },
-            at(1),
-        );
+        let stopped = with_pods(&q, 0, 0, 1);
         assert_eq!(get(&stopped, "Progressing").status, "False");
         assert_eq!(get(&stopped, "Ready").reason, "Suspended");
     }

@@ -155,11 +155,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[async_trait]
 impl Sink for FileSink {
     fn description(&self) -> String {
-        let format = match self.format {
-            Format::Parquet => "parquet",
-            _ => "json",
-        };
-        format!("FileSink[{}, {format}]", self.dir.display())
+        // NB: validate() lets the file sink write json or parquet only.
+        format!("FileSink[{}, {}]", self.dir.display(), self.format)
     }
 
     async fn add_batch(

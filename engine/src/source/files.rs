@@ -297,13 +297,7 @@ impl Source for FileSource {
     }
 
     fn description(&self) -> String {
-        let format = match self.format {
-            Format::Json => "json",
-            Format::Csv => "csv",
-            Format::Parquet => "parquet",
-            Format::Avro => "avro",
-        };
-        format!("FileSource[{}, {format}]", self.dir.display())
+        format!("FileSource[{}, {}]", self.dir.display(), self.format)
     }
 
     fn schema(&self) -> SchemaRef {
