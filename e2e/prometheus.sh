@@ -52,8 +52,8 @@ batches=$(promql 'sluice_batches_total{query="rate-to-files"}')
 echo "PromQL: input rate $rate rows/s, lag $lag records, $batches batches"
 
 # Every panel of the Grafana dashboard, evaluated by this Prometheus: each
-# query must be valid and return data, so the dashboard uses only metric
-# names the engine exports.
+# engine query must be valid and return data, so the dashboard uses only
+# metric names the engine exports; operator queries must be valid.
 sleep 3
 python3 - "$prom_port" charts/sluice/dashboards/sluice.json <<'PY'
 import json, sys, urllib.parse, urllib.request
@@ -64,9 +64,17 @@ for panel in json.load(open(path))["panels"]:
         expr = target["expr"].replace("$query", "rate-to-files")
         url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
         answer = json.load(urllib.request.urlopen(url))
-        ok = answer["status"] == "success" and answer["data"]["result"]
+        if "sluice_operator_" in expr:
+            # No operator runs here (it needs an API server): Prometheus
+            # checks the query parses; the operator's test
+            # (the_dashboards_operator_panels_use_metrics_the_operator_exports)
+            # checks the metric names exist.
+            ok = answer["status"] == "success"
+            print(f"{'ok  ' if ok else 'FAIL'} {panel['title']} (syntax only): {expr}")
+        else:
+            ok = answer["status"] == "success" and answer["data"]["result"]
+            print(f"{'ok  ' if ok else 'FAIL'} {panel['title']}: {expr}")
         failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {panel['title']}: {expr}")
 sys.exit(1 if failed else 0)
 PY
 echo "e2e prometheus: 1 passed, 0 failed"

@@ -7,8 +7,9 @@ apt_install "${BUILD_PACKAGES[@]}" curl prometheus lua5.4
 rustup_components rustfmt clippy
 # An S3-compatible server for the checkpoint tests (e2e/s3-crash.sh).
 python3 -c 'import moto, boto3' 2>/dev/null || python3 -m pip install -q "moto[server]"
-# Helm as a library, for the chart's lint and render tests (e2e/helm.sh).
-python3 -c 'import helm_python, yaml' 2>/dev/null || python3 -m pip install -q helm-python-sdk pyyaml
+# Helm as a library, for the chart's lint and render tests (e2e/helm.sh);
+# jsonschema, for the examples against the CRD's schema (e2e/manifests.sh).
+python3 -c 'import helm_python, yaml, jsonschema' 2>/dev/null || python3 -m pip install -q helm-python-sdk pyyaml jsonschema
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -162,7 +162,7 @@ fn selector(query: &StreamingQuery) -> LabelSelector {
 
 /// FNV-1a, 64 bits: stable across Rust versions and builds, unlike
 /// `DefaultHasher`, so that upgrading the operator does not roll every pod.
-fn fnv1a(text: &str) -> String {
+pub(crate) fn fnv1a(text: &str) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in text.bytes() {
         hash ^= u64::from(byte);

@@ -6,6 +6,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use k8s_openapi::api::apps::v1::StatefulSetStatus;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use sluice_crds::progress::QueryProgress;
 use sluice_crds::{
     Condition, Phase, Problems, ProgressSummary, StreamingQuery, StreamingQueryStatus,
@@ -82,7 +84,7 @@ pub fn compute(
                     "Ready",
                     false,
                     "InvalidSpec",
-                    "The spec is invalid; no engine pods run.".into(),
+                    "The spec is invalid and was not applied; engine pods, if any, keep running the last valid spec.".into(),
                 ),
                 c(
                     "Progressing",
@@ -254,6 +256,142 @@ pub fn summarize(reports: &[QueryProgress]) -> Option<ProgressSummary> {
         lag: Some(lag as i64),
         last_commit_time: reports.iter().map(|r| r.timestamp.clone()).max(),
     })
+}
+
+/// Why the engine pods are failing, in words, or `None` when none is: a
+/// container waiting to restart (`CrashLoopBackOff`, with its last exit code
+/// and termination message) or unable to start (`ImagePullBackOff`,
+/// `CreateContainerConfigError` for a missing Secret, ...), a pod that failed,
+/// or one that cannot be scheduled. The kubelet restarts crashed containers
+/// with exponential backoff; this says why it has to.
+pub fn pod_failure(pods: &[Pod]) -> Option<String> {
+    let mut reasons = Vec::new();
+    for pod in pods {
+        let name = pod.name_any();
+        let Some(status) = &pod.status else { continue };
+        if status.phase.as_deref() == Some("Failed") {
+            reasons.push(format!(
+                "pod {name} failed: {}",
+                status.message.as_deref().unwrap_or("no message")
+            ));
+            continue;
+        }
+        for c in status.container_statuses.iter().flatten() {
+            let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+                continue;
+            };
+            let reason = waiting.reason.as_deref().unwrap_or_default();
+            if !FAILING_WAIT_REASONS.contains(&reason) {
+                continue;
+            }
+            let mut text = format!("pod {name} container {}: {reason}", c.name);
+            if let Some(last) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+                text += &format!(
+                    " (restarted {} times; last exit code {}",
+                    c.restart_count, last.exit_code
+                );
+                if let Some(message) = last.message.as_deref().filter(|m| !m.trim().is_empty()) {
+                    text += &format!(": {}", last_line(message));
+                }
+                text += ")";
+            } else if let Some(message) = &waiting.message {
+                text += &format!(": {message}");
+            }
+            reasons.push(text);
+        }
+        for c in status.conditions.iter().flatten() {
+            if c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+            {
+                reasons.push(format!(
+                    "pod {name} cannot be scheduled: {}",
+                    c.message.as_deref().unwrap_or("no message")
+                ));
+            }
+        }
+    }
+    (!reasons.is_empty()).then(|| reasons.join("; "))
+}
+
+/// The waiting reasons that mean a container is failing rather than
+/// starting (`ContainerCreating`, `PodInitializing`).
+const FAILING_WAIT_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// The last non-empty line of a termination message: the engine's error,
+/// after its log lines.
+fn last_line(message: &str) -> &str {
+    message
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(message)
+        .trim()
+}
+
+/// A change of status worth an Event on the StreamingQuery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// A Warning rather than a Normal event.
+    pub warning: bool,
+    /// The event's reason: the new phase, or the reason the query became
+    /// degraded.
+    pub reason: String,
+    /// The details, for a person.
+    pub note: String,
+}
+
+/// The Events that going from `old` to `new` deserves: one when the phase
+/// changes, one when the query becomes degraded or degraded for another
+/// reason. A status that did not change gives none, so re-reconciling emits
+/// nothing.
+pub fn transitions(
+    old: Option<&StreamingQueryStatus>,
+    new: &StreamingQueryStatus,
+) -> Vec<Transition> {
+    let degraded = |s: &StreamingQueryStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded" && c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    let ready_message = |s: &StreamingQueryStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.message.clone())
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    let old_phase = old.and_then(|s| s.phase);
+    if let Some(phase) = new.phase.filter(|p| Some(*p) != old_phase) {
+        out.push(Transition {
+            warning: phase == Phase::Failed,
+            reason: format!("{phase:?}"),
+            note: new.last_error.clone().unwrap_or_else(|| ready_message(new)),
+        });
+    }
+    // Becoming Failed is told once, by the phase's event.
+    let became_failed = new.phase == Some(Phase::Failed) && new.phase != old_phase;
+    if let Some((reason, message)) = degraded(new)
+        && !became_failed
+        && old.and_then(degraded) != Some((reason.clone(), message.clone()))
+    {
+        out.push(Transition {
+            warning: true,
+            reason,
+            note: message,
+        });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -524,5 +662,123 @@ spec:
             Some("2026-11-21T10:05:02.000Z")
         );
         assert_eq!(summarize(&[]), None);
+    }
+
+    fn pod(name: &str, status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_crash_looping_engine_is_reported_with_its_last_error() {
+        let crashing = pod(
+            "fraud-0",
+            serde_json::json!({
+                "phase": "Running",
+                "containerStatuses": [{
+                    "name": "engine", "image": "sluice", "imageID": "", "ready": false,
+                    "restartCount": 4,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                    "lastState": {"terminated": {
+                        "exitCode": 1,
+                        "message": "INFO starting\nerror: checkpoint s3://b/q/metadata: was written by query other\n",
+                    }},
+                }],
+            }),
+        );
+        let starting = pod(
+            "fraud-1",
+            serde_json::json!({
+                "phase": "Pending",
+                "containerStatuses": [{
+                    "name": "engine", "image": "sluice", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": "ContainerCreating"}},
+                }],
+            }),
+        );
+        assert_eq!(pod_failure(std::slice::from_ref(&starting)), None);
+        assert_eq!(
+            pod_failure(&[crashing, starting]).unwrap(),
+            "pod fraud-0 container engine: CrashLoopBackOff (restarted 4 times; last exit code 1: error: checkpoint s3://b/q/metadata: was written by query other)"
+        );
+    }
+
+    #[test]
+    fn missing_secrets_and_unschedulable_pods_are_failures() {
+        let no_secret = pod(
+            "q-0",
+            serde_json::json!({
+                "containerStatuses": [{
+                    "name": "engine", "image": "sluice", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "secret \"kafka\" not found"}},
+                }],
+            }),
+        );
+        let unschedulable = pod(
+            "q-1",
+            serde_json::json!({
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                "message": "0/3 nodes are available: 3 Insufficient memory."}],
+            }),
+        );
+        assert_eq!(
+            pod_failure(&[no_secret, unschedulable]).unwrap(),
+            "pod q-0 container engine: CreateContainerConfigError: secret \"kafka\" not found; pod q-1 cannot be scheduled: 0/3 nodes are available: 3 Insufficient memory."
+        );
+    }
+
+    #[test]
+    fn events_mark_phase_changes_and_new_degradations_only() {
+        let q = query("");
+        let pending = with_pods(&q, 2, 0, 1);
+        let created = transitions(None, &pending);
+        assert_eq!(
+            created,
+            vec![Transition {
+                warning: false,
+                reason: "Pending".into(),
+                note: "0/2 engine pods ready.".into()
+            }]
+        );
+        // Nothing changed: no event.
+        assert_eq!(transitions(Some(&pending), &with_pods(&q, 2, 0, 2)), vec![]);
+        let running = with_pods(&q, 2, 2, 3);
+        assert_eq!(transitions(Some(&pending), &running)[0].reason, "Running");
+        // Pods failing while Running: the phase holds, a Warning says why.
+        let failing = compute(
+            &q,
+            &Observed {
+                stateful_set: sts(2, 1),
+                pod_failure: Some("pod fraud-1 container engine: CrashLoopBackOff".into()),
+                ..Observed::default()
+            },
+            at(4),
+        );
+        assert_eq!(
+            transitions(Some(&running), &failing),
+            vec![Transition {
+                warning: true,
+                reason: "PodsFailing".into(),
+                note: "pod fraud-1 container engine: CrashLoopBackOff".into()
+            }]
+        );
+        // Failing is told once, by the phase's event, with the error.
+        let invalid = compute(
+            &q,
+            &Observed {
+                problems: Some(sluice_crds::Problems(vec![])),
+                ..Observed::default()
+            },
+            at(5),
+        );
+        let events = transitions(Some(&running), &invalid);
+        assert_eq!(events.len(), 1);
+        assert!(events[0].warning && events[0].reason == "Failed");
     }
 }

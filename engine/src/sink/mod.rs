@@ -42,6 +42,17 @@ pub fn build(spec: &SinkSpec) -> Result<Box<dyn Sink>> {
 
 /// Checks that this engine has the sink a spec describes, without opening it.
 pub fn check(spec: &SinkSpec) -> Result<()> {
+    if let Some(files) = &spec.files
+        && let Some((scheme, _)) = files.path.split_once("://")
+        && scheme != "file"
+    {
+        return Err(Error::Unsupported {
+            path: "spec.sink.files.path".to_owned(),
+            message: format!(
+                "the files sink writes to a local path (or file://) in this version of the engine; {scheme}:// output is not implemented yet"
+            ),
+        });
+    }
     if spec.console.is_some() || spec.files.is_some() {
         return Ok(());
     }
@@ -52,4 +63,25 @@ pub fn check(spec: &SinkSpec) -> Result<()> {
             "the {kind} sink is not implemented in this version of the engine yet: use console or files"
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(path: &str) -> SinkSpec {
+        serde_json::from_value(serde_json::json!({"files": {"path": path}})).unwrap()
+    }
+
+    #[test]
+    fn object_store_output_is_refused_until_it_is_built() {
+        let error = check(&files("s3://bucket/out")).unwrap_err().to_string();
+        assert!(error.contains("spec.sink.files.path"), "{error}");
+        assert!(
+            error.contains("s3:// output is not implemented yet"),
+            "{error}"
+        );
+        assert!(check(&files("file:///tmp/out")).is_ok());
+        assert!(check(&files("out/dir")).is_ok());
+    }
 }

@@ -1,0 +1,203 @@
+//! `sluice-operator`: runs the StreamingQuery controller (`run`) or prints
+//! the CRD (`crd`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use sluice_operator::controller::{self, Context};
+use sluice_operator::lease::{Elector, LeaseConfig};
+use sluice_operator::metrics::Metrics;
+use sluice_operator::objects::Defaults;
+use tokio::sync::watch;
+
+/// The Sluice operator: reconciles StreamingQuery resources into engine pods.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run(RunArgs),
+    /// Print the StreamingQuery CRD (`sluice-operator crd | kubectl apply -f -`).
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The engine image for queries that do not set `spec.engine.image`.
+    #[arg(long, env = "SLUICE_ENGINE_IMAGE", default_value = concat!("ghcr.io/sluice-dev/sluice:", env!("CARGO_PKG_VERSION")))]
+    engine_image: String,
+    /// Watch only this namespace; empty: every namespace.
+    #[arg(long, env = "SLUICE_WATCH_NAMESPACE", default_value = "")]
+    namespace: String,
+    /// The port of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    /// Elect one leader among the operator's replicas on a Lease; only the
+    /// leader reconciles.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// The Lease's name.
+    #[arg(long, default_value = "sluice-operator")]
+    lease_name: String,
+    /// The Lease's namespace (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's identity in the election and in Events (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[derive(Clone)]
+struct Http {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn serve_metrics(State(http): State<Http>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        http.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(http): State<Http>) -> Response {
+    if http.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            print!("{}", sluice_crds::crd_yaml());
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let router = Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(Http {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
+    let address = SocketAddr::from(([0, 0, 0, 0], args.http_port));
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let client = Client::try_default().await.context(
+        "cannot configure a Kubernetes client (in a pod: the ServiceAccount; elsewhere: KUBECONFIG)",
+    )?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::env::var("HOSTNAME")
+            .unwrap_or_else(|_| format!("sluice-operator-{}", std::process::id()))
+    });
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Defaults {
+            engine_image: args.engine_image.clone(),
+        },
+        metrics.clone(),
+        Some(identity.clone()),
+    ));
+    let namespace = Some(args.namespace.clone()).filter(|ns| !ns.is_empty());
+
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        terminated().await;
+        tracing::info!("stopping at the end of the running reconciles");
+        let _ = stop.send(true);
+    });
+    let shutdown = {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    ready.store(true, Ordering::Relaxed);
+
+    if !args.leader_election {
+        tracing::info!(namespace = ?namespace, "reconciling (leader election off)");
+        controller::run(ctx, namespace, shutdown).await?;
+        return Ok(());
+    }
+    let elector = Elector::new(
+        Api::<Lease>::namespaced(client, &args.lease_namespace),
+        LeaseConfig::new(&args.lease_name, &identity),
+    );
+    tracing::info!(lease = %args.lease_name, %identity, "waiting to lead");
+    let mut before_leading = stopped.clone();
+    tokio::select! {
+        _ = elector.acquire() => {}
+        _ = before_leading.wait_for(|s| *s) => return Ok(()),
+    }
+    metrics.leader.set(1);
+    tracing::info!(namespace = ?namespace, "leading: reconciling");
+    tokio::select! {
+        result = controller::run(ctx, namespace, shutdown) => {
+            if let Err(e) = elector.release().await {
+                tracing::warn!(error = %e, "cannot release the Lease; it expires on its own");
+            }
+            metrics.leader.set(0);
+            result?;
+            Ok(())
+        }
+        lost = elector.hold() => {
+            metrics.leader.set(0);
+            // Stop at once, before another replica starts: the pod restarts
+            // and rejoins the election as a follower.
+            Err(anyhow::Error::new(lost).context("lost leadership"))
+        }
+    }
+}

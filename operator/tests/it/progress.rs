@@ -1,0 +1,87 @@
+//! Reading engine pods' progress over real HTTP, from a server that answers
+//! as the engine does (`/progress/latest`: the report, or 204 before the
+//! first batch).
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
+use sluice_operator::progress::ProgressReader;
+use sluice_operator::status::summarize;
+
+fn report(batch: u64) -> serde_json::Value {
+    json!({
+        "id": "q", "runId": "r", "name": "fraud", "timestamp": "2026-11-21T10:00:00.000Z",
+        "batchId": batch, "numInputRows": 100, "inputRowsPerSecond": 50.0,
+        "processedRowsPerSecond": 400.0, "durationMs": {}, "eventTime": {"watermark": "2026-11-21T09:50:00.000Z"},
+        "stateOperators": [],
+        "sources": [{"description": "transactions", "startOffset": null, "endOffset": null, "latestOffset": null,
+                     "numInputRows": 100, "inputRowsPerSecond": 50.0, "processedRowsPerSecond": 400.0,
+                     "recordsBehindLatest": 7}],
+        "sink": {"description": "console", "numOutputRows": 3},
+    })
+}
+
+fn pod(name: &str, ip: Option<&str>, phase: &str) -> Pod {
+    serde_json::from_value(
+        json!({"metadata": {"name": name}, "status": {"phase": phase, "podIP": ip}}),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn progress_is_read_from_running_pods_that_answer() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = Router::new().route(
+        "/progress/latest",
+        get(|| async { axum::Json(report(41)).into_response() }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let reader = ProgressReader::new(port);
+    let pods = [
+        pod("q-0", Some("127.0.0.1"), "Running"),
+        // Not running yet, or without an address: not asked.
+        pod("q-1", Some("127.0.0.2"), "Pending"),
+        pod("q-2", None, "Running"),
+    ];
+    let reports = reader.read(&pods).await;
+    assert_eq!(reports.len(), 1);
+    let summary = summarize(&reports).unwrap();
+    assert_eq!(summary.batch_id, Some(41));
+    assert_eq!(summary.lag, Some(7));
+    assert_eq!(
+        summary.watermark.as_deref(),
+        Some("2026-11-21T09:50:00.000Z")
+    );
+}
+
+#[tokio::test]
+async fn a_pod_before_its_first_batch_or_not_answering_is_left_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = Router::new().route("/progress/latest", get(|| async { StatusCode::NO_CONTENT }));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    assert!(
+        ProgressReader::new(port)
+            .read(&[pod("q-0", Some("127.0.0.1"), "Running")])
+            .await
+            .is_empty()
+    );
+
+    // Nothing listens on this port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert!(
+        ProgressReader::new(closed)
+            .read(&[pod("q-0", Some("127.0.0.1"), "Running")])
+            .await
+            .is_empty()
+    );
+}
