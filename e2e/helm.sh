@@ -359,7 +359,7 @@ PY
 # SLUICE_SKIP_RUST=1 skips it (checking the chart alone, e.g. while the
 # workspace is being built elsewhere).
 if [[ -z "${SLUICE_SKIP_RUST:-}" ]]; then
-  SLUICE_RENDERED="$rendered" cargo test -q --locked -p sluice-operator --test it -- \
+  SLUICE_RENDERED="$rendered" cargo test -q --locked --workspace --test it -- \
     --ignored --exact manifests::rendered_chart_objects_parse_as_their_types
 else
   echo "helm: SLUICE_SKIP_RUST is set: the k8s-openapi round trip of the rendered objects was not run"

@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 command -v prometheus > /dev/null || { echo "prometheus: not installed: apt-get install prometheus" >&2; exit 1; }
-cargo build --locked --quiet --bin sluice
+# Built as `cargo test --workspace` builds it (the test suite's feature set:
+# a lone `cargo build --bin sluice` unifies fewer features and would build
+# DataFusion a second time).
+cargo test --workspace --locked --quiet --no-run
 sluice="$CARGO_TARGET_DIR/debug/sluice"
 
 work=$(mktemp -d)

@@ -27,7 +27,7 @@ boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-
 PY
 
 SLUICE_TEST_S3_CHECKPOINT=s3://checkpoints/crash-test \
-  cargo test --locked -p sluice-engine --test it -- --ignored --exact \
+  cargo test --locked --workspace --test it -- --ignored --exact \
   crash::killed_at_any_step_the_sink_holds_every_row_once_with_an_s3_checkpoint
 
 objects=$(python3 - <<'PY'

@@ -8,5 +8,8 @@ apt_install "${BUILD_PACKAGES[@]}"
 
 example="${1:-examples/local/fraud-transactions.yaml}"
 shift || true
-cargo build --locked --bin sluice
+# The binaries are built as `cargo test --workspace` builds them (the test
+# suite's feature set), so that scripts/test.sh afterwards reuses this build
+# instead of building DataFusion a second time.
+cargo test --workspace --locked --no-run
 "$CARGO_TARGET_DIR/debug/sluice" run "$example" "$@"

@@ -142,6 +142,11 @@ fn is_default<T: Default + PartialEq>(value: &T) -> bool {
 /// One input stream. Set exactly one of `generator`, `kafka` or `files`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// The API server checks this CEL rule on apply; `validate()` checks the same.
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.generator), has(self.kafka), has(self.files)].filter(x, x).size() == 1",
+    "message": "set exactly one of generator, kafka or files",
+}]))]
 pub struct Source {
     /// The table name the query uses for this source: lower-case letters,
     /// digits and `_`, starting with a letter.
@@ -346,6 +351,10 @@ pub struct Watermark {
 /// Where results are written. Set exactly one of `console`, `files` or `kafka`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.console), has(self.files), has(self.kafka)].filter(x, x).size() == 1",
+    "message": "set exactly one of console, files or kafka",
+}]))]
 pub struct Sink {
     /// Print each batch as a table on standard output, as Spark's console sink.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -418,6 +427,10 @@ impl std::fmt::Display for OutputMode {
 /// When batches run. Set at most one of the fields.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.processingTime) && has(self.availableNow) && self.availableNow)",
+    "message": "set processingTime or availableNow, not both",
+}]))]
 pub struct Trigger {
     /// Start a batch every interval, e.g. `30s`; a batch that takes longer is
     /// followed at once by the next.

@@ -213,3 +213,58 @@ fn the_committed_crds_are_up_to_date() {
         );
     }
 }
+
+/// The CRD's CEL rules, evaluated as the API server evaluates them (kube's
+/// client-side CEL validator over the generated schema).
+fn cel_errors(text: &str) -> Vec<String> {
+    let query = parse(text, "test.yaml").unwrap();
+    match kube::core::cel::validate_cel(&query) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn the_crds_cel_rules_refuse_what_validate_refuses() {
+    assert_eq!(cel_errors(VALID), Vec::<String>::new());
+    let two_sources = VALID.replace(
+        "generator: {kind",
+        "files: {path: /data}\n      generator: {kind",
+    );
+    let errors = cel_errors(&two_sources);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("set exactly one of generator, kafka or files"),
+        "{errors:?}"
+    );
+    let no_sink = VALID.replace(
+        "sink: {files: {path: /tmp/out}, format: parquet}",
+        "sink: {}",
+    );
+    assert!(cel_errors(&no_sink)[0].contains("set exactly one of console, files or kafka"));
+    let both_triggers = VALID.replace(
+        "trigger: {processingTime: 5s}",
+        "trigger: {processingTime: 5s, availableNow: true}",
+    );
+    assert!(cel_errors(&both_triggers)[0].contains("set processingTime or availableNow, not both"));
+}
+
+#[test]
+fn every_example_passes_the_crds_cel_rules() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut checked = 0;
+    for dir in ["kubernetes", "local"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(
+                cel_errors(&text),
+                Vec::<String>::new(),
+                "{}",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5);
+}
