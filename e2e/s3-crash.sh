@@ -28,7 +28,8 @@ PY
 
 SLUICE_TEST_S3_CHECKPOINT=s3://checkpoints/crash-test \
   cargo test --locked --workspace --test it -- --ignored --exact \
-  crash::killed_at_any_step_the_sink_holds_every_row_once_with_an_s3_checkpoint
+  crash::killed_at_any_step_the_sink_holds_every_row_once_with_an_s3_checkpoint \
+  crash::killed_at_any_step_a_windowed_aggregation_writes_every_window_once_with_an_s3_checkpoint
 
 objects=$(python3 - <<'PY'
 import os, boto3

@@ -148,6 +148,12 @@ fn s3_store(location: &str) -> Result<Arc<dyn ObjectStore>> {
 }
 
 impl Checkpoint {
+    /// The object store rooted at the location (the state store writes
+    /// under `state/`).
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
     /// Opens a checkpoint location: `s3://bucket/prefix`, a local path or
     /// `file://...` (a local directory is created when missing).
     pub fn open(location: &str) -> Result<Self> {

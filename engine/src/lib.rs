@@ -11,6 +11,9 @@ pub mod plan;
 pub mod runner;
 pub mod sink;
 pub mod source;
+pub mod state;
+pub mod stateful;
+pub mod window;
 
 pub use runner::{RunOptions, Runner, Stopped, Summary, check};
 
@@ -73,6 +76,9 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// The state store failed (RocksDB, or uploading its checkpoint).
+    #[error("state store: {0}")]
+    State(String),
     /// The HTTP endpoints could not be served.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {

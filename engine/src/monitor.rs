@@ -30,6 +30,11 @@ pub struct Metrics {
     last_batch_id: IntGauge,
     last_commit: Gauge,
     watermark: Gauge,
+    state_rows: IntGauge,
+    state_memory: IntGauge,
+    state_updated: IntCounter,
+    state_removed: IntCounter,
+    dropped_late: IntCounter,
 }
 
 impl Metrics {
@@ -99,8 +104,38 @@ impl Metrics {
             "The event-time watermark, Unix seconds (0 before any).",
         ))
         .unwrap();
+        let state_rows = IntGauge::with_opts(opts(
+            "sluice_state_rows",
+            "Keys held in operator state (stateOperators.numRowsTotal).",
+        ))
+        .unwrap();
+        let state_memory = IntGauge::with_opts(opts(
+            "sluice_state_memory_bytes",
+            "Memory the state store uses: RocksDB memtables and block cache.",
+        ))
+        .unwrap();
+        let state_updated = IntCounter::with_opts(opts(
+            "sluice_state_rows_updated_total",
+            "Keys written to operator state.",
+        ))
+        .unwrap();
+        let state_removed = IntCounter::with_opts(opts(
+            "sluice_state_rows_removed_total",
+            "Keys removed from operator state (windows the watermark closed).",
+        ))
+        .unwrap();
+        let dropped_late = IntCounter::with_opts(opts(
+            "sluice_rows_dropped_by_watermark_total",
+            "Input rows (row and window pairs) dropped as later than the watermark.",
+        ))
+        .unwrap();
         for collector in [
             Box::new(batches.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(state_rows.clone()),
+            Box::new(state_memory.clone()),
+            Box::new(state_updated.clone()),
+            Box::new(state_removed.clone()),
+            Box::new(dropped_late.clone()),
             Box::new(input_rows.clone()),
             Box::new(output_rows.clone()),
             Box::new(batch_duration.clone()),
@@ -129,6 +164,11 @@ impl Metrics {
             last_batch_id,
             last_commit,
             watermark,
+            state_rows,
+            state_memory,
+            state_updated,
+            state_removed,
+            dropped_late,
         }
     }
 
@@ -159,6 +199,13 @@ impl Metrics {
         self.last_commit
             .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
         self.watermark.set(watermark_seconds);
+        for op in &progress.state_operators {
+            self.state_rows.set(op.num_rows_total as i64);
+            self.state_memory.set(op.memory_used_bytes as i64);
+            self.state_updated.inc_by(op.num_rows_updated);
+            self.state_removed.inc_by(op.num_rows_removed);
+            self.dropped_late.inc_by(op.num_rows_dropped_by_watermark);
+        }
     }
 
     /// The metrics in Prometheus' text format.

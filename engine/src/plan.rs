@@ -11,11 +11,17 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::{MemTable, TableType};
 use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use object_store::ObjectStore;
 use sluice_crds::OutputMode;
+use sluice_crds::progress::StateOperatorProgress;
 
+use crate::state::StateStore;
+use crate::stateful::Aggregation;
+use crate::window::{self, WINDOW_END, WindowFunction};
 use crate::{Error, Result};
 
 /// A table that holds the current batch's rows of one source.
@@ -67,26 +73,66 @@ impl TableProvider for BatchTable {
     }
 }
 
+/// A window table function's table, filled from its source each batch.
+struct WindowTable {
+    function: WindowFunction,
+    source: usize,
+    schema: SchemaRef,
+    table: Arc<BatchTable>,
+}
+
+/// What kind of stateful query this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Aggregated {
+    /// Grouped by an event-time window whose source has a watermark on the
+    /// window's column: the watermark closes windows.
+    pub windowed_with_watermark: bool,
+}
+
 /// The query, planned once and run over each batch.
 pub struct QueryPlan {
     ctx: SessionContext,
     plan: LogicalPlan,
     tables: Vec<(String, Arc<BatchTable>)>,
+    windows: Vec<WindowTable>,
     output_schema: SchemaRef,
     partitions: usize,
+    output_mode: OutputMode,
+    aggregated: Option<Aggregated>,
+    aggregation: Option<Aggregation>,
+    /// Input (row, window) pairs the last batch dropped as late.
+    late: u64,
 }
 
 impl QueryPlan {
     /// Plans `sql` over sources with these names and schemas, and checks that
     /// it can run on a stream in `output_mode`.
+    /// `watermarks` holds each source's watermark column, if it has one.
     pub async fn new(
         sql: &str,
         sources: &[(String, SchemaRef)],
+        watermarks: &[Option<String>],
         output_mode: OutputMode,
     ) -> Result<Self> {
         let config = SessionConfig::new().with_information_schema(false);
         let partitions = config.target_partitions();
-        let ctx = SessionContext::new_with_config(config);
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .build();
+        // count(DISTINCT x) stays one aggregation with mergeable state
+        // instead of being rewritten into two (which could not be kept
+        // across batches).
+        let rules = state
+            .optimizers()
+            .iter()
+            .filter(|r| r.name() != "single_distinct_aggregation_to_group_by")
+            .cloned()
+            .collect();
+        let state = SessionStateBuilder::new_from_existing(state)
+            .with_optimizer_rules(rules)
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         let mut tables = Vec::new();
         for (name, schema) in sources {
             let table = Arc::new(BatchTable::new(schema.clone()).map_err(plan_error)?);
@@ -94,17 +140,98 @@ impl QueryPlan {
                 .map_err(plan_error)?;
             tables.push((name.clone(), table));
         }
-        let df = ctx.sql(sql).await.map_err(plan_error)?;
+        let names: Vec<String> = sources.iter().map(|(n, _)| n.clone()).collect();
+        let (sql, functions) = window::rewrite(sql, &names)?;
+        let mut windows = Vec::new();
+        for function in functions {
+            let source = names
+                .iter()
+                .position(|n| *n == function.source)
+                .expect("rewrite checks the source");
+            let schema = function.schema(&sources[source].1)?;
+            let table = Arc::new(BatchTable::new(schema.clone()).map_err(plan_error)?);
+            ctx.register_table(function.table.as_str(), table.clone())
+                .map_err(plan_error)?;
+            windows.push(WindowTable {
+                function,
+                source,
+                schema,
+                table,
+            });
+        }
+        let df = ctx.sql(&sql).await.map_err(plan_error)?;
         let plan = df.logical_plan().clone();
-        check_streamable(&plan, output_mode)?;
+        let watermarked = windows.iter().any(|w| {
+            watermarks.get(w.source).cloned().flatten().as_deref()
+                == Some(w.function.column.as_str())
+        });
+        let aggregated = check_streamable(&plan, output_mode, watermarked)?;
         let output_schema = Arc::new(df.schema().as_arrow().clone());
         Ok(Self {
             ctx,
             plan,
             tables,
+            windows,
             output_schema,
             partitions,
+            output_mode,
+            aggregated,
+            aggregation: None,
+            late: 0,
         })
+    }
+
+    /// Whether the query aggregates, and so keeps state.
+    pub fn aggregated(&self) -> Option<Aggregated> {
+        self.aggregated
+    }
+
+    /// Opens the query's state (for a stateful query), restored from
+    /// version `restore` of `remote` (the checkpoint location).
+    pub async fn open_state(
+        &mut self,
+        partitions: u32,
+        local: &std::path::Path,
+        remote: Option<Arc<dyn ObjectStore>>,
+        restore: Option<u64>,
+    ) -> Result<()> {
+        let Some(shape) = self.aggregated else {
+            return Ok(());
+        };
+        let store = StateStore::open("aggregate", partitions, local, remote, restore).await?;
+        let evicts = shape.windowed_with_watermark && self.output_mode != OutputMode::Complete;
+        self.aggregation = Some(Aggregation::new(self.output_mode, evicts, store));
+        Ok(())
+    }
+
+    /// Commits the state batch `batch_id` wrote.
+    pub async fn commit_state(&mut self, batch_id: u64) -> Result<()> {
+        match &mut self.aggregation {
+            Some(a) => a.commit(batch_id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The last batch's `stateOperators` progress.
+    pub fn state_progress(&self) -> Vec<StateOperatorProgress> {
+        let Some(aggregation) = &self.aggregation else {
+            return Vec::new();
+        };
+        let s = aggregation.stats();
+        vec![StateOperatorProgress {
+            operator_name: "stateStoreSave".into(),
+            num_rows_total: s.rows_total,
+            num_rows_updated: s.rows_updated,
+            num_rows_removed: s.rows_removed,
+            num_rows_dropped_by_watermark: s.rows_dropped_by_watermark,
+            memory_used_bytes: s.memory_used_bytes,
+        }]
+    }
+
+    /// Input rows (or row and window pairs) the last batch dropped as later
+    /// than the watermark.
+    pub fn late_rows(&self) -> u64 {
+        self.late
     }
 
     /// The schema of the query's result.
@@ -114,22 +241,52 @@ impl QueryPlan {
 
     /// Runs the query over one batch: `inputs` holds each source's rows, in
     /// the order the sources were given to [`QueryPlan::new`].
+    /// `watermark` is the one in effect for this batch.
     pub async fn execute(
-        &self,
+        &mut self,
         inputs: Vec<Vec<RecordBatch>>,
+        watermark: Option<i64>,
     ) -> std::result::Result<Vec<RecordBatch>, DataFusionError> {
-        for ((_, table), batches) in self.tables.iter().zip(inputs) {
+        let n = self.partitions.max(1);
+        let spread = |batches: Vec<RecordBatch>| {
             // Spread the batch over the session's partitions so that
             // DataFusion runs it on every core.
-            let mut partitions = vec![Vec::new(); self.partitions.max(1)];
+            let mut partitions = vec![Vec::new(); n];
             for (i, batch) in batches.into_iter().enumerate() {
-                partitions[i % self.partitions.max(1)].push(batch);
+                partitions[i % n].push(batch);
             }
             partitions.retain(|p| !p.is_empty());
             if partitions.is_empty() {
                 partitions.push(Vec::new());
             }
-            table.replace(partitions)?;
+            partitions
+        };
+        self.late = 0;
+        for window in &self.windows {
+            let mut expanded = Vec::new();
+            for batch in &inputs[window.source] {
+                let (rows, late) = window
+                    .function
+                    .expand(batch, &window.schema, watermark)
+                    .map_err(|e| DataFusionError::Execution(e.to_string()))?;
+                self.late += late;
+                expanded.push(rows);
+            }
+            window.table.replace(spread(expanded))?;
+        }
+        for ((_, table), batches) in self.tables.iter().zip(inputs) {
+            table.replace(spread(batches))?;
+        }
+        if let Some(aggregation) = &mut self.aggregation {
+            let physical = self.ctx.state().create_physical_plan(&self.plan).await?;
+            return aggregation
+                .execute(&self.ctx, physical, watermark, self.late)
+                .await;
+        }
+        if self.aggregated.is_some() {
+            return Err(DataFusionError::Execution(
+                "the state of the query is not open".into(),
+            ));
         }
         let df = self.ctx.execute_logical_plan(self.plan.clone()).await?;
         df.collect().await
@@ -140,23 +297,40 @@ fn plan_error(err: DataFusionError) -> Error {
     Error::Plan(err.strip_backtrace().to_string())
 }
 
-/// Refuses what needs state across batches, which this engine version does
-/// not keep yet, and Spark's output-mode rules for stateless queries.
-fn check_streamable(plan: &LogicalPlan, output_mode: OutputMode) -> Result<()> {
+/// Refuses what this engine cannot run on a stream, with the reason, and
+/// enforces Spark's rules of which query may use which output mode. Returns
+/// the shape of the aggregation, if the query has one.
+fn check_streamable(
+    plan: &LogicalPlan,
+    output_mode: OutputMode,
+    watermarked_window: bool,
+) -> Result<Option<Aggregated>> {
     let mut refused: Option<String> = None;
+    let mut aggregates = 0;
+    let mut windowed = false;
+    let mut sorted = false;
     plan.apply_with_subqueries(|node| {
         let why = match node {
-            LogicalPlan::Aggregate(_) | LogicalPlan::Distinct(_) => Some(
-                "aggregations (GROUP BY, count(*), DISTINCT, ...) need state kept across batches",
+            LogicalPlan::Aggregate(aggregate) => {
+                aggregates += 1;
+                windowed |= aggregate
+                    .group_expr
+                    .iter()
+                    .any(|e| matches!(e, Expr::Column(c) if c.name == WINDOW_END));
+                None
+            }
+            LogicalPlan::Distinct(_) => Some(
+                "SELECT DISTINCT is not supported on a stream yet: write GROUP BY over the columns",
             ),
-            LogicalPlan::Window(_) => Some("window functions (OVER ...) need state kept across batches"),
-            LogicalPlan::Join(_) => Some("joins need state kept across batches"),
-            LogicalPlan::Sort(_) => Some(
-                "ORDER BY is not supported on a stream (Spark allows it only after an aggregation in complete mode)",
-            ),
-            LogicalPlan::Limit(_) => Some("LIMIT needs state kept across batches"),
+            LogicalPlan::Window(_) => Some("window functions (OVER ...) are not supported on a stream: use tumble() or hop() with GROUP BY"),
+            LogicalPlan::Join(_) => Some("joins are not implemented in this version of the engine yet"),
+            LogicalPlan::Sort(_) => {
+                sorted = true;
+                None
+            }
+            LogicalPlan::Limit(_) => Some("LIMIT is not supported on a stream"),
             LogicalPlan::RecursiveQuery(_) => Some("recursive queries are not supported on a stream"),
-            LogicalPlan::Subquery(_) => Some("subqueries need state kept across batches"),
+            LogicalPlan::Subquery(_) => Some("subqueries are not supported on a stream"),
             _ => None,
         };
         if let Some(why) = why {
@@ -166,22 +340,57 @@ fn check_streamable(plan: &LogicalPlan, output_mode: OutputMode) -> Result<()> {
         Ok(TreeNodeRecursion::Continue)
     })
     .map_err(plan_error)?;
+    let unsupported = |path: &str, message: String| Error::Unsupported {
+        path: path.to_owned(),
+        message,
+    };
     if let Some(why) = refused {
-        return Err(Error::Unsupported {
-            path: "spec.query".to_owned(),
-            message: format!(
-                "{why}; this version of the engine runs stateless queries only (projection, filter, functions, casts, CASE, UNION ALL)"
+        return Err(unsupported("spec.query", why));
+    }
+    if aggregates > 1 {
+        return Err(unsupported(
+            "spec.query",
+            "holds more than one aggregation: this version of the engine keeps state for one GROUP BY per query".into(),
+        ));
+    }
+    if sorted && !(aggregates == 1 && output_mode == OutputMode::Complete) {
+        // Spark's rule: sorting a stream needs the whole result, which only
+        // complete mode has.
+        return Err(unsupported(
+            "spec.query",
+            "ORDER BY is supported on a stream only after an aggregation in complete mode (as in Spark)".into(),
+        ));
+    }
+    if aggregates == 0 {
+        if output_mode == OutputMode::Complete {
+            // Spark's rule: complete mode needs an aggregation to keep whole.
+            return Err(unsupported(
+                "spec.outputMode",
+                "complete is not supported when the query has no aggregation (as in Spark): use append".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let windowed_with_watermark = windowed && watermarked_window;
+    if output_mode == OutputMode::Append && !windowed_with_watermark {
+        // Spark's rule: in append mode a row is written once and never
+        // changed, so an aggregate can only be written when its group is
+        // final: when the watermark has passed the end of its window.
+        return Err(unsupported(
+            "spec.outputMode",
+            format!(
+                "append needs an aggregation over an event-time window with a watermark (as in Spark): {}; or use update or complete",
+                if windowed {
+                    "declare spec.sources[].watermark on the window's time column"
+                } else {
+                    "GROUP BY window_start, window_end of tumble() or hop() over a source with a watermark"
+                }
             ),
-        });
+        ));
     }
-    if output_mode == OutputMode::Complete {
-        // Spark's rule: complete mode needs an aggregation to keep whole.
-        return Err(Error::Unsupported {
-            path: "spec.outputMode".to_owned(),
-            message: "complete is not supported when the query has no aggregation (as in Spark): use append".to_owned(),
-        });
-    }
-    Ok(())
+    Ok(Some(Aggregated {
+        windowed_with_watermark,
+    }))
 }
 
 #[cfg(test)]
@@ -196,12 +405,12 @@ mod tests {
     }
 
     async fn plan(sql: &str, mode: OutputMode) -> Result<QueryPlan> {
-        QueryPlan::new(sql, &[("t".to_owned(), schema())], mode).await
+        QueryPlan::new(sql, &[("t".to_owned(), schema())], &[None], mode).await
     }
 
     #[tokio::test]
     async fn one_plan_runs_over_each_batch() {
-        let plan = plan(
+        let mut plan = plan(
             "SELECT v * 10 AS w FROM t WHERE v % 2 = 1",
             OutputMode::Append,
         )
@@ -210,7 +419,7 @@ mod tests {
         for (input, expected) in [(vec![1, 2, 3], vec![10, 30]), (vec![4, 5], vec![50])] {
             let batch =
                 RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(input))]).unwrap();
-            let out = plan.execute(vec![vec![batch]]).await.unwrap();
+            let out = plan.execute(vec![vec![batch]], None).await.unwrap();
             let values: Vec<i64> = out
                 .iter()
                 .flat_map(|b| {
@@ -229,8 +438,11 @@ mod tests {
     #[tokio::test]
     async fn stateful_operators_are_refused_with_the_reason() {
         for (sql, expected) in [
-            ("SELECT count(*) FROM t", "aggregations"),
-            ("SELECT DISTINCT v FROM t", "aggregations"),
+            (
+                "SELECT count(*) FROM t",
+                "append needs an aggregation over an event-time window",
+            ),
+            ("SELECT DISTINCT v FROM t", "SELECT DISTINCT"),
             ("SELECT v FROM t ORDER BY v", "ORDER BY"),
             ("SELECT v FROM t LIMIT 3", "LIMIT"),
             ("SELECT a.v FROM t a JOIN t b ON a.v = b.v", "joins"),
@@ -249,10 +461,13 @@ mod tests {
                 .unwrap()
                 .to_string();
             assert!(
-                err.starts_with("spec.query: ") && err.contains(expected),
+                err.starts_with("spec.") && err.contains(expected),
                 "{sql}: {err}"
             );
         }
+        plan("SELECT v, count(*) FROM t GROUP BY v", OutputMode::Update)
+            .await
+            .unwrap();
         plan(
             "SELECT v FROM t UNION ALL SELECT v + 1 FROM t",
             OutputMode::Append,

@@ -87,6 +87,8 @@ pub struct Runner {
     /// A batch planned before a crash but not committed: run first, with
     /// exactly its offsets.
     replay: Option<OffsetEntry>,
+    /// The watermark the last batch ran with.
+    last_watermark: Option<i64>,
 }
 
 /// Checks what `validate()` cannot: that this engine supports every part of
@@ -122,8 +124,13 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
             Err(err) => push(err),
         }
     }
+    let watermarks: Vec<Option<String>> = spec
+        .sources
+        .iter()
+        .map(|s| s.watermark.as_ref().map(|w| w.column.clone()))
+        .collect();
     if schemas.len() == spec.sources.len()
-        && let Err(err) = QueryPlan::new(&spec.query, &schemas, spec.output_mode).await
+        && let Err(err) = QueryPlan::new(&spec.query, &schemas, &watermarks, spec.output_mode).await
     {
         push(err);
     }
@@ -137,6 +144,8 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
 /// Where a run starts: from the checkpoint when the spec has one.
 struct Restored {
     checkpoint: Option<Checkpoint>,
+    /// The last committed batch, whose state version is restored.
+    committed_batch: Option<u64>,
     id: String,
     next_batch: u64,
     replay: Option<OffsetEntry>,
@@ -153,6 +162,7 @@ async fn restore(
     let Some(location) = query.spec.checkpoint.as_ref().map(|c| &c.location) else {
         return Ok(Restored {
             checkpoint: None,
+            committed_batch: None,
             id: uuid::Uuid::new_v4().to_string(),
             next_batch: 0,
             replay: None,
@@ -179,6 +189,7 @@ async fn restore(
     );
     Ok(Restored {
         checkpoint: Some(store),
+        committed_batch: recovery.committed.as_ref().map(|c| c.batch_id),
         id: metadata.id,
         next_batch: recovery.next_batch,
         replay: recovery.replay,
@@ -211,7 +222,27 @@ fn micros_to_rfc3339(micros: i64) -> String {
 impl Runner {
     /// Opens the sources and the sink and plans the query. The spec must have
     /// passed `validate()`.
+    /// Local state goes to `$SLUICE_STATE_DIR`, or a directory under the
+    /// system's temporary directory.
     pub async fn new(query: &StreamingQuery, monitor: Arc<Monitor>) -> Result<Self> {
+        let name = query.metadata.name.clone().unwrap_or_default();
+        let state_dir = std::env::var_os("SLUICE_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                std::env::temp_dir()
+                    .join("sluice-state")
+                    .join(format!("{name}-{}", std::process::id()))
+            });
+        Self::with_state_dir(query, monitor, state_dir).await
+    }
+
+    /// [`Runner::new`], with local state in `state_dir` (scratch: state is
+    /// restored from the checkpoint).
+    pub async fn with_state_dir(
+        query: &StreamingQuery,
+        monitor: Arc<Monitor>,
+        state_dir: PathBuf,
+    ) -> Result<Self> {
         let spec = &query.spec;
         let name = query.metadata.name.clone().unwrap_or_default();
         if let Err(problems) = check(query).await {
@@ -239,7 +270,11 @@ impl Runner {
             .iter()
             .map(|s| (s.source.name().to_owned(), s.source.schema()))
             .collect();
-        let plan = QueryPlan::new(&spec.query, &schemas, spec.output_mode).await?;
+        let watermarks: Vec<Option<String>> = sources
+            .iter()
+            .map(|s| s.source.watermark().map(|(column, _)| column.to_owned()))
+            .collect();
+        let mut plan = QueryPlan::new(&spec.query, &schemas, &watermarks, spec.output_mode).await?;
         let sink = sink::build(&spec.sink)?;
         let interval = spec
             .trigger
@@ -253,6 +288,13 @@ impl Runner {
             })?
             .filter(|d| !d.is_zero());
         let restored = restore(query, &name, &mut sources).await?;
+        plan.open_state(
+            spec.state_partitions(),
+            &state_dir,
+            restored.checkpoint.as_ref().map(Checkpoint::store),
+            restored.committed_batch,
+        )
+        .await?;
         Ok(Self {
             name,
             source_names: sources.iter().map(|s| s.source.name().to_owned()).collect(),
@@ -267,6 +309,7 @@ impl Runner {
             interval,
             available_now: mode == ReadMode::AvailableNow,
             monitor,
+            last_watermark: None,
         })
     }
 
@@ -318,7 +361,14 @@ impl Runner {
                 for state in &mut self.sources {
                     ranges.push(state.source.plan_batch(&state.offset).await?);
                 }
-                if ranges.iter().all(|r| r.rows == 0) {
+                // As in Spark, a batch runs without new data when the
+                // watermark moved, so that the windows it closes are written.
+                let closes_windows = self
+                    .plan
+                    .aggregated()
+                    .is_some_and(|a| a.windowed_with_watermark)
+                    && self.watermark_micros() > self.last_watermark;
+                if ranges.iter().all(|r| r.rows == 0) && !closes_windows {
                     if self.available_now {
                         summary.stopped = Stopped::Completed;
                         break;
@@ -460,15 +510,18 @@ impl Runner {
         let exec_start = Instant::now();
         let output = self
             .plan
-            .execute(inputs)
+            .execute(inputs, watermark)
             .await
             .map_err(|source| Error::Execute { batch_id, source })?;
+        self.last_watermark = watermark;
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         self.sink
             .add_batch(batch_id, self.plan.output_schema(), &output)
             .await?;
         let add_batch_ms = exec_start.elapsed().as_millis() as u64;
         fault::point("sink", batch_id);
+        self.plan.commit_state(batch_id).await?;
+        fault::point("state", batch_id);
         if let Some(store) = &self.checkpoint {
             let max_events = self
                 .sources
@@ -536,7 +589,7 @@ impl Runner {
                 ("triggerExecution".to_owned(), elapsed.as_millis() as u64),
             ]),
             event_time,
-            state_operators: Vec::new(),
+            state_operators: self.plan.state_progress(),
             sources,
             sink: SinkProgress {
                 description: self.sink.description(),

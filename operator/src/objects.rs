@@ -256,6 +256,13 @@ pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<State
         }),
         ..EnvVar::default()
     }];
+    // RocksDB's scratch directory: the state volume (restored from the
+    // checkpoint when a pod starts).
+    env.push(EnvVar {
+        name: "SLUICE_STATE_DIR".to_owned(),
+        value: Some(format!("{STATE_DIR}/state")),
+        ..EnvVar::default()
+    });
     env.extend(engine.env.iter().cloned());
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.to_owned(),
@@ -532,8 +539,13 @@ spec:
         assert_eq!(c.image.as_deref(), Some("registry.example/sluice:2"));
         let env = c.env.as_ref().unwrap();
         assert_eq!(env[0].name, "POD_NAME");
+        // RocksDB's scratch directory is on the state volume.
         assert_eq!(
             (env[1].name.as_str(), env[1].value.as_deref()),
+            ("SLUICE_STATE_DIR", Some("/var/lib/sluice/state"))
+        );
+        assert_eq!(
+            (env[2].name.as_str(), env[2].value.as_deref()),
             ("AWS_REGION", Some("eu-west-1"))
         );
         assert_eq!(

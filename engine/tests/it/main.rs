@@ -4,6 +4,7 @@ mod cli;
 mod crash;
 mod examples;
 mod pipeline;
+mod sql;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,352 @@
+//! Streaming aggregation: the query's `GROUP BY`, kept across batches in the
+//! state store.
+//!
+//! Each batch, DataFusion runs the aggregation's first phase over the new
+//! rows (`AggregateMode::Partial`: one row of accumulator state per group).
+//! The groups' stored states are read back and merged with those
+//! (`AggregateMode::PartialReduce`, the accumulators' own `merge_batch`), and
+//! written back. What the output mode asks for then goes through the final
+//! phase (`AggregateMode::Final`: each accumulator's `evaluate`) and the rest
+//! of the query (`HAVING`, the projection): in append mode the windows the
+//! watermark closed (and they leave the state), in update mode the groups
+//! this batch changed, in complete mode every group. Any DataFusion aggregate
+//! with state and merge works this way: count, sum, avg, min, max,
+//! count(DISTINCT ...), approx_distinct, stddev, ...
+//!
+//! State keys are the group's values in arrow's row format, after the
+//! window's end when the query is windowed, so that closed windows are a
+//! prefix of the key space. Values are the whole state row in row format.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch, TimestampMicrosecondArray};
+use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use datafusion::prelude::SessionContext;
+use sluice_crds::OutputMode;
+
+use crate::state::StateStore;
+use crate::window::WINDOW_END;
+
+/// What the state did in the last batch, for `stateOperators` in progress.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StateStats {
+    /// Keys in state after the batch.
+    pub rows_total: u64,
+    /// Keys written by the batch.
+    pub rows_updated: u64,
+    /// Keys removed by the batch (windows the watermark closed).
+    pub rows_removed: u64,
+    /// Input rows (row and window pairs) dropped as later than the watermark.
+    pub rows_dropped_by_watermark: u64,
+    /// Memory the state store uses.
+    pub memory_used_bytes: u64,
+}
+
+/// The aggregation's plumbing, found in the query's physical plan.
+struct Phases {
+    /// The aggregation node of the plan, replaced by the final phase.
+    top: Arc<dyn ExecutionPlan>,
+    /// The first phase over this batch's rows.
+    partial: Arc<AggregateExec>,
+}
+
+/// A streaming aggregation and its state.
+pub struct Aggregation {
+    mode: OutputMode,
+    /// Whether closed windows are removed from state (append and update
+    /// modes with a windowed, watermarked query; complete mode keeps all).
+    evicts: bool,
+    store: StateStore,
+    last: StateStats,
+}
+
+/// Encodes the window end so that byte order is numeric order.
+fn window_prefix(micros: i64) -> [u8; 8] {
+    ((micros as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn internal(message: impl Into<String>) -> DataFusionError {
+    DataFusionError::Execution(message.into())
+}
+
+impl Aggregation {
+    /// An aggregation in `mode` over `store`; `evicts` when the watermark
+    /// closes its windows.
+    pub fn new(mode: OutputMode, evicts: bool, store: StateStore) -> Self {
+        let last = StateStats {
+            rows_total: store.rows(),
+            ..StateStats::default()
+        };
+        Aggregation {
+            mode,
+            evicts,
+            store,
+            last,
+        }
+    }
+
+    /// The last batch's state statistics.
+    pub fn stats(&self) -> &StateStats {
+        &self.last
+    }
+
+    /// Commits the state written by batch `version`.
+    pub async fn commit(&mut self, version: u64) -> crate::Result<()> {
+        self.store.commit(version).await
+    }
+
+    /// Runs one batch of the query whose physical plan is `plan` (planned
+    /// over this batch's rows), with the watermark in effect; `late` input
+    /// pairs were dropped before it.
+    pub async fn execute(
+        &mut self,
+        ctx: &SessionContext,
+        plan: Arc<dyn ExecutionPlan>,
+        watermark: Option<i64>,
+        late: u64,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let phases = find_phases(&plan)?;
+        let task = ctx.task_ctx();
+        let partial = phases.partial.clone();
+        let state_schema = partial.schema();
+        let groups = partial.group_expr().expr().len();
+        let window_end = state_schema
+            .fields()
+            .iter()
+            .take(groups)
+            .position(|f| f.name() == WINDOW_END);
+        let keys = KeyCodec::new(&state_schema, groups, window_end)?;
+
+        // 1. This batch's state per group.
+        let new_states = collect(partial.clone() as Arc<dyn ExecutionPlan>, task.clone()).await?;
+        let new_states = concat_batches(&state_schema, &new_states)?;
+
+        // 2. The stored state of the same groups, merged with it.
+        let mut rows_updated = 0;
+        let mut touched = RecordBatch::new_empty(state_schema.clone());
+        if new_states.num_rows() > 0 {
+            let wanted = keys.keys(&new_states)?;
+            let mut unique = wanted.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            let stored = self
+                .store
+                .get_many(&unique)
+                .map_err(|e| internal(e.to_string()))?;
+            let found: Vec<&[u8]> = stored.iter().flatten().map(Vec::as_slice).collect();
+            let new_keys = (unique.len() - found.len()) as u64;
+            let stored = keys.decode(&found)?;
+            let reduce = Arc::new(AggregateExec::try_new(
+                AggregateMode::PartialReduce,
+                partial.group_expr().as_final(),
+                partial.aggr_expr().to_vec(),
+                vec![None; partial.aggr_expr().len()],
+                MemorySourceConfig::try_new_exec(
+                    &[vec![stored, new_states]],
+                    state_schema.clone(),
+                    None,
+                )?,
+                partial.input_schema(),
+            )?);
+            let merged = collect(reduce, task.clone()).await?;
+            touched = concat_batches(&state_schema, &merged)?;
+            let entries: Vec<(Vec<u8>, Vec<u8>)> = keys
+                .keys(&touched)?
+                .into_iter()
+                .zip(keys.values(&touched)?)
+                .collect();
+            rows_updated = entries.len() as u64;
+            self.store
+                .put_many(&entries, new_keys)
+                .map_err(|e| internal(e.to_string()))?;
+        }
+
+        // 3. What this batch emits, and what leaves the state.
+        let mut rows_removed = 0;
+        let closed = match (self.evicts, watermark) {
+            (true, Some(w)) => {
+                let bound = window_prefix(w.saturating_add(1));
+                let taken = self
+                    .store
+                    .take_below(&bound)
+                    .map_err(|e| internal(e.to_string()))?;
+                rows_removed = taken.len() as u64;
+                let values: Vec<&[u8]> = taken.iter().map(|(_, v)| v.as_slice()).collect();
+                keys.decode(&values)?
+            }
+            _ => RecordBatch::new_empty(state_schema.clone()),
+        };
+        let emit = match self.mode {
+            OutputMode::Append => closed,
+            OutputMode::Update => touched,
+            OutputMode::Complete => {
+                let all = self.store.scan().map_err(|e| internal(e.to_string()))?;
+                let values: Vec<&[u8]> = all.iter().map(|(_, v)| v.as_slice()).collect();
+                keys.decode(&values)?
+            }
+        };
+        self.last = StateStats {
+            rows_total: self.store.rows(),
+            rows_updated,
+            rows_removed,
+            rows_dropped_by_watermark: late,
+            memory_used_bytes: self.store.memory_used_bytes(),
+        };
+        if emit.num_rows() == 0 && self.mode != OutputMode::Complete {
+            return Ok(Vec::new());
+        }
+        let top = phases
+            .top
+            .downcast_ref::<AggregateExec>()
+            .ok_or_else(|| internal("the aggregation node moved"))?;
+        let last = Arc::new(AggregateExec::try_new(
+            AggregateMode::Final,
+            partial.group_expr().as_final(),
+            partial.aggr_expr().to_vec(),
+            vec![None; partial.aggr_expr().len()],
+            MemorySourceConfig::try_new_exec(&[vec![emit]], state_schema.clone(), None)?,
+            top.input_schema(),
+        )?);
+        let rest = replace(&plan, &phases.top, last)?;
+        collect(rest, task).await
+    }
+}
+
+/// Finds the aggregation in `plan`, and its first phase.
+fn find_phases(plan: &Arc<dyn ExecutionPlan>) -> DfResult<Phases> {
+    let top = find(plan, &|p| p.is::<AggregateExec>())
+        .ok_or_else(|| internal("the query has no aggregation"))?;
+    let aggregate = top.downcast_ref::<AggregateExec>().expect("found by type");
+    let partial = match aggregate.mode() {
+        AggregateMode::Final | AggregateMode::FinalPartitioned => {
+            let below = find(aggregate.input(), &|p| {
+                p.downcast_ref::<AggregateExec>()
+                    .is_some_and(|a| *a.mode() == AggregateMode::Partial)
+            })
+            .ok_or_else(|| internal("a final aggregation without its partial phase"))?;
+            let below = below
+                .downcast_ref::<AggregateExec>()
+                .expect("found by type");
+            Arc::new(below.clone())
+        }
+        _ => Arc::new(AggregateExec::try_new(
+            AggregateMode::Partial,
+            aggregate.group_expr().clone(),
+            aggregate.aggr_expr().to_vec(),
+            aggregate.filter_expr().to_vec(),
+            aggregate.input().clone(),
+            aggregate.input_schema(),
+        )?),
+    };
+    Ok(Phases { top, partial })
+}
+
+fn find(
+    plan: &Arc<dyn ExecutionPlan>,
+    matches: &dyn Fn(&Arc<dyn ExecutionPlan>) -> bool,
+) -> Option<Arc<dyn ExecutionPlan>> {
+    if matches(plan) {
+        return Some(plan.clone());
+    }
+    plan.children().into_iter().find_map(|c| find(c, matches))
+}
+
+/// `plan` with the node `target` replaced by `new`.
+fn replace(
+    plan: &Arc<dyn ExecutionPlan>,
+    target: &Arc<dyn ExecutionPlan>,
+    new: Arc<dyn ExecutionPlan>,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    if Arc::ptr_eq(plan, target) {
+        return Ok(new);
+    }
+    let children = plan.children();
+    if children.is_empty() {
+        return Ok(plan.clone());
+    }
+    let replaced = children
+        .into_iter()
+        .map(|c| replace(c, target, new.clone()))
+        .collect::<DfResult<Vec<_>>>()?;
+    plan.clone().replace_children(
+        replaced,
+        ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+    )
+}
+
+/// Turns state rows into keys and values and back.
+struct KeyCodec {
+    schema: SchemaRef,
+    groups: usize,
+    window_end: Option<usize>,
+    key: RowConverter,
+    value: RowConverter,
+}
+
+impl KeyCodec {
+    fn new(schema: &SchemaRef, groups: usize, window_end: Option<usize>) -> DfResult<Self> {
+        let fields = |n: usize| -> Vec<SortField> {
+            schema
+                .fields()
+                .iter()
+                .take(n)
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect()
+        };
+        Ok(KeyCodec {
+            schema: schema.clone(),
+            groups,
+            window_end,
+            key: RowConverter::new(fields(groups))?,
+            value: RowConverter::new(fields(schema.fields().len()))?,
+        })
+    }
+
+    fn keys(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
+        let rows = self.key.convert_columns(&batch.columns()[..self.groups])?;
+        let ends = self.window_end.map(|i| {
+            batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .map(|a| a.values().to_vec())
+        });
+        let ends = match ends {
+            Some(Some(ends)) => Some(ends),
+            Some(None) => return Err(internal("window_end is not a timestamp")),
+            None => None,
+        };
+        Ok((0..batch.num_rows())
+            .map(|i| {
+                let mut key = Vec::new();
+                if let Some(ends) = &ends {
+                    key.extend_from_slice(&window_prefix(ends[i]));
+                }
+                key.extend_from_slice(rows.row(i).as_ref());
+                key
+            })
+            .collect())
+    }
+
+    fn values(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
+        let rows = self.value.convert_columns(batch.columns())?;
+        Ok(rows.iter().map(|r| r.as_ref().to_vec()).collect())
+    }
+
+    fn decode(&self, values: &[&[u8]]) -> DfResult<RecordBatch> {
+        if values.is_empty() {
+            return Ok(RecordBatch::new_empty(self.schema.clone()));
+        }
+        let parser = self.value.parser();
+        let rows = values.iter().map(|v| parser.parse(v));
+        let columns: Vec<ArrayRef> = self.value.convert_rows(rows)?;
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}

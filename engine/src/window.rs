@@ -1,0 +1,438 @@
+//! Event-time windows as table functions in `FROM`, in the style of Flink's
+//! windowing table-valued functions:
+//!
+//! ```sql
+//! SELECT window_start, window_end, user_id, count(*) AS n
+//! FROM hop(transactions, event_time, INTERVAL '1' MINUTE, INTERVAL '5' MINUTES)
+//! GROUP BY window_start, window_end, user_id
+//! ```
+//!
+//! `tumble(source, column, size)` and `hop(source, column, slide, size)`
+//! give each row of `source` the columns `window_start` and `window_end` of
+//! every window its event time falls in (one for tumble, `size / slide` for
+//! hop), with Spark's window boundaries (aligned on the Unix epoch; a window
+//! holds `start <= t < end`). The SQL is rewritten to read a table the
+//! engine fills with those rows each batch.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, TimestampMicrosecondArray, UInt32Array};
+use datafusion::arrow::compute::take;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, FunctionArg, FunctionArgExpr, Ident, ObjectName, ObjectNamePart, TableFactor,
+    Value, VisitMut, VisitorMut,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use sluice_crds::duration::parse_duration;
+
+use crate::{Error, Result};
+
+/// The columns a window table function adds.
+pub const WINDOW_START: &str = "window_start";
+/// See [`WINDOW_START`].
+pub const WINDOW_END: &str = "window_end";
+
+/// One window table function of the query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WindowFunction {
+    /// The table the rewritten SQL reads instead.
+    pub table: String,
+    /// The source it windows.
+    pub source: String,
+    /// The event-time column.
+    pub column: String,
+    /// How far apart windows start, in microseconds (the size for tumble).
+    pub slide_micros: i64,
+    /// How long a window is, in microseconds.
+    pub size_micros: i64,
+}
+
+impl WindowFunction {
+    /// The windowed table's schema: the source's columns and the window's.
+    pub fn schema(&self, source: &Schema) -> Result<SchemaRef> {
+        match source.field_with_name(&self.column).map(|f| f.data_type()) {
+            Ok(DataType::Timestamp(TimeUnit::Microsecond, _)) => {}
+            Ok(other) => {
+                return Err(Error::Unsupported {
+                    path: "spec.query".into(),
+                    message: format!(
+                        "the window column {}.{} is {other}: windows need a timestamp column",
+                        self.source, self.column
+                    ),
+                });
+            }
+            Err(_) => {
+                return Err(Error::Unsupported {
+                    path: "spec.query".into(),
+                    message: format!(
+                        "the source {} has no column {:?} to window on",
+                        self.source, self.column
+                    ),
+                });
+            }
+        }
+        let mut fields: Vec<Field> = source.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        fields.push(Field::new(WINDOW_START, ts.clone(), false));
+        fields.push(Field::new(WINDOW_END, ts, false));
+        Ok(Arc::new(Schema::new(fields)))
+    }
+
+    /// The windows of each row of `batch`, as rows of [`Self::schema`]. A
+    /// (row, window) pair whose window ended at or before `watermark` is late
+    /// and left out (Spark drops it the same way); returns how many were.
+    pub fn expand(
+        &self,
+        batch: &RecordBatch,
+        schema: &SchemaRef,
+        watermark: Option<i64>,
+    ) -> Result<(RecordBatch, u64)> {
+        let times = batch
+            .column_by_name(&self.column)
+            .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+            .ok_or_else(|| Error::Plan(format!("no timestamp column {}", self.column)))?;
+        let mut rows = Vec::new();
+        let mut starts = Vec::new();
+        let mut late = 0u64;
+        for (row, t) in times.iter().enumerate() {
+            // Spark's window() gives no window to a null event time.
+            let Some(t) = t else { continue };
+            let last_start = t - t.rem_euclid(self.slide_micros);
+            let mut start = last_start;
+            while start + self.size_micros > t {
+                if watermark.is_some_and(|w| start + self.size_micros <= w) {
+                    late += 1;
+                } else {
+                    rows.push(row as u32);
+                    starts.push(start);
+                }
+                start -= self.slide_micros;
+            }
+        }
+        let indices = UInt32Array::from(rows);
+        let mut columns: Vec<ArrayRef> = batch
+            .columns()
+            .iter()
+            .map(|c| take(c.as_ref(), &indices, None))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Plan(e.to_string()))?;
+        let ends: Vec<i64> = starts.iter().map(|s| s + self.size_micros).collect();
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(starts).with_timezone("UTC"),
+        ));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(ends).with_timezone("UTC"),
+        ));
+        let out = RecordBatch::try_new(schema.clone(), columns)
+            .map_err(|e| Error::Plan(e.to_string()))?;
+        Ok((out, late))
+    }
+}
+
+/// Finds the window table functions in `sql` and rewrites them into reads
+/// of the tables the engine fills; returns the SQL to plan and the windows.
+pub fn rewrite(sql: &str, sources: &[String]) -> Result<(String, Vec<WindowFunction>)> {
+    let mut statements = Parser::parse_sql(&GenericDialect {}, sql)
+        .map_err(|e| Error::Plan(format!("is not valid SQL: {e}")))?;
+    let mut finder = Finder {
+        sources,
+        windows: Vec::new(),
+        error: None,
+    };
+    for statement in &mut statements {
+        let _ = statement.visit(&mut finder);
+    }
+    if let Some(message) = finder.error {
+        return Err(Error::Unsupported {
+            path: "spec.query".into(),
+            message,
+        });
+    }
+    if finder.windows.is_empty() {
+        return Ok((sql.to_owned(), Vec::new()));
+    }
+    let text = statements
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(";\n");
+    Ok((text, finder.windows))
+}
+
+struct Finder<'a> {
+    sources: &'a [String],
+    windows: Vec<WindowFunction>,
+    error: Option<String>,
+}
+
+impl VisitorMut for Finder<'_> {
+    type Break = ();
+
+    fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<()> {
+        let TableFactor::Table {
+            name,
+            args: Some(args),
+            ..
+        } = factor
+        else {
+            return ControlFlow::Continue(());
+        };
+        let function = name.to_string().to_ascii_lowercase();
+        let table = format!("__sluice_window_{}", self.windows.len());
+        let parsed = match function.as_str() {
+            "tumble" | "hop" | "session" => {
+                parse_window(&function, &args.args, self.sources, table.clone())
+            }
+            _ => return ControlFlow::Continue(()),
+        };
+        match parsed {
+            Ok(window) => {
+                *name = ObjectName(vec![ObjectNamePart::Identifier(Ident::new(table))]);
+                if let TableFactor::Table { args, .. } = factor {
+                    *args = None;
+                }
+                self.windows.push(window);
+                ControlFlow::Continue(())
+            }
+            Err(message) => {
+                self.error = Some(message);
+                ControlFlow::Break(())
+            }
+        }
+    }
+}
+
+fn parse_window(
+    function: &str,
+    args: &[FunctionArg],
+    sources: &[String],
+    table: String,
+) -> std::result::Result<WindowFunction, String> {
+    let usage = match function {
+        "tumble" => "tumble(source, time_column, size)",
+        "hop" => "hop(source, time_column, slide, size)",
+        _ => {
+            return Err(
+                "session windows (session(source, time_column, gap)) are not implemented in this version of the engine yet: use tumble or hop".into(),
+            );
+        }
+    };
+    let exprs: Vec<&SqlExpr> = args
+        .iter()
+        .filter_map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let expected = if function == "tumble" { 3 } else { 4 };
+    if exprs.len() != expected || args.len() != expected {
+        return Err(format!("{function}() takes {expected} arguments: {usage}"));
+    }
+    let ident = |e: &SqlExpr| match e {
+        SqlExpr::Identifier(i) => Some(i.value.to_ascii_lowercase()),
+        _ => None,
+    };
+    let source = ident(exprs[0])
+        .filter(|s| sources.contains(s))
+        .ok_or_else(|| {
+            format!(
+                "{function}(): the first argument must name a source ({}): {usage}",
+                sources.join(", ")
+            )
+        })?;
+    let column = ident(exprs[1])
+        .ok_or_else(|| format!("{function}(): the second argument must name a column: {usage}"))?;
+    let durations: Vec<i64> = exprs[2..]
+        .iter()
+        .map(|e| interval_micros(e).map_err(|why| format!("{function}(): {why}: {usage}")))
+        .collect::<std::result::Result<_, _>>()?;
+    let (slide, size) = match durations.as_slice() {
+        [size] => (*size, *size),
+        [slide, size] => (*slide, *size),
+        _ => unreachable!("argument count checked"),
+    };
+    if slide <= 0 || size <= 0 {
+        return Err(format!("{function}(): sizes must be positive: {usage}"));
+    }
+    if slide > size {
+        return Err(format!(
+            "hop(): the slide ({slide} µs) is longer than the size ({size} µs), so rows between windows would be lost: {usage}"
+        ));
+    }
+    Ok(WindowFunction {
+        table,
+        source,
+        column,
+        slide_micros: slide,
+        size_micros: size,
+    })
+}
+
+/// A window length: `INTERVAL '5' MINUTE`, `INTERVAL '5 minutes'` or a
+/// string such as `'5m'` or `'5 minutes'` (as Spark's window()).
+fn interval_micros(expr: &SqlExpr) -> std::result::Result<i64, String> {
+    let (text, unit) = match expr {
+        SqlExpr::Interval(interval) => {
+            let text = match interval.value.as_ref() {
+                SqlExpr::Value(v) => match &v.value {
+                    Value::SingleQuotedString(s) | Value::Number(s, _) => s.clone(),
+                    other => other.to_string(),
+                },
+                other => other.to_string(),
+            };
+            (text, interval.leading_field.as_ref().map(|f| f.to_string()))
+        }
+        SqlExpr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) => (s.clone(), None),
+            _ => return Err(format!("{expr} is not an interval")),
+        },
+        _ => return Err(format!("{expr} is not an interval")),
+    };
+    let text = match unit {
+        Some(unit) => format!("{} {unit}", text.trim()),
+        None => text,
+    };
+    parse_length(&text).ok_or_else(|| {
+        format!("{expr} is not a length of time such as INTERVAL '5' MINUTE or '5 minutes'")
+    })
+}
+
+fn parse_length(text: &str) -> Option<i64> {
+    if let Ok(d) = parse_duration(text.trim()) {
+        return i64::try_from(d.as_micros()).ok();
+    }
+    let mut words = text.split_whitespace();
+    let number: i64 = words.next()?.parse().ok()?;
+    let unit = words.next()?.to_ascii_lowercase();
+    if words.next().is_some() {
+        return None;
+    }
+    let micros = match unit.trim_end_matches('s') {
+        "millisecond" => 1_000,
+        "second" => 1_000_000,
+        "minute" => 60_000_000,
+        "hour" => 3_600_000_000,
+        "day" => 86_400_000_000,
+        _ => return None,
+    };
+    number.checked_mul(micros)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources() -> Vec<String> {
+        vec!["transactions".into()]
+    }
+
+    #[test]
+    fn hop_and_tumble_are_rewritten_into_window_tables() {
+        let (sql, windows) = rewrite(
+            "SELECT window_start, count(*) FROM hop(transactions, event_time, INTERVAL '1' MINUTE, INTERVAL '5 minutes') GROUP BY window_start",
+            &sources(),
+        )
+        .unwrap();
+        assert_eq!(
+            sql,
+            "SELECT window_start, count(*) FROM __sluice_window_0 GROUP BY window_start"
+        );
+        assert_eq!(
+            windows,
+            [WindowFunction {
+                table: "__sluice_window_0".into(),
+                source: "transactions".into(),
+                column: "event_time".into(),
+                slide_micros: 60_000_000,
+                size_micros: 300_000_000,
+            }]
+        );
+        let (_, windows) = rewrite(
+            "SELECT * FROM tumble(transactions, event_time, '10s') AS t",
+            &sources(),
+        )
+        .unwrap();
+        assert_eq!(
+            (windows[0].slide_micros, windows[0].size_micros),
+            (10_000_000, 10_000_000)
+        );
+    }
+
+    #[test]
+    fn mistakes_in_window_functions_are_named() {
+        for (sql, expected) in [
+            (
+                "SELECT * FROM hop(payments, ts, '1m', '5m')",
+                "must name a source",
+            ),
+            (
+                "SELECT * FROM hop(transactions, ts, '5m')",
+                "takes 4 arguments",
+            ),
+            (
+                "SELECT * FROM hop(transactions, ts, '10m', '5m')",
+                "longer than the size",
+            ),
+            (
+                "SELECT * FROM tumble(transactions, ts, 'soon')",
+                "not a length of time",
+            ),
+            (
+                "SELECT * FROM session(transactions, ts, '5m')",
+                "not implemented",
+            ),
+        ] {
+            let err = rewrite(sql, &sources()).unwrap_err().to_string();
+            assert!(
+                err.starts_with("spec.query: ") && err.contains(expected),
+                "{sql}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_row_gets_every_window_it_falls_in_and_late_pairs_are_dropped() {
+        let source = Arc::new(Schema::new(vec![Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            true,
+        )]));
+        let w = WindowFunction {
+            table: "w".into(),
+            source: "s".into(),
+            column: "ts".into(),
+            slide_micros: 60,
+            size_micros: 180,
+        };
+        let schema = w.schema(&source).unwrap();
+        let batch = RecordBatch::try_new(
+            source,
+            vec![Arc::new(TimestampMicrosecondArray::from(vec![
+                Some(130),
+                None,
+                Some(-10),
+            ]))],
+        )
+        .unwrap();
+        let (out, late) = w.expand(&batch, &schema, None).unwrap();
+        assert_eq!(late, 0);
+        let col = |i: usize| {
+            out.column(i)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .unwrap()
+                .values()
+                .to_vec()
+        };
+        assert_eq!(col(0), [130, 130, 130, -10, -10, -10]);
+        assert_eq!(col(1), [120, 60, 0, -60, -120, -180]);
+        assert_eq!(col(2), [300, 240, 180, 120, 60, 0]);
+        // With the watermark at 120, windows ending at or before it are late.
+        let (out, late) = w.expand(&batch, &schema, Some(120)).unwrap();
+        assert_eq!((out.num_rows(), late), (3, 3));
+    }
+}
