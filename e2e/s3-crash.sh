@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The crash test with the checkpoint on an S3-compatible server running as its
-# own process: moto in server mode (PyPI), on a free loopback port, with a
+# The crash tests (a stateless query, and a windowed aggregation whose
+# RocksDB state is checkpointed too) with the checkpoint on an S3-compatible
+# server running as its own process: moto in server mode (PyPI), on a free loopback port, with a
 # bucket made for the test. The engine reads the endpoint and credentials from
 # the environment, as a pod would from a Secret.
 set -euo pipefail
@@ -31,13 +32,15 @@ SLUICE_TEST_S3_CHECKPOINT=s3://checkpoints/crash-test \
   crash::killed_at_any_step_the_sink_holds_every_row_once_with_an_s3_checkpoint \
   crash::killed_at_any_step_a_windowed_aggregation_writes_every_window_once_with_an_s3_checkpoint
 
-objects=$(python3 - <<'PY'
+read -r objects state_objects < <(python3 - <<'PY'
 import os, boto3
 s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
 pages = s3.get_paginator("list_objects_v2").paginate(Bucket="checkpoints", Prefix="crash-test/")
-print(sum(len(p.get("Contents", [])) for p in pages))
+keys = [o["Key"] for p in pages for o in p.get("Contents", [])]
+print(len(keys), sum("/state/aggregate/" in k for k in keys))
 PY
 )
-echo "objects written to s3://checkpoints/crash-test: $objects"
+echo "objects written to s3://checkpoints/crash-test: $objects, of which RocksDB state (SST files, manifests): $state_objects"
 [ "$objects" -gt 80 ] || { echo "FAIL: expected the checkpoints on S3"; exit 1; }
-echo "s3-crash: 1 passed, 0 failed"
+[ "$state_objects" -gt 0 ] || { echo "FAIL: expected the windowed query's state on S3"; exit 1; }
+echo "s3-crash: 2 passed, 0 failed"
