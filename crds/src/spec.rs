@@ -56,6 +56,11 @@ use crate::status::StreamingQueryStatus;
 pub struct StreamingQuerySpec {
     /// The input streams. Each is a table the query reads under its `name`.
     pub sources: Vec<Source>,
+    /// Static tables the query may join the streams with (stream-static
+    /// joins): files read again by every batch, as Spark re-reads a static
+    /// DataFrame, so an updated file is seen by the next batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<StaticTable>,
     /// The SQL query, run by DataFusion over each micro-batch. It reads the
     /// sources by name, e.g. `SELECT user_id, amount FROM transactions WHERE amount > 100`.
     pub query: String,
@@ -176,6 +181,23 @@ pub struct Source {
     /// record stops the query with an error that names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetter>,
+}
+
+/// A static table: a file, or a directory of files, of one format.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StaticTable {
+    /// The table name the query uses: lower-case letters, digits and `_`,
+    /// starting with a letter; not a source's name.
+    pub name: String,
+    /// A local file or directory (`file://...` too).
+    pub path: String,
+    /// `csv` (with a header row), `parquet` or `json` (JSON lines).
+    pub format: Format,
+    /// The columns (CSV and JSON; Parquet files carry their own schema, and
+    /// when given, columns are read by these names and types).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<Vec<Column>>,
 }
 
 /// A dead-letter destination for malformed records.

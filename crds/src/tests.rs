@@ -268,3 +268,25 @@ fn every_example_passes_the_crds_cel_rules() {
     }
     assert!(checked >= 5);
 }
+
+#[test]
+fn static_tables_are_checked_and_may_be_read_by_the_query() {
+    let with_table = VALID.replace(
+        "  query: |\n    SELECT user_id, amount FROM transactions WHERE amount > 100",
+        "  tables:\n    - {name: users, path: /data/users.parquet, format: parquet}\n  query: |\n    SELECT t.user_id, u.name FROM transactions t JOIN users u ON t.user_id = u.user_id",
+    );
+    assert!(with_table.contains("tables:"), "the fixture changed");
+    load(&with_table, "test.yaml").unwrap();
+    let wrong = with_table.replace(
+        "{name: users, path: /data/users.parquet, format: parquet}",
+        "{name: transactions, path: \"s3://b/users.csv\", format: csv}",
+    );
+    let problems = problems_of(&wrong);
+    for expected in [
+        "spec.tables[0].name: \"transactions\" is already a source's or an earlier table's name: give each its own",
+        "spec.tables[0].path: uses the scheme \"s3\": static tables are local files (or file://) in this version",
+        "spec.tables[0].schema: is missing: csv tables need their columns declared",
+    ] {
+        assert!(problems.contains(&expected.to_owned()), "{problems:#?}");
+    }
+}

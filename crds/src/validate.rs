@@ -112,6 +112,55 @@ fn validate_spec_into(spec: &StreamingQuerySpec, problems: &mut Problems) {
             );
         }
     }
+    for (i, table) in spec.tables.iter().enumerate() {
+        let path = format!("spec.tables[{i}]");
+        if !is_sql_identifier(&table.name) {
+            problems.push(
+                format!("{path}.name"),
+                format!(
+                    "{:?} is not a table name the query can use: use lower-case letters, digits and '_', starting with a letter (e.g. {:?})",
+                    table.name,
+                    suggest_identifier(&table.name)
+                ),
+            );
+        }
+        if !names.insert(table.name.as_str()) {
+            problems.push(
+                format!("{path}.name"),
+                format!(
+                    "{:?} is already a source's or an earlier table's name: give each its own",
+                    table.name
+                ),
+            );
+        }
+        if table.path.trim().is_empty() {
+            problems.push(
+                format!("{path}.path"),
+                "is empty: write the file or directory",
+            );
+        } else if let Some((scheme, _)) = table.path.split_once("://")
+            && scheme != "file"
+        {
+            problems.push(
+                format!("{path}.path"),
+                format!("uses the scheme {scheme:?}: static tables are local files (or file://) in this version"),
+            );
+        }
+        match table.format {
+            Format::Csv | Format::Json if table.schema.is_none() => problems.push(
+                format!("{path}.schema"),
+                format!(
+                    "is missing: {} tables need their columns declared",
+                    table.format
+                ),
+            ),
+            Format::Avro => problems.push(
+                format!("{path}.format"),
+                "avro is not supported for static tables: use csv, parquet or json",
+            ),
+            _ => {}
+        }
+    }
     check_query(problems, spec);
     check_sink(problems, spec);
     check_trigger(problems, spec);
@@ -487,7 +536,12 @@ fn check_query(problems: &mut Problems, spec: &StreamingQuerySpec) {
     }
     let mut refs = TableRefs::default();
     let _ = statement.visit(&mut refs);
-    let names: Vec<&str> = spec.sources.iter().map(|s| s.name.as_str()).collect();
+    let names: Vec<&str> = spec
+        .sources
+        .iter()
+        .map(|s| s.name.as_str())
+        .chain(spec.tables.iter().map(|t| t.name.as_str()))
+        .collect();
     let mut reported = HashSet::new();
     for table in refs.tables {
         if refs.ctes.contains(&table) || names.contains(&table.as_str()) {
@@ -497,7 +551,17 @@ fn check_query(problems: &mut Problems, spec: &StreamingQuerySpec) {
             problems.push(
                 "spec.query",
                 format!(
-                    "reads the table {table:?}, which is not a source: the sources are {}",
+                    "reads the table {table:?}, which is not a {}: the {} {}",
+                    if spec.tables.is_empty() {
+                        "source"
+                    } else {
+                        "source or table"
+                    },
+                    if spec.tables.is_empty() {
+                        "sources are"
+                    } else {
+                        "sources and tables are"
+                    },
                     names
                         .iter()
                         .map(|n| format!("{n:?}"))

@@ -6,18 +6,22 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::{MemTable, TableType};
 use datafusion::error::DataFusionError;
 use datafusion::execution::SessionStateBuilder;
+use datafusion::logical_expr::JoinType;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::prelude::{
+    CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionConfig, SessionContext,
+};
 use object_store::ObjectStore;
-use sluice_crds::OutputMode;
 use sluice_crds::progress::StateOperatorProgress;
+use sluice_crds::{Format, OutputMode, StaticTable};
 
 use crate::state::StateStore;
 use crate::stateful::Aggregation;
@@ -107,11 +111,13 @@ pub struct QueryPlan {
 impl QueryPlan {
     /// Plans `sql` over sources with these names and schemas, and checks that
     /// it can run on a stream in `output_mode`.
-    /// `watermarks` holds each source's watermark column, if it has one.
+    /// `watermarks` holds each source's watermark column, if it has one;
+    /// `tables` are the static tables the query may join the sources with.
     pub async fn new(
         sql: &str,
         sources: &[(String, SchemaRef)],
         watermarks: &[Option<String>],
+        static_tables: &[StaticTable],
         output_mode: OutputMode,
     ) -> Result<Self> {
         let config = SessionConfig::new().with_information_schema(false);
@@ -140,6 +146,14 @@ impl QueryPlan {
                 .map_err(plan_error)?;
             tables.push((name.clone(), table));
         }
+        for (i, table) in static_tables.iter().enumerate() {
+            register_static(&ctx, table)
+                .await
+                .map_err(|e| Error::Unsupported {
+                    path: format!("spec.tables[{i}]"),
+                    message: format!("cannot read {}: {}", table.path, e.strip_backtrace()),
+                })?;
+        }
         let names: Vec<String> = sources.iter().map(|(n, _)| n.clone()).collect();
         let (sql, functions) = window::rewrite(sql, &names)?;
         let mut windows = Vec::new();
@@ -165,7 +179,9 @@ impl QueryPlan {
             watermarks.get(w.source).cloned().flatten().as_deref()
                 == Some(w.function.column.as_str())
         });
-        let aggregated = check_streamable(&plan, output_mode, watermarked)?;
+        let mut streams: Vec<String> = names.clone();
+        streams.extend(windows.iter().map(|w| w.function.table.clone()));
+        let aggregated = check_streamable(&plan, output_mode, watermarked, &streams)?;
         let output_schema = Arc::new(df.schema().as_arrow().clone());
         Ok(Self {
             ctx,
@@ -293,6 +309,64 @@ impl QueryPlan {
     }
 }
 
+/// Registers a static table as a listing table: DataFusion reads its files
+/// again in every batch that uses it.
+async fn register_static(
+    ctx: &SessionContext,
+    table: &StaticTable,
+) -> std::result::Result<(), DataFusionError> {
+    let path = table.path.strip_prefix("file://").unwrap_or(&table.path);
+    let schema = table.schema.as_ref().map(|columns| {
+        Schema::new(
+            columns
+                .iter()
+                .map(|c| {
+                    Field::new(
+                        &c.name,
+                        crate::source::arrow_type(c.data_type),
+                        c.nullable.unwrap_or(true),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )
+    });
+    // Any file name: the format is declared, not guessed from extensions.
+    let extension = if std::path::Path::new(path).is_dir() {
+        match table.format {
+            Format::Csv => ".csv",
+            Format::Json => ".jsonl",
+            _ => ".parquet",
+        }
+    } else {
+        ""
+    };
+    match table.format {
+        Format::Csv => {
+            let mut options = CsvReadOptions::new()
+                .has_header(true)
+                .file_extension(extension);
+            if let Some(schema) = &schema {
+                options = options.schema(schema);
+            }
+            ctx.register_csv(&table.name, path, options).await
+        }
+        Format::Json => {
+            let mut options = JsonReadOptions::default().file_extension(extension);
+            if let Some(schema) = &schema {
+                options = options.schema(schema);
+            }
+            ctx.register_json(&table.name, path, options).await
+        }
+        _ => {
+            let mut options = ParquetReadOptions::default().file_extension(extension);
+            if let Some(schema) = &schema {
+                options = options.schema(schema);
+            }
+            ctx.register_parquet(&table.name, path, options).await
+        }
+    }
+}
+
 fn plan_error(err: DataFusionError) -> Error {
     Error::Plan(err.strip_backtrace().to_string())
 }
@@ -304,7 +378,22 @@ fn check_streamable(
     plan: &LogicalPlan,
     output_mode: OutputMode,
     watermarked_window: bool,
+    streams: &[String],
 ) -> Result<Option<Aggregated>> {
+    // Whether a subtree reads a stream (a source, or a window over one).
+    let reads_stream = |node: &LogicalPlan| {
+        let mut found = false;
+        let _ = node.apply(|n| {
+            if let LogicalPlan::TableScan(scan) = n
+                && streams.iter().any(|s| scan.table_name.table() == s)
+            {
+                found = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        found
+    };
     let mut refused: Option<String> = None;
     let mut aggregates = 0;
     let mut windowed = false;
@@ -323,7 +412,17 @@ fn check_streamable(
                 "SELECT DISTINCT is not supported on a stream yet: write GROUP BY over the columns",
             ),
             LogicalPlan::Window(_) => Some("window functions (OVER ...) are not supported on a stream: use tumble() or hop() with GROUP BY"),
-            LogicalPlan::Join(_) => Some("joins are not implemented in this version of the engine yet"),
+            LogicalPlan::Join(join) => {
+                // Spark's rules for stream-static joins: the static side may
+                // only be the outer side of an outer join.
+                match (reads_stream(&join.left), reads_stream(&join.right), join.join_type) {
+                    (true, true, _) => Some("stream-stream joins are not implemented in this version of the engine yet: join a stream with a static table (spec.tables)"),
+                    (false, false, _) => None,
+                    (true, false, JoinType::Inner | JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti)
+                    | (false, true, JoinType::Inner | JoinType::Right | JoinType::RightSemi | JoinType::RightAnti) => None,
+                    _ => Some("a stream-static join keeps the stream on the outer side (as in Spark): use an inner join, or a LEFT JOIN with the stream on the left"),
+                }
+            }
             LogicalPlan::Sort(_) => {
                 sorted = true;
                 None
@@ -405,7 +504,7 @@ mod tests {
     }
 
     async fn plan(sql: &str, mode: OutputMode) -> Result<QueryPlan> {
-        QueryPlan::new(sql, &[("t".to_owned(), schema())], &[None], mode).await
+        QueryPlan::new(sql, &[("t".to_owned(), schema())], &[None], &[], mode).await
     }
 
     #[tokio::test]
@@ -474,6 +573,49 @@ mod tests {
         )
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_joins_a_static_table_keeping_the_stream_on_the_outer_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("dim.csv");
+        std::fs::write(&csv, "v,label\n1,one\n2,two\n").unwrap();
+        let table: StaticTable = serde_json::from_value(serde_json::json!({
+            "name": "dim", "path": csv.display().to_string(), "format": "csv",
+            "schema": [{"name": "v", "type": "long"}, {"name": "label", "type": "string"}],
+        }))
+        .unwrap();
+        let plan = |sql: &'static str| {
+            let table = table.clone();
+            async move {
+                QueryPlan::new(
+                    sql,
+                    &[("t".to_owned(), schema())],
+                    &[None],
+                    &[table],
+                    OutputMode::Append,
+                )
+                .await
+            }
+        };
+        let mut joined = plan("SELECT t.v, dim.label FROM t LEFT JOIN dim ON t.v = dim.v")
+            .await
+            .unwrap();
+        let batch =
+            RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(vec![2, 3]))]).unwrap();
+        let out = joined.execute(vec![vec![batch]], None).await.unwrap();
+        let rows: usize = out.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 2, "every stream row is kept");
+        for sql in [
+            "SELECT t.v FROM t RIGHT JOIN dim ON t.v = dim.v",
+            "SELECT t.v FROM t FULL JOIN dim ON t.v = dim.v",
+        ] {
+            let err = plan(sql).await.err().unwrap().to_string();
+            assert!(
+                err.contains("keeps the stream on the outer side"),
+                "{sql}: {err}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -130,7 +130,14 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
         .map(|s| s.watermark.as_ref().map(|w| w.column.clone()))
         .collect();
     if schemas.len() == spec.sources.len()
-        && let Err(err) = QueryPlan::new(&spec.query, &schemas, &watermarks, spec.output_mode).await
+        && let Err(err) = QueryPlan::new(
+            &spec.query,
+            &schemas,
+            &watermarks,
+            &spec.tables,
+            spec.output_mode,
+        )
+        .await
     {
         push(err);
     }
@@ -274,7 +281,14 @@ impl Runner {
             .iter()
             .map(|s| s.source.watermark().map(|(column, _)| column.to_owned()))
             .collect();
-        let mut plan = QueryPlan::new(&spec.query, &schemas, &watermarks, spec.output_mode).await?;
+        let mut plan = QueryPlan::new(
+            &spec.query,
+            &schemas,
+            &watermarks,
+            &spec.tables,
+            spec.output_mode,
+        )
+        .await?;
         let sink = sink::build(&spec.sink)?;
         let interval = spec
             .trigger

@@ -3,6 +3,7 @@
 //! the same rows every time it is asked, so that a batch can be replayed.
 
 mod files;
+pub(crate) use files::arrow_type;
 mod generator;
 
 use async_trait::async_trait;

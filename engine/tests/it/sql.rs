@@ -26,6 +26,10 @@ async fn case(name: &str) {
         .replace(
             "path: output",
             &format!("path: \"{}\"", work.path().join("output").display()),
+        )
+        .replace(
+            "path: tables/",
+            &format!("path: {}/", dir.join("tables").display()),
         );
     let query = sluice_crds::load(&text, &format!("{name}/query.yaml")).unwrap();
     let lines = if query.spec.sink.console.is_some() {
@@ -169,4 +173,5 @@ cases!(
     hop_having,
     update_group_by,
     complete_count_distinct,
+    stream_static_join,
 );
