@@ -24,7 +24,7 @@ use sluice_crds::progress::StateOperatorProgress;
 use sluice_crds::{Format, OutputMode, StaticTable};
 
 use crate::state::StateStore;
-use crate::stateful::Aggregation;
+use crate::stateful::{Aggregation, Kind};
 use crate::window::{self, WINDOW_END, WindowFunction};
 use crate::{Error, Result};
 
@@ -91,6 +91,8 @@ pub struct Aggregated {
     /// Grouped by an event-time window whose source has a watermark on the
     /// window's column: the watermark closes windows.
     pub windowed_with_watermark: bool,
+    /// `SELECT DISTINCT`: rows are written the first time they are seen.
+    pub deduplicates: bool,
 }
 
 /// The query, planned once and run over each batch.
@@ -104,6 +106,9 @@ pub struct QueryPlan {
     output_mode: OutputMode,
     aggregated: Option<Aggregated>,
     aggregation: Option<Aggregation>,
+    /// For `SELECT DISTINCT`: the watermark column of a source, when the
+    /// query's columns include it.
+    dedup_event_time: Option<String>,
     /// Input (row, window) pairs the last batch dropped as late.
     late: u64,
 }
@@ -183,7 +188,13 @@ impl QueryPlan {
         streams.extend(windows.iter().map(|w| w.function.table.clone()));
         let aggregated = check_streamable(&plan, output_mode, watermarked, &streams)?;
         let output_schema = Arc::new(df.schema().as_arrow().clone());
+        let dedup_event_time = watermarks
+            .iter()
+            .flatten()
+            .find(|c| output_schema.field_with_name(c).is_ok())
+            .cloned();
         Ok(Self {
+            dedup_event_time,
             ctx,
             plan,
             tables,
@@ -215,8 +226,16 @@ impl QueryPlan {
             return Ok(());
         };
         let store = StateStore::open("aggregate", partitions, local, remote, restore).await?;
-        let evicts = shape.windowed_with_watermark && self.output_mode != OutputMode::Complete;
-        self.aggregation = Some(Aggregation::new(self.output_mode, evicts, store));
+        let kind = if shape.deduplicates {
+            Kind::Deduplicate {
+                event_time: self.dedup_event_time.clone(),
+            }
+        } else {
+            Kind::Aggregate {
+                evicts: shape.windowed_with_watermark && self.output_mode != OutputMode::Complete,
+            }
+        };
+        self.aggregation = Some(Aggregation::new(self.output_mode, kind, store));
         Ok(())
     }
 
@@ -396,6 +415,7 @@ fn check_streamable(
     };
     let mut refused: Option<String> = None;
     let mut aggregates = 0;
+    let mut distinct = 0;
     let mut windowed = false;
     let mut sorted = false;
     plan.apply_with_subqueries(|node| {
@@ -408,9 +428,11 @@ fn check_streamable(
                     .any(|e| matches!(e, Expr::Column(c) if c.name == WINDOW_END));
                 None
             }
-            LogicalPlan::Distinct(_) => Some(
-                "SELECT DISTINCT is not supported on a stream yet: write GROUP BY over the columns",
-            ),
+            LogicalPlan::Distinct(datafusion::logical_expr::Distinct::All(_)) => {
+                distinct += 1;
+                None
+            }
+            LogicalPlan::Distinct(_) => Some("DISTINCT ON is not supported on a stream: use SELECT DISTINCT"),
             LogicalPlan::Window(_) => Some("window functions (OVER ...) are not supported on a stream: use tumble() or hop() with GROUP BY"),
             LogicalPlan::Join(join) => {
                 // Spark's rules for stream-static joins: the static side may
@@ -445,6 +467,24 @@ fn check_streamable(
     };
     if let Some(why) = refused {
         return Err(unsupported("spec.query", why));
+    }
+    if distinct > 0 {
+        if distinct + aggregates > 1 {
+            return Err(unsupported(
+                "spec.query",
+                "holds more than one aggregation or DISTINCT: this version of the engine keeps state for one per query".into(),
+            ));
+        }
+        if output_mode == OutputMode::Complete {
+            return Err(unsupported(
+                "spec.outputMode",
+                "complete is not supported for SELECT DISTINCT (as for Spark's dropDuplicates): use append".into(),
+            ));
+        }
+        return Ok(Some(Aggregated {
+            windowed_with_watermark: false,
+            deduplicates: true,
+        }));
     }
     if aggregates > 1 {
         return Err(unsupported(
@@ -489,6 +529,7 @@ fn check_streamable(
     }
     Ok(Some(Aggregated {
         windowed_with_watermark,
+        deduplicates: false,
     }))
 }
 
@@ -541,7 +582,7 @@ mod tests {
                 "SELECT count(*) FROM t",
                 "append needs an aggregation over an event-time window",
             ),
-            ("SELECT DISTINCT v FROM t", "SELECT DISTINCT"),
+            ("SELECT DISTINCT ON (v) v FROM t", "DISTINCT ON"),
             ("SELECT v FROM t ORDER BY v", "ORDER BY"),
             ("SELECT v FROM t LIMIT 3", "LIMIT"),
             ("SELECT a.v FROM t a JOIN t b ON a.v = b.v", "joins"),

@@ -57,12 +57,30 @@ struct Phases {
     partial: Arc<AggregateExec>,
 }
 
+/// What the state keeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Aggregates per group (`GROUP BY`); with `evicts`, the watermark
+    /// closes windows and they leave the state (append and update modes of
+    /// a windowed, watermarked query; complete mode keeps all).
+    Aggregate {
+        /// See above.
+        evicts: bool,
+    },
+    /// Rows already seen (`SELECT DISTINCT`): a row is written the first
+    /// time it is seen. With `event_time` (the source's watermark column,
+    /// among the distinct columns) rows older than the watermark are
+    /// dropped and forgotten, as Spark's dropDuplicates with a watermark.
+    Deduplicate {
+        /// See above.
+        event_time: Option<String>,
+    },
+}
+
 /// A streaming aggregation and its state.
 pub struct Aggregation {
     mode: OutputMode,
-    /// Whether closed windows are removed from state (append and update
-    /// modes with a windowed, watermarked query; complete mode keeps all).
-    evicts: bool,
+    kind: Kind,
     store: StateStore,
     last: StateStats,
 }
@@ -77,16 +95,15 @@ fn internal(message: impl Into<String>) -> DataFusionError {
 }
 
 impl Aggregation {
-    /// An aggregation in `mode` over `store`; `evicts` when the watermark
-    /// closes its windows.
-    pub fn new(mode: OutputMode, evicts: bool, store: StateStore) -> Self {
+    /// An aggregation of `kind` in `mode` over `store`.
+    pub fn new(mode: OutputMode, kind: Kind, store: StateStore) -> Self {
         let last = StateStats {
             rows_total: store.rows(),
             ..StateStats::default()
         };
         Aggregation {
             mode,
-            evicts,
+            kind,
             store,
             last,
         }
@@ -117,12 +134,24 @@ impl Aggregation {
         let partial = phases.partial.clone();
         let state_schema = partial.schema();
         let groups = partial.group_expr().expr().len();
-        let window_end = state_schema
-            .fields()
-            .iter()
-            .take(groups)
-            .position(|f| f.name() == WINDOW_END);
+        // Keys start with the column the watermark removes state by.
+        let evict_by = match &self.kind {
+            Kind::Aggregate { .. } => Some(WINDOW_END),
+            Kind::Deduplicate { event_time } => event_time.as_deref(),
+        };
+        let window_end = evict_by.and_then(|name| {
+            state_schema
+                .fields()
+                .iter()
+                .take(groups)
+                .position(|f| f.name() == name)
+        });
         let keys = KeyCodec::new(&state_schema, groups, window_end)?;
+        if let Kind::Deduplicate { .. } = self.kind {
+            return self
+                .deduplicate(ctx, &phases, &plan, keys, window_end, watermark, late)
+                .await;
+        }
 
         // 1. This batch's state per group.
         let new_states = collect(partial.clone() as Arc<dyn ExecutionPlan>, task.clone()).await?;
@@ -170,7 +199,8 @@ impl Aggregation {
 
         // 3. What this batch emits, and what leaves the state.
         let mut rows_removed = 0;
-        let closed = match (self.evicts, watermark) {
+        let evicts = self.kind == Kind::Aggregate { evicts: true };
+        let closed = match (evicts, watermark) {
             (true, Some(w)) => {
                 let bound = window_prefix(w.saturating_add(1));
                 let taken = self
@@ -202,21 +232,109 @@ impl Aggregation {
         if emit.num_rows() == 0 && self.mode != OutputMode::Complete {
             return Ok(Vec::new());
         }
-        let top = phases
-            .top
-            .downcast_ref::<AggregateExec>()
-            .ok_or_else(|| internal("the aggregation node moved"))?;
-        let last = Arc::new(AggregateExec::try_new(
-            AggregateMode::Final,
-            partial.group_expr().as_final(),
-            partial.aggr_expr().to_vec(),
-            vec![None; partial.aggr_expr().len()],
-            MemorySourceConfig::try_new_exec(&[vec![emit]], state_schema.clone(), None)?,
-            top.input_schema(),
-        )?);
-        let rest = replace(&plan, &phases.top, last)?;
-        collect(rest, task).await
+        finish(&phases, &plan, emit, ctx).await
     }
+
+    /// A batch of a deduplication: the rows not seen before are written and
+    /// remembered; with an event-time column, rows at or before the
+    /// watermark are dropped, and remembered rows that old forgotten.
+    #[allow(clippy::too_many_arguments)]
+    async fn deduplicate(
+        &mut self,
+        ctx: &SessionContext,
+        phases: &Phases,
+        plan: &Arc<dyn ExecutionPlan>,
+        keys: KeyCodec,
+        event_time: Option<usize>,
+        watermark: Option<i64>,
+        late: u64,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let partial = phases.partial.clone() as Arc<dyn ExecutionPlan>;
+        let schema = phases.partial.schema();
+        let seen = concat_batches(&schema, &collect(partial, ctx.task_ctx()).await?)?;
+        let mut dropped = late;
+        let mut fresh_rows = Vec::new();
+        let mut entries = Vec::new();
+        if seen.num_rows() > 0 {
+            let all = keys.keys(&seen)?;
+            let times = event_time.and_then(|i| {
+                seen.column(i)
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .map(|a| a.values().to_vec())
+            });
+            let stored = self
+                .store
+                .get_many(&all)
+                .map_err(|e| internal(e.to_string()))?;
+            let mut first = std::collections::HashSet::new();
+            for (row, (key, stored)) in all.into_iter().zip(stored).enumerate() {
+                if let (Some(times), Some(w)) = (&times, watermark)
+                    && times[row] <= w
+                {
+                    dropped += 1;
+                    continue;
+                }
+                if stored.is_none() && first.insert(key.clone()) {
+                    fresh_rows.push(row as u32);
+                    entries.push((key, Vec::new()));
+                }
+            }
+        }
+        let fresh = datafusion::arrow::compute::take_record_batch(
+            &seen,
+            &datafusion::arrow::array::UInt32Array::from(fresh_rows),
+        )?;
+        let new_keys = entries.len() as u64;
+        self.store
+            .put_many(&entries, new_keys)
+            .map_err(|e| internal(e.to_string()))?;
+        let rows_removed = match (event_time, watermark) {
+            (Some(_), Some(w)) => self
+                .store
+                .take_below(&window_prefix(w.saturating_add(1)))
+                .map_err(|e| internal(e.to_string()))?
+                .len() as u64,
+            _ => 0,
+        };
+        self.last = StateStats {
+            rows_total: self.store.rows(),
+            rows_updated: new_keys,
+            rows_removed,
+            rows_dropped_by_watermark: dropped,
+            memory_used_bytes: self.store.memory_used_bytes(),
+        };
+        if fresh.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        finish(phases, plan, fresh, ctx).await
+    }
+}
+
+/// Runs `states` through the aggregation's final phase and the rest of the
+/// query above it.
+async fn finish(
+    phases: &Phases,
+    plan: &Arc<dyn ExecutionPlan>,
+    states: RecordBatch,
+    ctx: &SessionContext,
+) -> DfResult<Vec<RecordBatch>> {
+    let partial = &phases.partial;
+    let top = phases
+        .top
+        .downcast_ref::<AggregateExec>()
+        .ok_or_else(|| internal("the aggregation node moved"))?;
+    let schema = partial.schema();
+    let last = Arc::new(AggregateExec::try_new(
+        AggregateMode::Final,
+        partial.group_expr().as_final(),
+        partial.aggr_expr().to_vec(),
+        vec![None; partial.aggr_expr().len()],
+        MemorySourceConfig::try_new_exec(&[vec![states]], schema, None)?,
+        top.input_schema(),
+    )?);
+    let rest = replace(plan, &phases.top, last)?;
+    collect(rest, ctx.task_ctx()).await
 }
 
 /// Finds the aggregation in `plan`, and its first phase.

@@ -174,4 +174,5 @@ cases!(
     update_group_by,
     complete_count_distinct,
     stream_static_join,
+    deduplicate,
 );
