@@ -5,12 +5,12 @@ Streaming (PySpark, local mode).
 
 Per user, sliding windows of 5 minutes every minute over event_time, count,
 sum and average of amount, a 10-minute watermark, append mode, HAVING
-count >= MIN_COUNT; JSON-lines input with a declared schema, one file a
+count >= MIN_COUNT (20); JSON-lines input with a declared schema, one file a
 micro-batch (maxFilesPerTrigger 1), trigger availableNow; Parquet output with
 a checkpoint. Writes the Spark version, the streaming query's own time and
 the batches to RESULT_JSON.
 
-Settings from the environment: MIN_COUNT (25), SPARK_MASTER (local[2]),
+Settings from the environment: MIN_COUNT (20), SPARK_MASTER (local[2]),
 SPARK_SHUFFLE_PARTITIONS (2), SPARK_DRIVER_MEMORY (2g).
 """
 
@@ -39,7 +39,7 @@ def main() -> None:
     if len(sys.argv) != 5:
         sys.exit(__doc__)
     input_dir, output_dir, checkpoint_dir, result_path = sys.argv[1:]
-    min_count = int(os.environ.get("MIN_COUNT", "25"))
+    min_count = int(os.environ.get("MIN_COUNT", "20"))
     spark = (
         SparkSession.builder.master(os.environ.get("SPARK_MASTER", "local[2]"))
         .appName("sluice-bench-windowed")

@@ -24,18 +24,18 @@
 #   KEYS_ONLY=1 ROWS=2000000 USERS=2000000 RATE=1000000 bench/windowed.sh
 #
 # Run: bench/windowed.sh        (ROWS=200000 for a quick look)
-# Settings: ROWS (1000000), USERS (20000), RATE (1000), MIN_COUNT (25),
+# Settings: ROWS (1000000), USERS (2000), RATE (100), MIN_COUNT (20),
 # RUNS (1), BENCH_DIR, SLUICE_BENCH_TARGET (~/.cache/sluice/bench-target),
-# SPARK_MASTER (local[2]).
+# SLUICE_BIN (use this binary instead of building), SPARK_MASTER (local[2]).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 ROWS=${ROWS:-1000000}
-USERS=${USERS:-20000}
-RATE=${RATE:-1000}
+USERS=${USERS:-2000}
+RATE=${RATE:-100}
 RUNS=${RUNS:-1}
-export MIN_COUNT=${MIN_COUNT:-25}
+export MIN_COUNT=${MIN_COUNT:-20}
 export SPARK_MASTER=${SPARK_MASTER:-local[2]}
 KEYS_ONLY=${KEYS_ONLY:-}
 
@@ -49,10 +49,14 @@ if [ -z "$KEYS_ONLY" ]; then
   command -v java >/dev/null || { echo "Spark needs Java 17 or later" >&2; exit 1; }
 fi
 
-target=${SLUICE_BENCH_TARGET:-$HOME/.cache/sluice/bench-target}
-say "building sluice (release) into $target"
-(cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release --locked --bin sluice)
-sluice="$target/release/sluice"
+if [ -n "${SLUICE_BIN:-}" ]; then
+  sluice=$SLUICE_BIN   # a binary built already (e.g. a debug build, to check results quickly)
+else
+  target=${SLUICE_BENCH_TARGET:-$HOME/.cache/sluice/bench-target}
+  say "building sluice (release) into $target"
+  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release --locked --bin sluice)
+  sluice="$target/release/sluice"
+fi
 
 work=${BENCH_DIR:-$(mktemp -d -t sluice-windowed.XXXXXX)}
 mkdir -p "$work"
