@@ -230,6 +230,10 @@ impl QueryPlan {
             Kind::Deduplicate {
                 event_time: self.dedup_event_time.clone(),
             }
+        } else if self.windows.iter().any(|w| w.function.session) {
+            Kind::Session {
+                evicts: shape.windowed_with_watermark && self.output_mode != OutputMode::Complete,
+            }
         } else {
             Kind::Aggregate {
                 evicts: shape.windowed_with_watermark && self.output_mode != OutputMode::Complete,

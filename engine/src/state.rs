@@ -241,6 +241,34 @@ impl StateStore {
         Ok(out)
     }
 
+    /// Removes `keys` (each present in state).
+    pub fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<()> {
+        let mut batches: Vec<WriteBatch> =
+            (0..self.dbs.len()).map(|_| WriteBatch::default()).collect();
+        for key in keys {
+            batches[self.partition(key)].delete(key);
+        }
+        self.write(batches)?;
+        self.rows = self.rows.saturating_sub(keys.len() as u64);
+        Ok(())
+    }
+
+    /// Every entry whose key starts with `prefix`, in every partition.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for db in &self.dbs {
+            let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+            for item in db.iterator(mode) {
+                let (key, value) = item.map_err(state_error)?;
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                out.push((key.to_vec(), value.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every entry (complete mode's output).
     pub fn scan(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();

@@ -32,7 +32,7 @@ use datafusion::prelude::SessionContext;
 use sluice_crds::OutputMode;
 
 use crate::state::StateStore;
-use crate::window::WINDOW_END;
+use crate::window::{WINDOW_END, WINDOW_START};
 
 /// What the state did in the last batch, for `stateOperators` in progress.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -64,6 +64,12 @@ pub enum Kind {
     /// closes windows and they leave the state (append and update modes of
     /// a windowed, watermarked query; complete mode keeps all).
     Aggregate {
+        /// See above.
+        evicts: bool,
+    },
+    /// Aggregates per session window: a key's sessions that overlap are
+    /// merged into one; with `evicts`, the watermark closes sessions.
+    Session {
         /// See above.
         evicts: bool,
     },
@@ -136,7 +142,7 @@ impl Aggregation {
         let groups = partial.group_expr().expr().len();
         // Keys start with the column the watermark removes state by.
         let evict_by = match &self.kind {
-            Kind::Aggregate { .. } => Some(WINDOW_END),
+            Kind::Aggregate { .. } | Kind::Session { .. } => Some(WINDOW_END),
             Kind::Deduplicate { event_time } => event_time.as_deref(),
         };
         let window_end = evict_by.and_then(|name| {
@@ -150,6 +156,11 @@ impl Aggregation {
         if let Kind::Deduplicate { .. } = self.kind {
             return self
                 .deduplicate(ctx, &phases, &plan, keys, window_end, watermark, late)
+                .await;
+        }
+        if let Kind::Session { evicts } = self.kind {
+            return self
+                .sessions(ctx, &phases, &plan, evicts, watermark, late)
                 .await;
         }
 
@@ -308,6 +319,264 @@ impl Aggregation {
             return Ok(Vec::new());
         }
         finish(phases, plan, fresh, ctx).await
+    }
+}
+
+impl Aggregation {
+    /// A batch of a session-window aggregation. State keys are the group's
+    /// values other than the window, then the session's start; a batch
+    /// reads every stored session of the keys it touches, merges those that
+    /// overlap (a session is `[first event, last event + gap)`), and
+    /// replaces them. Closed sessions are found by a scan of the state.
+    async fn sessions(
+        &mut self,
+        ctx: &SessionContext,
+        phases: &Phases,
+        plan: &Arc<dyn ExecutionPlan>,
+        evicts: bool,
+        watermark: Option<i64>,
+        late: u64,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let task = ctx.task_ctx();
+        let partial = &phases.partial;
+        let schema = partial.schema();
+        let groups = partial.group_expr().expr().len();
+        let position = |name: &str| {
+            schema
+                .fields()
+                .iter()
+                .take(groups)
+                .position(|f| f.name() == name)
+                .ok_or_else(|| internal(format!("session windows need GROUP BY {name}")))
+        };
+        let (start_col, end_col) = (position(WINDOW_START)?, position(WINDOW_END)?);
+        let key_cols: Vec<usize> = (0..groups)
+            .filter(|i| *i != start_col && *i != end_col)
+            .collect();
+        let codec = SessionCodec::new(&schema, key_cols, start_col, end_col)?;
+
+        let new_states = collect(partial.clone() as Arc<dyn ExecutionPlan>, task.clone()).await?;
+        let new_states = concat_batches(&schema, &new_states)?;
+        let mut rows_updated = 0;
+        let mut touched = RecordBatch::new_empty(schema.clone());
+        if new_states.num_rows() > 0 {
+            // Every stored session of the keys this batch touches.
+            let mut prefixes = codec.prefixes(&new_states)?;
+            prefixes.sort_unstable();
+            prefixes.dedup();
+            let mut old_keys = Vec::new();
+            let mut old_values = Vec::new();
+            for prefix in &prefixes {
+                for (k, v) in self
+                    .store
+                    .scan_prefix(prefix)
+                    .map_err(|e| internal(e.to_string()))?
+                {
+                    old_keys.push(k);
+                    old_values.push(v);
+                }
+            }
+            let values: Vec<&[u8]> = old_values.iter().map(Vec::as_slice).collect();
+            let old = codec.decode(&values)?;
+            let all = concat_batches(&schema, &[old, new_states])?;
+            // Merge overlapping sessions of each key.
+            let merged_bounds = codec.merge_bounds(&all)?;
+            let all = codec.with_bounds(&all, &merged_bounds)?;
+            let reduce = Arc::new(AggregateExec::try_new(
+                AggregateMode::PartialReduce,
+                partial.group_expr().as_final(),
+                partial.aggr_expr().to_vec(),
+                vec![None; partial.aggr_expr().len()],
+                MemorySourceConfig::try_new_exec(&[vec![all]], schema.clone(), None)?,
+                partial.input_schema(),
+            )?);
+            touched = concat_batches(&schema, &collect(reduce, task.clone()).await?)?;
+            self.store
+                .delete_many(&old_keys)
+                .map_err(|e| internal(e.to_string()))?;
+            let entries: Vec<(Vec<u8>, Vec<u8>)> = codec
+                .keys(&touched)?
+                .into_iter()
+                .zip(codec.values(&touched)?)
+                .collect();
+            rows_updated = entries.len() as u64;
+            self.store
+                .put_many(&entries, entries.len() as u64)
+                .map_err(|e| internal(e.to_string()))?;
+        }
+        // Closed sessions: those that ended at or before the watermark.
+        let mut rows_removed = 0;
+        let mut closed = RecordBatch::new_empty(schema.clone());
+        if let (true, Some(w)) = (evicts, watermark) {
+            let all = self.store.scan().map_err(|e| internal(e.to_string()))?;
+            let values: Vec<&[u8]> = all.iter().map(|(_, v)| v.as_slice()).collect();
+            let states = codec.decode(&values)?;
+            let ends = codec.column_micros(&states, end_col)?;
+            let done: Vec<usize> = (0..states.num_rows()).filter(|&i| ends[i] <= w).collect();
+            let keys: Vec<Vec<u8>> = done.iter().map(|&i| all[i].0.clone()).collect();
+            self.store
+                .delete_many(&keys)
+                .map_err(|e| internal(e.to_string()))?;
+            rows_removed = keys.len() as u64;
+            closed = datafusion::arrow::compute::take_record_batch(
+                &states,
+                &datafusion::arrow::array::UInt32Array::from(
+                    done.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                ),
+            )?;
+        }
+        let emit = match self.mode {
+            OutputMode::Append => closed,
+            OutputMode::Update => touched,
+            OutputMode::Complete => {
+                let all = self.store.scan().map_err(|e| internal(e.to_string()))?;
+                let values: Vec<&[u8]> = all.iter().map(|(_, v)| v.as_slice()).collect();
+                codec.decode(&values)?
+            }
+        };
+        self.last = StateStats {
+            rows_total: self.store.rows(),
+            rows_updated,
+            rows_removed,
+            rows_dropped_by_watermark: late,
+            memory_used_bytes: self.store.memory_used_bytes(),
+        };
+        if emit.num_rows() == 0 && self.mode != OutputMode::Complete {
+            return Ok(Vec::new());
+        }
+        finish(phases, plan, emit, ctx).await
+    }
+}
+
+/// Session state rows: keys (the group's values but the window, then the
+/// session start) and values, and the merging of overlapping sessions.
+struct SessionCodec {
+    schema: SchemaRef,
+    key_cols: Vec<usize>,
+    start_col: usize,
+    end_col: usize,
+    key: RowConverter,
+    value: RowConverter,
+}
+
+impl SessionCodec {
+    fn new(
+        schema: &SchemaRef,
+        key_cols: Vec<usize>,
+        start_col: usize,
+        end_col: usize,
+    ) -> DfResult<Self> {
+        let sort = |i: &usize| SortField::new(schema.field(*i).data_type().clone());
+        Ok(SessionCodec {
+            schema: schema.clone(),
+            key: RowConverter::new(key_cols.iter().map(sort).collect())?,
+            value: RowConverter::new((0..schema.fields().len()).map(|i| sort(&i)).collect())?,
+            key_cols,
+            start_col,
+            end_col,
+        })
+    }
+
+    fn column_micros(&self, batch: &RecordBatch, col: usize) -> DfResult<Vec<i64>> {
+        batch
+            .column(col)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .map(|a| a.values().to_vec())
+            .ok_or_else(|| internal("a session bound is not a timestamp"))
+    }
+
+    /// The key prefix (the group's values but the window) of each row.
+    fn prefixes(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
+        let columns: Vec<ArrayRef> = self
+            .key_cols
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        let rows = self.key.convert_columns(&columns)?;
+        Ok(rows.iter().map(|r| r.as_ref().to_vec()).collect())
+    }
+
+    fn keys(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
+        let starts = self.column_micros(batch, self.start_col)?;
+        Ok(self
+            .prefixes(batch)?
+            .into_iter()
+            .zip(starts)
+            .map(|(mut k, s)| {
+                k.extend_from_slice(&window_prefix(s));
+                k
+            })
+            .collect())
+    }
+
+    fn values(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
+        let rows = self.value.convert_columns(batch.columns())?;
+        Ok(rows.iter().map(|r| r.as_ref().to_vec()).collect())
+    }
+
+    fn decode(&self, values: &[&[u8]]) -> DfResult<RecordBatch> {
+        if values.is_empty() {
+            return Ok(RecordBatch::new_empty(self.schema.clone()));
+        }
+        let parser = self.value.parser();
+        let columns = self
+            .value
+            .convert_rows(values.iter().map(|v| parser.parse(v)))?;
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+
+    /// Each row's merged session: rows of one key whose sessions overlap
+    /// (directly or through others) get the union's bounds.
+    fn merge_bounds(&self, batch: &RecordBatch) -> DfResult<Vec<(i64, i64)>> {
+        let prefixes = self.prefixes(batch)?;
+        let starts = self.column_micros(batch, self.start_col)?;
+        let ends = self.column_micros(batch, self.end_col)?;
+        let mut order: Vec<usize> = (0..batch.num_rows()).collect();
+        order.sort_by(|a, b| (&prefixes[*a], starts[*a]).cmp(&(&prefixes[*b], starts[*b])));
+        let mut bounds = vec![(0, 0); batch.num_rows()];
+        let mut run: Vec<usize> = Vec::new();
+        let mut current: Option<(usize, i64, i64)> = None; // (first row, start, end)
+        let flush = |run: &mut Vec<usize>, start: i64, end: i64, bounds: &mut Vec<(i64, i64)>| {
+            for &r in run.iter() {
+                bounds[r] = (start, end);
+            }
+            run.clear();
+        };
+        for &row in &order {
+            match current {
+                Some((first, start, end))
+                    if prefixes[first] == prefixes[row] && starts[row] < end =>
+                {
+                    current = Some((first, start, end.max(ends[row])));
+                }
+                Some((_, start, end)) => {
+                    flush(&mut run, start, end, &mut bounds);
+                    current = Some((row, starts[row], ends[row]));
+                }
+                None => current = Some((row, starts[row], ends[row])),
+            }
+            run.push(row);
+        }
+        if let Some((_, start, end)) = current {
+            flush(&mut run, start, end, &mut bounds);
+        }
+        Ok(bounds)
+    }
+
+    /// `batch` with its session bounds replaced by `bounds`.
+    fn with_bounds(&self, batch: &RecordBatch, bounds: &[(i64, i64)]) -> DfResult<RecordBatch> {
+        let tz = match self.schema.field(self.start_col).data_type() {
+            datafusion::arrow::datatypes::DataType::Timestamp(_, tz) => tz.clone(),
+            _ => None,
+        };
+        let mut columns = batch.columns().to_vec();
+        let array = |values: Vec<i64>| -> ArrayRef {
+            Arc::new(TimestampMicrosecondArray::from(values).with_timezone_opt(tz.clone()))
+        };
+        columns[self.start_col] = array(bounds.iter().map(|b| b.0).collect());
+        columns[self.end_col] = array(bounds.iter().map(|b| b.1).collect());
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 }
 

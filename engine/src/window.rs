@@ -11,8 +11,10 @@
 //! give each row of `source` the columns `window_start` and `window_end` of
 //! every window its event time falls in (one for tumble, `size / slide` for
 //! hop), with Spark's window boundaries (aligned on the Unix epoch; a window
-//! holds `start <= t < end`). The SQL is rewritten to read a table the
-//! engine fills with those rows each batch.
+//! holds `start <= t < end`). `session(source, column, gap)` gives each row
+//! the session `[t, t + gap)`, which the aggregation merges with the key's
+//! overlapping sessions (`crate::stateful`). The SQL is rewritten to read a
+//! table the engine fills with those rows each batch.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -47,8 +49,11 @@ pub struct WindowFunction {
     pub column: String,
     /// How far apart windows start, in microseconds (the size for tumble).
     pub slide_micros: i64,
-    /// How long a window is, in microseconds.
+    /// How long a window is, in microseconds (for a session: the gap).
     pub size_micros: i64,
+    /// A session window: each row starts a session `[t, t + gap)`, and
+    /// the aggregation merges a key's overlapping sessions.
+    pub session: bool,
 }
 
 impl WindowFunction {
@@ -101,7 +106,13 @@ impl WindowFunction {
         for (row, t) in times.iter().enumerate() {
             // Spark's window() gives no window to a null event time.
             let Some(t) = t else { continue };
-            let last_start = t - t.rem_euclid(self.slide_micros);
+            // A session starts at the row's own time; a tumble or hop window
+            // on the epoch-aligned grid.
+            let last_start = if self.session {
+                t
+            } else {
+                t - t.rem_euclid(self.slide_micros)
+            };
             let mut start = last_start;
             while start + self.size_micros > t {
                 if watermark.is_some_and(|w| start + self.size_micros <= w) {
@@ -215,11 +226,7 @@ fn parse_window(
     let usage = match function {
         "tumble" => "tumble(source, time_column, size)",
         "hop" => "hop(source, time_column, slide, size)",
-        _ => {
-            return Err(
-                "session windows (session(source, time_column, gap)) are not implemented in this version of the engine yet: use tumble or hop".into(),
-            );
-        }
+        _ => "session(source, time_column, gap)",
     };
     let exprs: Vec<&SqlExpr> = args
         .iter()
@@ -228,7 +235,7 @@ fn parse_window(
             _ => None,
         })
         .collect();
-    let expected = if function == "tumble" { 3 } else { 4 };
+    let expected = if function == "hop" { 4 } else { 3 };
     if exprs.len() != expected || args.len() != expected {
         return Err(format!("{function}() takes {expected} arguments: {usage}"));
     }
@@ -269,6 +276,7 @@ fn parse_window(
         column,
         slide_micros: slide,
         size_micros: size,
+        session: function == "session",
     })
 }
 
@@ -349,6 +357,7 @@ mod tests {
                 column: "event_time".into(),
                 slide_micros: 60_000_000,
                 size_micros: 300_000_000,
+                session: false,
             }]
         );
         let (_, windows) = rewrite(
@@ -382,8 +391,8 @@ mod tests {
                 "not a length of time",
             ),
             (
-                "SELECT * FROM session(transactions, ts, '5m')",
-                "not implemented",
+                "SELECT * FROM session(transactions, ts)",
+                "takes 3 arguments",
             ),
         ] {
             let err = rewrite(sql, &sources()).unwrap_err().to_string();
@@ -407,6 +416,7 @@ mod tests {
             column: "ts".into(),
             slide_micros: 60,
             size_micros: 180,
+            session: false,
         };
         let schema = w.schema(&source).unwrap();
         let batch = RecordBatch::try_new(

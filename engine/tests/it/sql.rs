@@ -175,4 +175,5 @@ cases!(
     complete_count_distinct,
     stream_static_join,
     deduplicate,
+    session_append,
 );
