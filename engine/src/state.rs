@@ -18,7 +18,9 @@
 //! manifest of the last committed batch lists and opens them; the local
 //! directory is scratch.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+
+use futures::TryStreamExt;
 use std::path::{Path as LocalPath, PathBuf};
 use std::sync::Arc;
 
@@ -49,6 +51,13 @@ struct Manifest {
     partitions: Vec<Vec<StoredFile>>,
 }
 
+/// How many state versions the checkpoint keeps: Spark's
+/// `spark.sql.streaming.minBatchesToRetain` default.
+pub const VERSIONS_TO_RETAIN: u64 = 100;
+
+/// Old versions are cleaned up once every this many commits.
+const CLEAN_EVERY: u64 = 10;
+
 /// An operator's state.
 pub struct StateStore {
     operator: String,
@@ -60,6 +69,9 @@ pub struct StateStore {
     manifest: Manifest,
     cache: Cache,
     rows: u64,
+    /// The files of the retained versions read so far, by version.
+    retained: BTreeMap<u64, HashSet<String>>,
+    retain: u64,
 }
 
 fn state_error(what: impl std::fmt::Display) -> Error {
@@ -166,6 +178,8 @@ impl StateStore {
             rows: manifest.rows,
             manifest,
             cache,
+            retained: BTreeMap::new(),
+            retain: VERSIONS_TO_RETAIN,
         })
     }
 
@@ -360,8 +374,90 @@ impl StateStore {
             )
             .await
             .map_err(|e| state_error(format!("cannot write {path}: {e}")))?;
+        self.retained.insert(
+            version,
+            manifest
+                .partitions
+                .iter()
+                .flatten()
+                .map(|f| f.path.clone())
+                .collect(),
+        );
         self.manifest = manifest;
         self.dirty.iter_mut().for_each(|d| *d = false);
+        if version % CLEAN_EVERY == CLEAN_EVERY - 1 {
+            self.clean(&remote).await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the newest `retain` versions: deletes older manifests and every
+    /// file under the operator's state that no kept manifest lists (files of
+    /// old versions, and of commits a crash interrupted).
+    async fn clean(&mut self, remote: &Arc<dyn ObjectStore>) -> Result<()> {
+        let prefix = Path::from(format!("state/{}", self.operator));
+        let objects: Vec<Path> = remote
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|e| state_error(format!("cannot list {prefix}: {e}")))?;
+        let manifest_version = |path: &Path| -> Option<u64> {
+            path.filename()?
+                .strip_prefix('v')?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        };
+        let mut versions: Vec<u64> = objects
+            .iter()
+            .filter(|p| p.parts().count() == 3)
+            .filter_map(manifest_version)
+            .collect();
+        versions.sort_unstable();
+        let keep_from = versions.len().saturating_sub(self.retain as usize);
+        let (old, kept) = versions.split_at(keep_from);
+        let mut referenced: HashSet<String> = HashSet::new();
+        for version in kept {
+            if !self.retained.contains_key(version) {
+                let path = Path::from(format!("state/{}/v{version}.json", self.operator));
+                let bytes = remote
+                    .get(&path)
+                    .await
+                    .map_err(state_error)?
+                    .bytes()
+                    .await
+                    .map_err(state_error)?;
+                let manifest: Manifest =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
+                        file: path.to_string(),
+                        message: format!("is not a state manifest: {e}"),
+                    })?;
+                self.retained.insert(
+                    *version,
+                    manifest
+                        .partitions
+                        .iter()
+                        .flatten()
+                        .map(|f| f.path.clone())
+                        .collect(),
+                );
+            }
+            referenced.extend(self.retained[version].iter().cloned());
+        }
+        self.retained.retain(|v, _| kept.contains(v));
+        for path in &objects {
+            let is_old_manifest = manifest_version(path).is_some_and(|v| old.contains(&v))
+                && path.parts().count() == 3;
+            let is_file = manifest_version(path).is_none() || path.parts().count() != 3;
+            if is_old_manifest || (is_file && !referenced.contains(path.as_ref())) {
+                remote
+                    .delete(path)
+                    .await
+                    .map_err(|e| state_error(format!("cannot delete {path}: {e}")))?;
+                self.uploaded.remove(path.as_ref());
+            }
+        }
         Ok(())
     }
 }
@@ -446,6 +542,94 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(old.get_many(&keys[..1]).unwrap(), [Some(b"v7".to_vec())]);
+    }
+
+    #[tokio::test]
+    async fn old_versions_and_the_files_only_they_use_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote_dir = dir.path().join("checkpoint");
+        std::fs::create_dir_all(&remote_dir).unwrap();
+        let remote: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(&remote_dir).unwrap());
+        let local = dir.path().join("scratch");
+        let mut store = StateStore::open("agg", 2, &local, Some(remote.clone()), None)
+            .await
+            .unwrap();
+        store.retain = 3;
+        for version in 0..20u32 {
+            // Each batch rewrites every key: old SST files become garbage.
+            let entries: Vec<(Vec<u8>, Vec<u8>)> = (0u32..50)
+                .map(|i| (i.to_be_bytes().to_vec(), version.to_be_bytes().to_vec()))
+                .collect();
+            store
+                .put_many(&entries, if version == 0 { 50 } else { 0 })
+                .unwrap();
+            store.commit(u64::from(version)).await.unwrap();
+        }
+        let manifests: Vec<String> = std::fs::read_dir(remote_dir.join("state/agg"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".json"))
+            .collect();
+        let mut manifests = manifests;
+        manifests.sort();
+        // Cleaned after version 19: versions 17, 18 and 19 are kept.
+        assert_eq!(manifests, ["v17.json", "v18.json", "v19.json"]);
+        let kept: HashSet<String> = [17u64, 18, 19]
+            .iter()
+            .flat_map(|v| {
+                let m: Manifest = serde_json::from_slice(
+                    &std::fs::read(remote_dir.join(format!("state/agg/v{v}.json"))).unwrap(),
+                )
+                .unwrap();
+                m.partitions
+                    .into_iter()
+                    .flatten()
+                    .map(|f| f.path)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut on_disk = Vec::new();
+        for p in ["0", "1"] {
+            for entry in walk(&remote_dir.join("state/agg").join(p)) {
+                on_disk.push(
+                    entry
+                        .strip_prefix(&remote_dir)
+                        .unwrap()
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+        assert!(!on_disk.is_empty());
+        for file in &on_disk {
+            assert!(
+                kept.contains(file),
+                "{file} is kept but no retained version lists it"
+            );
+        }
+        // The oldest kept version still opens, whole.
+        drop(store);
+        let old = StateStore::open("agg", 2, &local, Some(remote), Some(17))
+            .await
+            .unwrap();
+        assert_eq!(
+            old.get_many(&[3u32.to_be_bytes().to_vec()]).unwrap(),
+            [Some(17u32.to_be_bytes().to_vec())]
+        );
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
     }
 
     #[tokio::test]
