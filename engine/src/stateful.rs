@@ -19,8 +19,8 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch, TimestampMicrosecondArray};
-use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::array::{ArrayRef, RecordBatch, TimestampMicrosecondArray, UInt32Array};
+use datafusion::arrow::compute::{concat_batches, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::datasource::memory::MemorySourceConfig;
@@ -100,6 +100,45 @@ fn internal(message: impl Into<String>) -> DataFusionError {
     DataFusionError::Execution(message.into())
 }
 
+/// A state store error, as DataFusion's (the batch fails with it).
+fn store_error(error: crate::Error) -> DataFusionError {
+    internal(error.to_string())
+}
+
+/// The values of a timestamp (microsecond) column.
+fn micros(batch: &RecordBatch, col: usize) -> DfResult<Vec<i64>> {
+    batch
+        .column(col)
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .map(|a| a.values().to_vec())
+        .ok_or_else(|| {
+            internal(format!(
+                "{} is not a timestamp",
+                batch.schema().field(col).name()
+            ))
+        })
+}
+
+/// The aggregation's `mode` phase over `states` (rows of the partial
+/// phase's schema): `PartialReduce` merges them into one state per group,
+/// `Final` evaluates them.
+fn phase_over(
+    mode: AggregateMode,
+    partial: &AggregateExec,
+    states: Vec<RecordBatch>,
+    input_schema: SchemaRef,
+) -> DfResult<Arc<AggregateExec>> {
+    Ok(Arc::new(AggregateExec::try_new(
+        mode,
+        partial.group_expr().as_final(),
+        partial.aggr_expr().to_vec(),
+        vec![None; partial.aggr_expr().len()],
+        MemorySourceConfig::try_new_exec(&[states], partial.schema(), None)?,
+        input_schema,
+    )?))
+}
+
 impl Aggregation {
     /// An aggregation of `kind` in `mode` over `store`.
     pub fn new(mode: OutputMode, kind: Kind, store: StateStore) -> Self {
@@ -125,6 +164,22 @@ impl Aggregation {
         self.store.commit(version).await
     }
 
+    fn record(&mut self, rows_updated: u64, rows_removed: u64, dropped: u64) {
+        self.last = StateStats {
+            rows_total: self.store.rows(),
+            rows_updated,
+            rows_removed,
+            rows_dropped_by_watermark: dropped,
+            memory_used_bytes: self.store.memory_used_bytes(),
+        };
+    }
+
+    /// Every state row (complete mode's output).
+    fn all_states(&self, codec: &RowCodec) -> DfResult<RecordBatch> {
+        let all = self.store.scan().map_err(store_error)?;
+        codec.decode(all.iter().map(|(_, v)| v.as_slice()))
+    }
+
     /// Runs one batch of the query whose physical plan is `plan` (planned
     /// over this batch's rows), with the watermark in effect; `late` input
     /// pairs were dropped before it.
@@ -136,109 +191,22 @@ impl Aggregation {
         late: u64,
     ) -> DfResult<Vec<RecordBatch>> {
         let phases = find_phases(&plan)?;
-        let task = ctx.task_ctx();
-        let partial = phases.partial.clone();
-        let state_schema = partial.schema();
-        let groups = partial.group_expr().expr().len();
-        // Keys start with the column the watermark removes state by.
-        let evict_by = match &self.kind {
-            Kind::Aggregate { .. } | Kind::Session { .. } => Some(WINDOW_END),
-            Kind::Deduplicate { event_time } => event_time.as_deref(),
-        };
-        let window_end = evict_by.and_then(|name| {
-            state_schema
-                .fields()
-                .iter()
-                .take(groups)
-                .position(|f| f.name() == name)
-        });
-        let keys = KeyCodec::new(&state_schema, groups, window_end)?;
-        if let Kind::Deduplicate { .. } = self.kind {
-            return self
-                .deduplicate(ctx, &phases, &plan, keys, window_end, watermark, late)
-                .await;
-        }
-        if let Kind::Session { evicts } = self.kind {
-            return self
-                .sessions(ctx, &phases, &plan, evicts, watermark, late)
-                .await;
-        }
-
-        // 1. This batch's state per group.
-        let new_states = collect(partial.clone() as Arc<dyn ExecutionPlan>, task.clone()).await?;
-        let new_states = concat_batches(&state_schema, &new_states)?;
-
-        // 2. The stored state of the same groups, merged with it.
-        let mut rows_updated = 0;
-        let mut touched = RecordBatch::new_empty(state_schema.clone());
-        if new_states.num_rows() > 0 {
-            let wanted = keys.keys(&new_states)?;
-            let mut unique = wanted.clone();
-            unique.sort_unstable();
-            unique.dedup();
-            let stored = self
-                .store
-                .get_many(&unique)
-                .map_err(|e| internal(e.to_string()))?;
-            let found: Vec<&[u8]> = stored.iter().flatten().map(Vec::as_slice).collect();
-            let new_keys = (unique.len() - found.len()) as u64;
-            let stored = keys.decode(&found)?;
-            let reduce = Arc::new(AggregateExec::try_new(
-                AggregateMode::PartialReduce,
-                partial.group_expr().as_final(),
-                partial.aggr_expr().to_vec(),
-                vec![None; partial.aggr_expr().len()],
-                MemorySourceConfig::try_new_exec(
-                    &[vec![stored, new_states]],
-                    state_schema.clone(),
-                    None,
-                )?,
-                partial.input_schema(),
-            )?);
-            let merged = collect(reduce, task.clone()).await?;
-            touched = concat_batches(&state_schema, &merged)?;
-            let entries: Vec<(Vec<u8>, Vec<u8>)> = keys
-                .keys(&touched)?
-                .into_iter()
-                .zip(keys.values(&touched)?)
-                .collect();
-            rows_updated = entries.len() as u64;
-            self.store
-                .put_many(&entries, new_keys)
-                .map_err(|e| internal(e.to_string()))?;
-        }
-
-        // 3. What this batch emits, and what leaves the state.
-        let mut rows_removed = 0;
-        let evicts = self.kind == Kind::Aggregate { evicts: true };
-        let closed = match (evicts, watermark) {
-            (true, Some(w)) => {
-                let bound = window_prefix(w.saturating_add(1));
-                let taken = self
-                    .store
-                    .take_below(&bound)
-                    .map_err(|e| internal(e.to_string()))?;
-                rows_removed = taken.len() as u64;
-                let values: Vec<&[u8]> = taken.iter().map(|(_, v)| v.as_slice()).collect();
-                keys.decode(&values)?
+        // This batch's state per group.
+        let partial = phases.partial.clone() as Arc<dyn ExecutionPlan>;
+        let new_states = collect(partial, ctx.task_ctx()).await?;
+        let new_states = concat_batches(&phases.partial.schema(), &new_states)?;
+        let emit = match self.kind.clone() {
+            Kind::Aggregate { evicts } => {
+                self.aggregate(ctx, &phases, new_states, evicts, watermark, late)
+                    .await?
             }
-            _ => RecordBatch::new_empty(state_schema.clone()),
-        };
-        let emit = match self.mode {
-            OutputMode::Append => closed,
-            OutputMode::Update => touched,
-            OutputMode::Complete => {
-                let all = self.store.scan().map_err(|e| internal(e.to_string()))?;
-                let values: Vec<&[u8]> = all.iter().map(|(_, v)| v.as_slice()).collect();
-                keys.decode(&values)?
+            Kind::Session { evicts } => {
+                self.sessions(ctx, &phases, new_states, evicts, watermark, late)
+                    .await?
             }
-        };
-        self.last = StateStats {
-            rows_total: self.store.rows(),
-            rows_updated,
-            rows_removed,
-            rows_dropped_by_watermark: late,
-            memory_used_bytes: self.store.memory_used_bytes(),
+            Kind::Deduplicate { event_time } => {
+                self.deduplicate(&phases, new_states, event_time.as_deref(), watermark, late)?
+            }
         };
         if emit.num_rows() == 0 && self.mode != OutputMode::Complete {
             return Ok(Vec::new());
@@ -246,38 +214,107 @@ impl Aggregation {
         finish(&phases, &plan, emit, ctx).await
     }
 
-    /// A batch of a deduplication: the rows not seen before are written and
-    /// remembered; with an event-time column, rows at or before the
-    /// watermark are dropped, and remembered rows that old forgotten.
-    #[allow(clippy::too_many_arguments)]
-    async fn deduplicate(
+    /// A batch of a `GROUP BY`: merges `new_states` into the stored states
+    /// of their groups; returns what the output mode writes.
+    async fn aggregate(
         &mut self,
         ctx: &SessionContext,
         phases: &Phases,
-        plan: &Arc<dyn ExecutionPlan>,
-        keys: KeyCodec,
-        event_time: Option<usize>,
+        new_states: RecordBatch,
+        evicts: bool,
         watermark: Option<i64>,
         late: u64,
-    ) -> DfResult<Vec<RecordBatch>> {
-        let partial = phases.partial.clone() as Arc<dyn ExecutionPlan>;
+    ) -> DfResult<RecordBatch> {
+        let partial = &phases.partial;
+        let state_schema = partial.schema();
+        let groups = partial.group_expr().expr().len();
+        // Keys start with the window's end when the query is windowed.
+        let window_end = state_schema
+            .fields()
+            .iter()
+            .take(groups)
+            .position(|f| f.name() == WINDOW_END);
+        let keys = KeyCodec::new(&state_schema, groups, window_end)?;
+
+        // The stored state of the same groups, merged with it.
+        let mut rows_updated = 0;
+        let mut touched = RecordBatch::new_empty(state_schema.clone());
+        if new_states.num_rows() > 0 {
+            let wanted = keys.keys(&new_states)?;
+            let mut unique = wanted.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            let stored = self.store.get_many(&unique).map_err(store_error)?;
+            let found: Vec<&[u8]> = stored.iter().flatten().map(Vec::as_slice).collect();
+            let new_keys = (unique.len() - found.len()) as u64;
+            let stored = keys.rows.decode(found)?;
+            let reduce = phase_over(
+                AggregateMode::PartialReduce,
+                partial,
+                vec![stored, new_states],
+                partial.input_schema(),
+            )?;
+            touched = concat_batches(&state_schema, &collect(reduce, ctx.task_ctx()).await?)?;
+            let entries: Vec<(Vec<u8>, Vec<u8>)> = keys
+                .keys(&touched)?
+                .into_iter()
+                .zip(keys.rows.encode(&touched)?)
+                .collect();
+            rows_updated = entries.len() as u64;
+            self.store
+                .put_many(&entries, new_keys)
+                .map_err(store_error)?;
+        }
+
+        // What this batch emits, and what leaves the state.
+        let mut rows_removed = 0;
+        let closed = match (evicts, watermark) {
+            (true, Some(w)) => {
+                let bound = window_prefix(w.saturating_add(1));
+                let taken = self.store.take_below(&bound).map_err(store_error)?;
+                rows_removed = taken.len() as u64;
+                keys.rows.decode(taken.iter().map(|(_, v)| v.as_slice()))?
+            }
+            _ => RecordBatch::new_empty(state_schema.clone()),
+        };
+        let emit = match self.mode {
+            OutputMode::Append => closed,
+            OutputMode::Update => touched,
+            OutputMode::Complete => self.all_states(&keys.rows)?,
+        };
+        self.record(rows_updated, rows_removed, late);
+        Ok(emit)
+    }
+
+    /// A batch of a deduplication: the rows not seen before are written and
+    /// remembered; with an event-time column, rows at or before the
+    /// watermark are dropped, and remembered rows that old forgotten.
+    fn deduplicate(
+        &mut self,
+        phases: &Phases,
+        seen: RecordBatch,
+        event_time: Option<&str>,
+        watermark: Option<i64>,
+        late: u64,
+    ) -> DfResult<RecordBatch> {
         let schema = phases.partial.schema();
-        let seen = concat_batches(&schema, &collect(partial, ctx.task_ctx()).await?)?;
+        let groups = phases.partial.group_expr().expr().len();
+        // Keys start with the event time, so that old rows are a key range.
+        let event_time = event_time.and_then(|name| {
+            schema
+                .fields()
+                .iter()
+                .take(groups)
+                .position(|f| f.name() == name)
+        });
+        let keys = KeyCodec::new(&schema, groups, event_time)?;
         let mut dropped = late;
         let mut fresh_rows = Vec::new();
         let mut entries = Vec::new();
         if seen.num_rows() > 0 {
             let all = keys.keys(&seen)?;
-            let times = event_time.and_then(|i| {
-                seen.column(i)
-                    .as_any()
-                    .downcast_ref::<TimestampMicrosecondArray>()
-                    .map(|a| a.values().to_vec())
-            });
-            let stored = self
-                .store
-                .get_many(&all)
-                .map_err(|e| internal(e.to_string()))?;
+            let times = event_time.map(|i| micros(&seen, i)).transpose()?;
+            let stored = self.store.get_many(&all).map_err(store_error)?;
             let mut first = std::collections::HashSet::new();
             for (row, (key, stored)) in all.into_iter().zip(stored).enumerate() {
                 if let (Some(times), Some(w)) = (&times, watermark)
@@ -292,37 +329,23 @@ impl Aggregation {
                 }
             }
         }
-        let fresh = datafusion::arrow::compute::take_record_batch(
-            &seen,
-            &datafusion::arrow::array::UInt32Array::from(fresh_rows),
-        )?;
+        let fresh = take_record_batch(&seen, &UInt32Array::from(fresh_rows))?;
         let new_keys = entries.len() as u64;
         self.store
             .put_many(&entries, new_keys)
-            .map_err(|e| internal(e.to_string()))?;
+            .map_err(store_error)?;
         let rows_removed = match (event_time, watermark) {
             (Some(_), Some(w)) => self
                 .store
                 .take_below(&window_prefix(w.saturating_add(1)))
-                .map_err(|e| internal(e.to_string()))?
+                .map_err(store_error)?
                 .len() as u64,
             _ => 0,
         };
-        self.last = StateStats {
-            rows_total: self.store.rows(),
-            rows_updated: new_keys,
-            rows_removed,
-            rows_dropped_by_watermark: dropped,
-            memory_used_bytes: self.store.memory_used_bytes(),
-        };
-        if fresh.num_rows() == 0 {
-            return Ok(Vec::new());
-        }
-        finish(phases, plan, fresh, ctx).await
+        self.record(new_keys, rows_removed, dropped);
+        Ok(fresh)
     }
-}
 
-impl Aggregation {
     /// A batch of a session-window aggregation. State keys are the group's
     /// values other than the window, then the session's start; a batch
     /// reads every stored session of the keys it touches, merges those that
@@ -332,12 +355,11 @@ impl Aggregation {
         &mut self,
         ctx: &SessionContext,
         phases: &Phases,
-        plan: &Arc<dyn ExecutionPlan>,
+        new_states: RecordBatch,
         evicts: bool,
         watermark: Option<i64>,
         late: u64,
-    ) -> DfResult<Vec<RecordBatch>> {
-        let task = ctx.task_ctx();
+    ) -> DfResult<RecordBatch> {
         let partial = &phases.partial;
         let schema = partial.schema();
         let groups = partial.group_expr().expr().len();
@@ -354,9 +376,6 @@ impl Aggregation {
             .filter(|i| *i != start_col && *i != end_col)
             .collect();
         let codec = SessionCodec::new(&schema, key_cols, start_col, end_col)?;
-
-        let new_states = collect(partial.clone() as Arc<dyn ExecutionPlan>, task.clone()).await?;
-        let new_states = concat_batches(&schema, &new_states)?;
         let mut rows_updated = 0;
         let mut touched = RecordBatch::new_empty(schema.clone());
         if new_states.num_rows() > 0 {
@@ -367,84 +386,59 @@ impl Aggregation {
             let mut old_keys = Vec::new();
             let mut old_values = Vec::new();
             for prefix in &prefixes {
-                for (k, v) in self
-                    .store
-                    .scan_prefix(prefix)
-                    .map_err(|e| internal(e.to_string()))?
-                {
+                for (k, v) in self.store.scan_prefix(prefix).map_err(store_error)? {
                     old_keys.push(k);
                     old_values.push(v);
                 }
             }
-            let values: Vec<&[u8]> = old_values.iter().map(Vec::as_slice).collect();
-            let old = codec.decode(&values)?;
+            let old = codec.rows.decode(old_values.iter().map(Vec::as_slice))?;
             let all = concat_batches(&schema, &[old, new_states])?;
             // Merge overlapping sessions of each key.
             let merged_bounds = codec.merge_bounds(&all)?;
             let all = codec.with_bounds(&all, &merged_bounds)?;
-            let reduce = Arc::new(AggregateExec::try_new(
+            let reduce = phase_over(
                 AggregateMode::PartialReduce,
-                partial.group_expr().as_final(),
-                partial.aggr_expr().to_vec(),
-                vec![None; partial.aggr_expr().len()],
-                MemorySourceConfig::try_new_exec(&[vec![all]], schema.clone(), None)?,
+                partial,
+                vec![all],
                 partial.input_schema(),
-            )?);
-            touched = concat_batches(&schema, &collect(reduce, task.clone()).await?)?;
-            self.store
-                .delete_many(&old_keys)
-                .map_err(|e| internal(e.to_string()))?;
+            )?;
+            touched = concat_batches(&schema, &collect(reduce, ctx.task_ctx()).await?)?;
+            self.store.delete_many(&old_keys).map_err(store_error)?;
             let entries: Vec<(Vec<u8>, Vec<u8>)> = codec
                 .keys(&touched)?
                 .into_iter()
-                .zip(codec.values(&touched)?)
+                .zip(codec.rows.encode(&touched)?)
                 .collect();
             rows_updated = entries.len() as u64;
             self.store
-                .put_many(&entries, entries.len() as u64)
-                .map_err(|e| internal(e.to_string()))?;
+                .put_many(&entries, rows_updated)
+                .map_err(store_error)?;
         }
         // Closed sessions: those that ended at or before the watermark.
         let mut rows_removed = 0;
         let mut closed = RecordBatch::new_empty(schema.clone());
         if let (true, Some(w)) = (evicts, watermark) {
-            let all = self.store.scan().map_err(|e| internal(e.to_string()))?;
-            let values: Vec<&[u8]> = all.iter().map(|(_, v)| v.as_slice()).collect();
-            let states = codec.decode(&values)?;
-            let ends = codec.column_micros(&states, end_col)?;
-            let done: Vec<usize> = (0..states.num_rows()).filter(|&i| ends[i] <= w).collect();
-            let keys: Vec<Vec<u8>> = done.iter().map(|&i| all[i].0.clone()).collect();
-            self.store
-                .delete_many(&keys)
-                .map_err(|e| internal(e.to_string()))?;
+            let mut all = self.store.scan().map_err(store_error)?;
+            let states = codec.rows.decode(all.iter().map(|(_, v)| v.as_slice()))?;
+            let ends = micros(&states, end_col)?;
+            let done: Vec<u32> = (0..states.num_rows() as u32)
+                .filter(|&i| ends[i as usize] <= w)
+                .collect();
+            let keys: Vec<Vec<u8>> = done
+                .iter()
+                .map(|&i| std::mem::take(&mut all[i as usize].0))
+                .collect();
+            self.store.delete_many(&keys).map_err(store_error)?;
             rows_removed = keys.len() as u64;
-            closed = datafusion::arrow::compute::take_record_batch(
-                &states,
-                &datafusion::arrow::array::UInt32Array::from(
-                    done.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                ),
-            )?;
+            closed = take_record_batch(&states, &UInt32Array::from(done))?;
         }
         let emit = match self.mode {
             OutputMode::Append => closed,
             OutputMode::Update => touched,
-            OutputMode::Complete => {
-                let all = self.store.scan().map_err(|e| internal(e.to_string()))?;
-                let values: Vec<&[u8]> = all.iter().map(|(_, v)| v.as_slice()).collect();
-                codec.decode(&values)?
-            }
+            OutputMode::Complete => self.all_states(&codec.rows)?,
         };
-        self.last = StateStats {
-            rows_total: self.store.rows(),
-            rows_updated,
-            rows_removed,
-            rows_dropped_by_watermark: late,
-            memory_used_bytes: self.store.memory_used_bytes(),
-        };
-        if emit.num_rows() == 0 && self.mode != OutputMode::Complete {
-            return Ok(Vec::new());
-        }
-        finish(phases, plan, emit, ctx).await
+        self.record(rows_updated, rows_removed, late);
+        Ok(emit)
     }
 }
 
@@ -456,7 +450,7 @@ struct SessionCodec {
     start_col: usize,
     end_col: usize,
     key: RowConverter,
-    value: RowConverter,
+    rows: RowCodec,
 }
 
 impl SessionCodec {
@@ -470,20 +464,11 @@ impl SessionCodec {
         Ok(SessionCodec {
             schema: schema.clone(),
             key: RowConverter::new(key_cols.iter().map(sort).collect())?,
-            value: RowConverter::new((0..schema.fields().len()).map(|i| sort(&i)).collect())?,
+            rows: RowCodec::new(schema)?,
             key_cols,
             start_col,
             end_col,
         })
-    }
-
-    fn column_micros(&self, batch: &RecordBatch, col: usize) -> DfResult<Vec<i64>> {
-        batch
-            .column(col)
-            .as_any()
-            .downcast_ref::<TimestampMicrosecondArray>()
-            .map(|a| a.values().to_vec())
-            .ok_or_else(|| internal("a session bound is not a timestamp"))
     }
 
     /// The key prefix (the group's values but the window) of each row.
@@ -498,7 +483,7 @@ impl SessionCodec {
     }
 
     fn keys(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
-        let starts = self.column_micros(batch, self.start_col)?;
+        let starts = micros(batch, self.start_col)?;
         Ok(self
             .prefixes(batch)?
             .into_iter()
@@ -510,28 +495,12 @@ impl SessionCodec {
             .collect())
     }
 
-    fn values(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
-        let rows = self.value.convert_columns(batch.columns())?;
-        Ok(rows.iter().map(|r| r.as_ref().to_vec()).collect())
-    }
-
-    fn decode(&self, values: &[&[u8]]) -> DfResult<RecordBatch> {
-        if values.is_empty() {
-            return Ok(RecordBatch::new_empty(self.schema.clone()));
-        }
-        let parser = self.value.parser();
-        let columns = self
-            .value
-            .convert_rows(values.iter().map(|v| parser.parse(v)))?;
-        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
-    }
-
     /// Each row's merged session: rows of one key whose sessions overlap
     /// (directly or through others) get the union's bounds.
     fn merge_bounds(&self, batch: &RecordBatch) -> DfResult<Vec<(i64, i64)>> {
         let prefixes = self.prefixes(batch)?;
-        let starts = self.column_micros(batch, self.start_col)?;
-        let ends = self.column_micros(batch, self.end_col)?;
+        let starts = micros(batch, self.start_col)?;
+        let ends = micros(batch, self.end_col)?;
         let mut order: Vec<usize> = (0..batch.num_rows()).collect();
         order.sort_by(|a, b| (&prefixes[*a], starts[*a]).cmp(&(&prefixes[*b], starts[*b])));
         let mut bounds = vec![(0, 0); batch.num_rows()];
@@ -588,20 +557,16 @@ async fn finish(
     states: RecordBatch,
     ctx: &SessionContext,
 ) -> DfResult<Vec<RecordBatch>> {
-    let partial = &phases.partial;
     let top = phases
         .top
         .downcast_ref::<AggregateExec>()
         .ok_or_else(|| internal("the aggregation node moved"))?;
-    let schema = partial.schema();
-    let last = Arc::new(AggregateExec::try_new(
+    let last = phase_over(
         AggregateMode::Final,
-        partial.group_expr().as_final(),
-        partial.aggr_expr().to_vec(),
-        vec![None; partial.aggr_expr().len()],
-        MemorySourceConfig::try_new_exec(&[vec![states]], schema, None)?,
+        &phases.partial,
+        vec![states],
         top.input_schema(),
-    )?);
+    )?;
     let rest = replace(plan, &phases.top, last)?;
     collect(rest, ctx.task_ctx()).await
 }
@@ -668,72 +633,78 @@ fn replace(
     )
 }
 
-/// Turns state rows into keys and values and back.
-struct KeyCodec {
+/// Whole state rows in arrow's row format, and back: the state's values.
+struct RowCodec {
     schema: SchemaRef,
+    converter: RowConverter,
+}
+
+impl RowCodec {
+    fn new(schema: &SchemaRef) -> DfResult<Self> {
+        let fields = schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        Ok(RowCodec {
+            schema: schema.clone(),
+            converter: RowConverter::new(fields)?,
+        })
+    }
+
+    fn encode(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
+        let rows = self.converter.convert_columns(batch.columns())?;
+        Ok(rows.iter().map(|r| r.as_ref().to_vec()).collect())
+    }
+
+    fn decode<'a>(&self, values: impl IntoIterator<Item = &'a [u8]>) -> DfResult<RecordBatch> {
+        let parser = self.converter.parser();
+        let rows: Vec<_> = values.into_iter().map(|v| parser.parse(v)).collect();
+        if rows.is_empty() {
+            return Ok(RecordBatch::new_empty(self.schema.clone()));
+        }
+        let columns: Vec<ArrayRef> = self.converter.convert_rows(rows)?;
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+/// Keys of state rows: the group's values, after the column the watermark
+/// removes state by (a window's end, an event time) when there is one.
+struct KeyCodec {
     groups: usize,
-    window_end: Option<usize>,
+    prefix_col: Option<usize>,
     key: RowConverter,
-    value: RowConverter,
+    rows: RowCodec,
 }
 
 impl KeyCodec {
-    fn new(schema: &SchemaRef, groups: usize, window_end: Option<usize>) -> DfResult<Self> {
-        let fields = |n: usize| -> Vec<SortField> {
-            schema
-                .fields()
-                .iter()
-                .take(n)
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect()
-        };
+    fn new(schema: &SchemaRef, groups: usize, prefix_col: Option<usize>) -> DfResult<Self> {
+        let fields = schema
+            .fields()
+            .iter()
+            .take(groups)
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
         Ok(KeyCodec {
-            schema: schema.clone(),
             groups,
-            window_end,
-            key: RowConverter::new(fields(groups))?,
-            value: RowConverter::new(fields(schema.fields().len()))?,
+            prefix_col,
+            key: RowConverter::new(fields)?,
+            rows: RowCodec::new(schema)?,
         })
     }
 
     fn keys(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
         let rows = self.key.convert_columns(&batch.columns()[..self.groups])?;
-        let ends = self.window_end.map(|i| {
-            batch
-                .column(i)
-                .as_any()
-                .downcast_ref::<TimestampMicrosecondArray>()
-                .map(|a| a.values().to_vec())
-        });
-        let ends = match ends {
-            Some(Some(ends)) => Some(ends),
-            Some(None) => return Err(internal("window_end is not a timestamp")),
-            None => None,
-        };
+        let prefixes = self.prefix_col.map(|i| micros(batch, i)).transpose()?;
         Ok((0..batch.num_rows())
             .map(|i| {
                 let mut key = Vec::new();
-                if let Some(ends) = &ends {
-                    key.extend_from_slice(&window_prefix(ends[i]));
+                if let Some(prefixes) = &prefixes {
+                    key.extend_from_slice(&window_prefix(prefixes[i]));
                 }
                 key.extend_from_slice(rows.row(i).as_ref());
                 key
             })
             .collect())
-    }
-
-    fn values(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
-        let rows = self.value.convert_columns(batch.columns())?;
-        Ok(rows.iter().map(|r| r.as_ref().to_vec()).collect())
-    }
-
-    fn decode(&self, values: &[&[u8]]) -> DfResult<RecordBatch> {
-        if values.is_empty() {
-            return Ok(RecordBatch::new_empty(self.schema.clone()));
-        }
-        let parser = self.value.parser();
-        let rows = values.iter().map(|v| parser.parse(v));
-        let columns: Vec<ArrayRef> = self.value.convert_rows(rows)?;
-        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 }
