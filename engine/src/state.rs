@@ -58,6 +58,17 @@ pub const VERSIONS_TO_RETAIN: u64 = 100;
 /// Old versions are cleaned up once every this many commits.
 const CLEAN_EVERY: u64 = 10;
 
+impl Manifest {
+    /// Every file this version needs.
+    fn paths(&self) -> HashSet<String> {
+        self.partitions
+            .iter()
+            .flatten()
+            .map(|f| f.path.clone())
+            .collect()
+    }
+}
+
 /// An operator's state.
 pub struct StateStore {
     operator: String,
@@ -115,23 +126,7 @@ impl StateStore {
         };
         let mut uploaded = HashSet::new();
         if let (Some(store), Some(version)) = (&remote, restore) {
-            let path = Path::from(format!("state/{operator}/v{version}.json"));
-            let bytes = store
-                .get(&path)
-                .await
-                .map_err(|e| {
-                    Error::Checkpoint {
-                        file: format!("state/{operator}/v{version}.json"),
-                        message: format!("the state of the last committed batch cannot be read ({e}): the checkpoint is damaged"),
-                    }
-                })?
-                .bytes()
-                .await
-                .map_err(state_error)?;
-            manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
-                file: format!("state/{operator}/v{version}.json"),
-                message: format!("is not a state manifest: {e}"),
-            })?;
+            manifest = read_manifest(store, operator, version).await?;
             if manifest.partitions.len() != partitions as usize {
                 return Err(Error::Checkpoint {
                     file: format!("state/{operator}/v{version}.json"),
@@ -206,10 +201,14 @@ impl StateStore {
         Ok(out)
     }
 
+    /// One empty write batch per partition.
+    fn write_batches(&self) -> Vec<WriteBatch> {
+        (0..self.dbs.len()).map(|_| WriteBatch::default()).collect()
+    }
+
     /// Writes `entries`; `new_keys` of them were not in state before.
     pub fn put_many(&mut self, entries: &[(Vec<u8>, Vec<u8>)], new_keys: u64) -> Result<()> {
-        let mut batches: Vec<WriteBatch> =
-            (0..self.dbs.len()).map(|_| WriteBatch::default()).collect();
+        let mut batches = self.write_batches();
         for (key, value) in entries {
             batches[self.partition(key)].put(key, value);
         }
@@ -238,8 +237,7 @@ impl StateStore {
     /// start with their window's end, so this is every closed window).
     pub fn take_below(&mut self, bound: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
-        let mut batches: Vec<WriteBatch> =
-            (0..self.dbs.len()).map(|_| WriteBatch::default()).collect();
+        let mut batches = self.write_batches();
         for (p, db) in self.dbs.iter().enumerate() {
             for item in db.iterator(IteratorMode::Start) {
                 let (key, value) = item.map_err(state_error)?;
@@ -257,8 +255,7 @@ impl StateStore {
 
     /// Removes `keys` (each present in state).
     pub fn delete_many(&mut self, keys: &[Vec<u8>]) -> Result<()> {
-        let mut batches: Vec<WriteBatch> =
-            (0..self.dbs.len()).map(|_| WriteBatch::default()).collect();
+        let mut batches = self.write_batches();
         for key in keys {
             batches[self.partition(key)].delete(key);
         }
@@ -374,15 +371,7 @@ impl StateStore {
             )
             .await
             .map_err(|e| state_error(format!("cannot write {path}: {e}")))?;
-        self.retained.insert(
-            version,
-            manifest
-                .partitions
-                .iter()
-                .flatten()
-                .map(|f| f.path.clone())
-                .collect(),
-        );
+        self.retained.insert(version, manifest.paths());
         self.manifest = manifest;
         self.dirty.iter_mut().for_each(|d| *d = false);
         if version % CLEAN_EVERY == CLEAN_EVERY - 1 {
@@ -420,28 +409,8 @@ impl StateStore {
         let mut referenced: HashSet<String> = HashSet::new();
         for version in kept {
             if !self.retained.contains_key(version) {
-                let path = Path::from(format!("state/{}/v{version}.json", self.operator));
-                let bytes = remote
-                    .get(&path)
-                    .await
-                    .map_err(state_error)?
-                    .bytes()
-                    .await
-                    .map_err(state_error)?;
-                let manifest: Manifest =
-                    serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
-                        file: path.to_string(),
-                        message: format!("is not a state manifest: {e}"),
-                    })?;
-                self.retained.insert(
-                    *version,
-                    manifest
-                        .partitions
-                        .iter()
-                        .flatten()
-                        .map(|f| f.path.clone())
-                        .collect(),
-                );
+                let manifest = read_manifest(remote, &self.operator, *version).await?;
+                self.retained.insert(*version, manifest.paths());
             }
             referenced.extend(self.retained[version].iter().cloned());
         }
@@ -460,6 +429,27 @@ impl StateStore {
         }
         Ok(())
     }
+}
+
+/// The manifest of `operator`'s state version `version`.
+async fn read_manifest(
+    store: &Arc<dyn ObjectStore>,
+    operator: &str,
+    version: u64,
+) -> Result<Manifest> {
+    let file = format!("state/{operator}/v{version}.json");
+    let damaged = |message: String| Error::Checkpoint {
+        file: file.clone(),
+        message,
+    };
+    let bytes = store
+        .get(&Path::from(file.as_str()))
+        .await
+        .map_err(|e| damaged(format!("cannot be read ({e}): the checkpoint is damaged")))?
+        .bytes()
+        .await
+        .map_err(|e| damaged(format!("cannot be read ({e})")))?;
+    serde_json::from_slice(&bytes).map_err(|e| damaged(format!("is not a state manifest: {e}")))
 }
 
 fn open_db(path: &LocalPath, cache: &Cache) -> Result<DB> {
