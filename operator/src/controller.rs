@@ -310,11 +310,7 @@ async fn engine_pods(ctx: &Context, query: &StreamingQuery) -> Result<Vec<Pod>> 
         .namespace()
         .ok_or(Error::Missing("metadata.namespace"))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let selector = objects::labels(query)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let selector = objects::label_selector(query);
     Ok(pods
         .list(&ListParams::default().labels(&selector))
         .await?

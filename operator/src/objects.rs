@@ -56,6 +56,16 @@ pub fn labels(query: &StreamingQuery) -> BTreeMap<String, String> {
     ])
 }
 
+/// [`labels`] as a label selector, `k=v,k=v`: the engine pods' selector
+/// for listing them and for the `/scale` subresource.
+pub fn label_selector(query: &StreamingQuery) -> String {
+    labels(query)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The ConfigMap holding the query's manifest, as the engine reads it: the
 /// same file `sluice run` takes, without status or server-side metadata, and
 /// without the fields that shape the pods rather than the query (`replicas`,

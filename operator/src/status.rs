@@ -13,7 +13,7 @@ use sluice_crds::{
     Condition, Phase, Problems, ProgressSummary, StreamingQuery, StreamingQueryStatus,
 };
 
-use crate::objects::labels;
+use crate::objects::label_selector;
 
 /// What the operator saw of a query, for [`compute`].
 #[derive(Clone, Debug, Default)]
@@ -66,6 +66,12 @@ pub fn compute(
     let sts = observed.stateful_set.as_ref();
     let ready = sts.and_then(|s| s.ready_replicas).unwrap_or(0);
     let updated = sts.and_then(|s| s.updated_replicas).unwrap_or(0);
+    // Running once a pod is ready, Pending until then.
+    let live = if ready > 0 {
+        Phase::Running
+    } else {
+        Phase::Pending
+    };
     let c = |type_: &str, status: bool, reason: &str, message: String| {
         condition(type_, status, reason, message, generation, &now_text)
     };
@@ -138,11 +144,7 @@ pub fn compute(
         )
     } else if let Some(failure) = &observed.pod_failure {
         (
-            if ready > 0 {
-                Phase::Running
-            } else {
-                Phase::Pending
-            },
+            live,
             vec![
                 c(
                     "Ready",
@@ -164,11 +166,7 @@ pub fn compute(
         let rolled_out = ready >= desired && updated >= desired;
         let message = format!("{ready}/{desired} engine pods ready.");
         (
-            if ready > 0 {
-                Phase::Running
-            } else {
-                Phase::Pending
-            },
+            live,
             vec![
                 c(
                     "Ready",
@@ -209,11 +207,7 @@ pub fn compute(
             new
         })
         .collect();
-    let selector = labels(query)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let selector = label_selector(query);
     StreamingQueryStatus {
         phase: Some(phase),
         observed_generation: generation,
