@@ -105,6 +105,18 @@ struct Cluster {
     status: Value,
 }
 
+impl Cluster {
+    /// Answers the reads of a reconcile that does not rewrite the ConfigMap:
+    /// the ConfigMap, Service and PDB as applied, then the StatefulSet `sts`
+    /// with `status`.
+    async fn serve_reads(&self, api: &mut ApiServer, sts: &Value, status: Value) {
+        api.get(CM, Some(&stored(&self.cm, None))).await;
+        api.get(SVC, Some(&stored(&self.svc, None))).await;
+        api.get(PDB, Some(&stored(&self.pdb, None))).await;
+        api.get(STS, Some(&stored(sts, Some(status)))).await;
+    }
+}
+
 /// An applied object as the API server returns it: with a resourceVersion,
 /// defaulted fields and, for the StatefulSet, `status`.
 fn stored(applied: &Value, status: Option<Value>) -> Value {
@@ -198,10 +210,8 @@ async fn running() -> Cluster {
     let before = cluster.clone();
     let (result, status) =
         reconcile_with(with_status(query(), &before.status), |mut api| async move {
-            api.get(CM, Some(&stored(&before.cm, None))).await;
-            api.get(SVC, Some(&stored(&before.svc, None))).await;
-            api.get(PDB, Some(&stored(&before.pdb, None))).await;
-            api.get(STS, Some(&stored(&before.sts, Some(sts_status(1, 1, 1)))))
+            before
+                .serve_reads(&mut api, &before.sts, sts_status(1, 1, 1))
                 .await;
             api.list(PODS, vec![]).await;
             let status = apply_status(&mut api).await;
@@ -275,10 +285,8 @@ async fn a_reconcile_with_nothing_changed_writes_nothing() {
     let (result, ()) = reconcile_with(
         with_status(query(), &cluster.status),
         |mut api| async move {
-            api.get(CM, Some(&stored(&cluster.cm, None))).await;
-            api.get(SVC, Some(&stored(&cluster.svc, None))).await;
-            api.get(PDB, Some(&stored(&cluster.pdb, None))).await;
-            api.get(STS, Some(&stored(&cluster.sts, Some(sts_status(1, 1, 1)))))
+            cluster
+                .serve_reads(&mut api, &cluster.sts, sts_status(1, 1, 1))
                 .await;
             api.list(PODS, vec![]).await;
             // No apply, no status write, no Event: `done` fails on any call.
@@ -355,10 +363,8 @@ async fn suspend_stops_the_pods_and_resume_starts_them_without_a_roll() {
     let before = cluster.clone();
     let (result, (sts, status, events)) = reconcile_with(suspended, |mut api| async move {
         // The ConfigMap does not hold `suspend`: it is not rewritten.
-        api.get(CM, Some(&stored(&before.cm, None))).await;
-        api.get(SVC, Some(&stored(&before.svc, None))).await;
-        api.get(PDB, Some(&stored(&before.pdb, None))).await;
-        api.get(STS, Some(&stored(&before.sts, Some(sts_status(1, 1, 1)))))
+        before
+            .serve_reads(&mut api, &before.sts, sts_status(1, 1, 1))
             .await;
         let sts = api
             .apply_onto(STS, stored(&before.sts, Some(sts_status(1, 1, 1))))
@@ -378,11 +384,10 @@ async fn suspend_stops_the_pods_and_resume_starts_them_without_a_roll() {
 
     // Resume: the pods come back, with the same template (no roll).
     let resumed = with_status(query(), &status);
+    let stopped = cluster.clone();
     let (result, sts) = reconcile_with(resumed, |mut api| async move {
-        api.get(CM, Some(&stored(&cluster.cm, None))).await;
-        api.get(SVC, Some(&stored(&cluster.svc, None))).await;
-        api.get(PDB, Some(&stored(&cluster.pdb, None))).await;
-        api.get(STS, Some(&stored(&sts, Some(sts_status(0, 0, 0)))))
+        stopped
+            .serve_reads(&mut api, &sts, sts_status(0, 0, 0))
             .await;
         let sts = api
             .apply_onto(STS, stored(&sts, Some(sts_status(0, 0, 0))))
