@@ -21,14 +21,8 @@ import os
 import sys
 import time
 
-from pyspark.sql import SparkSession
-from pyspark.sql.types import (
-    DoubleType,
-    StringType,
-    StructField,
-    StructType,
-    TimestampType,
-)
+from spark_common import SCHEMA, session
+
 
 # Keep in step with the query in bench/stateless.sh (the Sluice side).
 QUERY = """
@@ -40,17 +34,6 @@ SELECT transaction_id, user_id, merchant_id, device_type, event_time, amount,
 FROM transactions
 WHERE amount >= 250 OR (device_type = 'atm' AND amount >= 100)
 """
-
-SCHEMA = StructType(
-    [
-        StructField("transaction_id", StringType()),
-        StructField("user_id", StringType()),
-        StructField("amount", DoubleType()),
-        StructField("merchant_id", StringType()),
-        StructField("event_time", TimestampType()),
-        StructField("device_type", StringType()),
-    ]
-)
 
 
 def source_log_files(log_dir: str) -> set[str]:
@@ -73,23 +56,7 @@ def main() -> None:
     input_dir, output_dir, checkpoint_dir, result_path = sys.argv[1:]
     codec = os.environ.get("SPARK_PARQUET_CODEC", "zstd")
 
-    spark = (
-        SparkSession.builder.master(os.environ.get("SPARK_MASTER", "local[2]"))
-        .appName("sluice-bench-stateless")
-        .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "2g"))
-        .config("spark.sql.shuffle.partitions", os.environ.get("SPARK_SHUFFLE_PARTITIONS", "2"))
-        .config("spark.sql.session.timeZone", "UTC")
-        # Microsecond timestamps in the Parquet output, as Sluice writes them
-        # (Spark's default is INT96).
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-        .config("spark.sql.parquet.compression.codec", codec)
-        # Keep every batch's progress so that the input rows can be summed.
-        .config("spark.sql.streaming.numRecentProgressUpdates", "100000")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("WARN")
+    spark = session("sluice-bench-stateless", parquet_codec=codec)
 
     source = (
         spark.readStream.schema(SCHEMA)

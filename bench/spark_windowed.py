@@ -19,20 +19,8 @@ import os
 import sys
 import time
 
-from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import DoubleType, StringType, StructField, StructType, TimestampType
-
-SCHEMA = StructType(
-    [
-        StructField("transaction_id", StringType()),
-        StructField("user_id", StringType()),
-        StructField("amount", DoubleType()),
-        StructField("merchant_id", StringType()),
-        StructField("event_time", TimestampType()),
-        StructField("device_type", StringType()),
-    ]
-)
+from spark_common import SCHEMA, session
 
 
 def main() -> None:
@@ -40,19 +28,7 @@ def main() -> None:
         sys.exit(__doc__)
     input_dir, output_dir, checkpoint_dir, result_path = sys.argv[1:]
     min_count = int(os.environ.get("MIN_COUNT", "20"))
-    spark = (
-        SparkSession.builder.master(os.environ.get("SPARK_MASTER", "local[2]"))
-        .appName("sluice-bench-windowed")
-        .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "2g"))
-        .config("spark.sql.shuffle.partitions", os.environ.get("SPARK_SHUFFLE_PARTITIONS", "2"))
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-        .config("spark.sql.streaming.numRecentProgressUpdates", "100000")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("WARN")
+    spark = session("sluice-bench-windowed")
     source = (
         spark.readStream.schema(SCHEMA).option("maxFilesPerTrigger", 1).json(input_dir)
     ).withWatermark("event_time", "10 minutes")

@@ -28,6 +28,7 @@
 #   BENCH_DIR=/tmp/sluice-bench bench/stateless.sh   # keep the data and outputs there
 # Settings: ROWS (1000000), RUNS (1), BENCH_DIR (a new mktemp -d),
 # SLUICE_BENCH_TARGET (cargo target dir, default ~/.cache/sluice/bench-target),
+# SLUICE_BIN (use this binary instead of building),
 # PYSPARK_VERSION (4.3.0, installed only when pyspark is missing),
 # SPARK_MASTER (local[2]), SPARK_SHUFFLE_PARTITIONS (2), SPARK_DRIVER_MEMORY (2g),
 # SPARK_PARQUET_CODEC (zstd, what Sluice's sink writes).
@@ -41,61 +42,17 @@ PYSPARK_VERSION=${PYSPARK_VERSION:-4.3.0}
 export SPARK_MASTER=${SPARK_MASTER:-local[2]}
 export SPARK_PARQUET_CODEC=${SPARK_PARQUET_CODEC:-zstd}
 
-say() { printf '\n>> %s\n' "$*" >&2; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-
-# --- Python side: pyspark and pyarrow --------------------------------------
-if ! python3 -c 'import pyspark, pyarrow' 2>/dev/null; then
-  say "installing pyspark==$PYSPARK_VERSION and pyarrow with pip"
-  python3 -m pip install --quiet "pyspark==$PYSPARK_VERSION" pyarrow
-fi
-command -v java >/dev/null || { echo "Spark needs Java (17 or later) on the PATH" >&2; exit 1; }
-
-# --- Sluice: a release build in its own target dir -------------------------
-target=${SLUICE_BENCH_TARGET:-$HOME/.cache/sluice/bench-target}
-say "building sluice (release) into $target"
-(cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release --locked --bin sluice)
-sluice="$target/release/sluice"
-
-# --- Work dir --------------------------------------------------------------
-work=${BENCH_DIR:-$(mktemp -d -t sluice-bench.XXXXXX)}
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
-say "work dir: $work"
+source "$here/lib.sh"
+ensure_spark
+build_sluice
+make_work_dir sluice-bench
 
 # --- Input: JSON-lines files from Sluice's seeded generator ----------------
-rm -rf "$work/input" "$work/generate-checkpoint"
-cat >"$work/generate.yaml" <<EOF
-apiVersion: sluice.dev/v1alpha1
-kind: StreamingQuery
-metadata: {name: bench-generate}
-spec:
-  sources:
-    - name: transactions
-      generator:
-        kind: transactions
-        rowsPerSecond: 1000          # event time: 1 ms a row, plus up to 2 s of disorder
-        rowsPerBatch: 50000          # one input file per 50,000 rows
-        totalRows: $ROWS
-        startTime: "2026-01-01T00:00:00Z"
-        seed: 42
-        users: 100000
-  query: SELECT * FROM transactions
-  sink:
-    files: {path: $work/input}
-    format: json
-  trigger: {availableNow: true}
-EOF
-say "generating $ROWS input rows with sluice"
-"$sluice" run "$work/generate.yaml" 2>"$work/generate.log" || { cat "$work/generate.log" >&2; exit 1; }
+# Event time: 1 ms a row, plus up to 2 s of disorder; one file per 50,000 rows.
+generate_transactions "$ROWS" 100000 1000
 input_files=$(find "$work/input" -maxdepth 1 -name 'part-*.jsonl' | wc -l)
-input_rows=$(cat "$work"/input/part-*.jsonl | wc -l)
+input_rows=$ROWS
 input_bytes=$(find "$work/input" -maxdepth 1 -name 'part-*.jsonl' -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }')
-if [ "$input_rows" -ne "$ROWS" ]; then
-  echo "the generator wrote $input_rows rows, not $ROWS (log: $work/generate.log)" >&2
-  exit 1
-fi
 echo "   $input_rows rows in $input_files files, $input_bytes bytes (and $work/input/_sluice_metadata, which both engines skip)" >&2
 
 # --- The workload ----------------------------------------------------------
@@ -117,13 +74,7 @@ spec:
     - name: transactions
       files: {path: $work/input, maxFilesPerTrigger: 1}
       format: json
-      schema:
-        - {name: transaction_id, type: string}
-        - {name: user_id, type: string}
-        - {name: amount, type: double}
-        - {name: merchant_id, type: string}
-        - {name: event_time, type: timestamp}
-        - {name: device_type, type: string}
+$TRANSACTIONS_SCHEMA
   query: |
     $QUERY
   sink:

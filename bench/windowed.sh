@@ -39,46 +39,11 @@ export MIN_COUNT=${MIN_COUNT:-20}
 export SPARK_MASTER=${SPARK_MASTER:-local[2]}
 KEYS_ONLY=${KEYS_ONLY:-}
 
-say() { printf '\n>> %s\n' "$*" >&2; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-
-if [ -z "$KEYS_ONLY" ]; then
-  python3 -c 'import pyspark, pyarrow' 2>/dev/null ||
-    python3 -m pip install --quiet "pyspark==${PYSPARK_VERSION:-4.3.0}" pyarrow
-  command -v java >/dev/null || { echo "Spark needs Java 17 or later" >&2; exit 1; }
-fi
-
-if [ -n "${SLUICE_BIN:-}" ]; then
-  sluice=$SLUICE_BIN   # a binary built already (e.g. a debug build, to check results quickly)
-else
-  target=${SLUICE_BENCH_TARGET:-$HOME/.cache/sluice/bench-target}
-  say "building sluice (release) into $target"
-  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release --locked --bin sluice)
-  sluice="$target/release/sluice"
-fi
-
-work=${BENCH_DIR:-$(mktemp -d -t sluice-windowed.XXXXXX)}
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
-say "work dir: $work"
-
-rm -rf "$work/input"
-cat >"$work/generate.yaml" <<YAML
-apiVersion: sluice.dev/v1alpha1
-kind: StreamingQuery
-metadata: {name: bench-generate}
-spec:
-  sources:
-    - name: transactions
-      generator: {kind: transactions, rowsPerSecond: $RATE, rowsPerBatch: 50000, totalRows: $ROWS,
-                  startTime: "2026-01-01T00:00:00Z", seed: 42, users: $USERS}
-  query: SELECT * FROM transactions
-  sink: {files: {path: $work/input}, format: json}
-  trigger: {availableNow: true}
-YAML
-say "generating $ROWS rows ($USERS users, $RATE rows/s of event time)"
-"$sluice" run "$work/generate.yaml" 2>"$work/generate.log" || { cat "$work/generate.log" >&2; exit 1; }
+source "$here/lib.sh"
+[ -n "$KEYS_ONLY" ] || ensure_spark
+build_sluice
+make_work_dir sluice-windowed
+generate_transactions "$ROWS" "$USERS" "$RATE"
 
 # Keep in step with bench/spark_windowed.py.
 QUERY="SELECT window_start, window_end, user_id,
@@ -95,13 +60,7 @@ spec:
     - name: transactions
       files: {path: $work/input, maxFilesPerTrigger: 1}
       format: json
-      schema:
-        - {name: transaction_id, type: string}
-        - {name: user_id, type: string}
-        - {name: amount, type: double}
-        - {name: merchant_id, type: string}
-        - {name: event_time, type: timestamp}
-        - {name: device_type, type: string}
+$TRANSACTIONS_SCHEMA
       watermark: {column: event_time, delay: 10m}
   query: |
     $QUERY

@@ -1,0 +1,47 @@
+"""What bench/spark_*.py share: the generated transactions' schema and a
+local Spark session set up as the Sluice side runs (UTC, microsecond Parquet
+timestamps, every progress report kept, no UI).
+
+Settings from the environment: SPARK_MASTER (local[2]),
+SPARK_SHUFFLE_PARTITIONS (2), SPARK_DRIVER_MEMORY (2g).
+"""
+
+import os
+
+from pyspark.sql import SparkSession
+from pyspark.sql.types import DoubleType, StringType, StructField, StructType, TimestampType
+
+# The columns of Sluice's `transactions` generator, as its sources declare them.
+SCHEMA = StructType(
+    [
+        StructField("transaction_id", StringType()),
+        StructField("user_id", StringType()),
+        StructField("amount", DoubleType()),
+        StructField("merchant_id", StringType()),
+        StructField("event_time", TimestampType()),
+        StructField("device_type", StringType()),
+    ]
+)
+
+
+def session(app_name: str, parquet_codec: str | None = None) -> SparkSession:
+    """A local Spark session for one benchmark query."""
+    builder = (
+        SparkSession.builder.master(os.environ.get("SPARK_MASTER", "local[2]"))
+        .appName(app_name)
+        .config("spark.driver.memory", os.environ.get("SPARK_DRIVER_MEMORY", "2g"))
+        .config("spark.sql.shuffle.partitions", os.environ.get("SPARK_SHUFFLE_PARTITIONS", "2"))
+        .config("spark.sql.session.timeZone", "UTC")
+        # Microsecond timestamps in the Parquet output, as Sluice writes them
+        # (Spark's default is INT96).
+        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+        # Keep every batch's progress report.
+        .config("spark.sql.streaming.numRecentProgressUpdates", "100000")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+    )
+    if parquet_codec:
+        builder = builder.config("spark.sql.parquet.compression.codec", parquet_codec)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
