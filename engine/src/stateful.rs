@@ -240,8 +240,7 @@ impl Aggregation {
         let mut rows_updated = 0;
         let mut touched = RecordBatch::new_empty(state_schema.clone());
         if new_states.num_rows() > 0 {
-            let wanted = keys.keys(&new_states)?;
-            let mut unique = wanted.clone();
+            let mut unique = keys.keys(&new_states)?;
             unique.sort_unstable();
             unique.dedup();
             let stored = self.store.get_many(&unique).map_err(store_error)?;
