@@ -109,8 +109,6 @@ pub struct QueryPlan {
     /// For `SELECT DISTINCT`: the watermark column of a source, when the
     /// query's columns include it.
     dedup_event_time: Option<String>,
-    /// Input (row, window) pairs the last batch dropped as late.
-    late: u64,
 }
 
 impl QueryPlan {
@@ -204,7 +202,6 @@ impl QueryPlan {
             output_mode,
             aggregated,
             aggregation: None,
-            late: 0,
         })
     }
 
@@ -267,12 +264,6 @@ impl QueryPlan {
         }]
     }
 
-    /// Input rows (or row and window pairs) the last batch dropped as later
-    /// than the watermark.
-    pub fn late_rows(&self) -> u64 {
-        self.late
-    }
-
     /// The schema of the query's result.
     pub fn output_schema(&self) -> &SchemaRef {
         &self.output_schema
@@ -300,15 +291,16 @@ impl QueryPlan {
             }
             partitions
         };
-        self.late = 0;
+        // Input (row, window) pairs dropped as later than the watermark.
+        let mut late = 0;
         for window in &self.windows {
             let mut expanded = Vec::new();
             for batch in &inputs[window.source] {
-                let (rows, late) = window
+                let (rows, dropped) = window
                     .function
                     .expand(batch, &window.schema, watermark)
                     .map_err(|e| DataFusionError::Execution(e.to_string()))?;
-                self.late += late;
+                late += dropped;
                 expanded.push(rows);
             }
             window.table.replace(spread(expanded))?;
@@ -319,7 +311,7 @@ impl QueryPlan {
         if let Some(aggregation) = &mut self.aggregation {
             let physical = self.ctx.state().create_physical_plan(&self.plan).await?;
             return aggregation
-                .execute(&self.ctx, physical, watermark, self.late)
+                .execute(&self.ctx, physical, watermark, late)
                 .await;
         }
         if self.aggregated.is_some() {
