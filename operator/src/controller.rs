@@ -104,6 +104,13 @@ impl Context {
     }
 }
 
+/// The query's namespace (a StreamingQuery is namespaced).
+fn namespace_of(query: &StreamingQuery) -> Result<String> {
+    query
+        .namespace()
+        .ok_or(Error::Missing("metadata.namespace"))
+}
+
 fn key(query: &StreamingQuery) -> String {
     format!(
         "{}/{}",
@@ -117,9 +124,7 @@ fn key(query: &StreamingQuery) -> String {
 pub async fn reconcile(query: Arc<StreamingQuery>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.duration.start_timer();
     ctx.metrics.reconciles.inc();
-    let namespace = query
-        .namespace()
-        .ok_or(Error::Missing("metadata.namespace"))?;
+    let namespace = namespace_of(&query)?;
     let api: Api<StreamingQuery> = Api::namespaced(ctx.client.clone(), &namespace);
     let action = finalizer(&api, FINALIZER, query, |event| async {
         match event {
@@ -168,9 +173,7 @@ fn applied_spec(cm: &ConfigMap) -> Option<StreamingQuerySpec> {
 }
 
 async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
-    let namespace = query
-        .namespace()
-        .ok_or(Error::Missing("metadata.namespace"))?;
+    let namespace = namespace_of(query)?;
     let name = query.name_any();
     let client = &ctx.client;
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
@@ -269,9 +272,7 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
 /// references, the query's objects. The checkpoint is kept: a query created
 /// again with the same `checkpoint.location` resumes from it.
 async fn cleanup(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
-    let namespace = query
-        .namespace()
-        .ok_or(Error::Missing("metadata.namespace"))?;
+    let namespace = namespace_of(query)?;
     let stateful_sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
     if let Some(sts) = stateful_sets.get_opt(&query.name_any()).await?
         && sts.spec.replicas != Some(0)
@@ -306,9 +307,7 @@ async fn cleanup(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
 }
 
 async fn engine_pods(ctx: &Context, query: &StreamingQuery) -> Result<Vec<Pod>> {
-    let namespace = query
-        .namespace()
-        .ok_or(Error::Missing("metadata.namespace"))?;
+    let namespace = namespace_of(query)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let selector = objects::label_selector(query);
     Ok(pods
