@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End to end, as a user would check it: `sluice run` on a local example with
-# --http-port, then curl on /progress, /metrics, /healthz and /readyz while it
+# --http-port, then curl on /progress, /status, /metrics, /healthz and /readyz while it
 # runs; the exposition is checked by Prometheus' own promtool; SIGTERM stops
 # the query at a batch boundary with exit status 0.
 set -euo pipefail
@@ -45,6 +45,12 @@ curl -fsS "localhost:$port/metrics" > "$work/metrics.txt"
 grep -q '^sluice_batches_total{query="rate-to-files"}' "$work/metrics.txt"
 grep -q '^sluice_input_rows_total{query="rate-to-files",source="rate"}' "$work/metrics.txt"
 promtool check metrics < "$work/metrics.txt"
+curl -fsS "localhost:$port/status" | python3 -c '
+import json, sys
+status = json.load(sys.stdin)
+assert set(status) == {"message", "isDataAvailable", "isTriggerActive"}, status
+print("status:", status["message"])
+'
 curl -fsS "localhost:$port/healthz" > /dev/null
 curl -fsS "localhost:$port/readyz" > /dev/null
 
@@ -56,6 +62,6 @@ ls "$work/out"/part-*.jsonl "$work/out/_sluice_metadata/0" "$work/checkpoint/com
 # Started again, it resumes after the last committed batch.
 last=$(ls "$work/checkpoint/commits" | sort -n | tail -1)
 "$sluice" run "$work/query.yaml" --max-batches 1 2> "$work/log2"
-grep -q "Recovered from the checkpoint. location=$work/checkpoint next_batch=$((last + 1))" "$work/log2" \
+grep -Eq "Recovered from the checkpoint. location=$work/checkpoint epoch=[0-9]+ next_batch=$((last + 1))" "$work/log2" \
   || { cat "$work/log2"; echo "FAIL: did not resume after batch $last"; exit 1; }
 echo "e2e local-http: 1 passed, 0 failed"

@@ -95,3 +95,17 @@ pub struct SinkProgress {
     /// Rows written by the batch.
     pub num_output_rows: u64,
 }
+
+/// What a query is doing right now, as Spark's `StreamingQueryStatus`:
+/// served on `/status`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryStatus {
+    /// In words: "Waiting for data to arrive", "Processing new data", or
+    /// what went wrong and when the query retries.
+    pub message: String,
+    /// Whether the sources had new data when last asked.
+    pub is_data_available: bool,
+    /// Whether a batch is running.
+    pub is_trigger_active: bool,
+}

@@ -55,6 +55,9 @@ use crate::status::StreamingQueryStatus;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StreamingQuerySpec {
     /// The input streams. Each is a table the query reads under its `name`.
+    // NB: the API server estimates the cost of each item's CEL rule over the
+    // longest list the schema allows; without a bound it refuses the CRD.
+    #[schemars(length(min = 1, max = 64))]
     pub sources: Vec<Source>,
     /// Static tables the query may join the streams with (stream-static
     /// joins): files read again by every batch, as Spark re-reads a static
@@ -89,8 +92,10 @@ pub struct StreamingQuerySpec {
     /// resume where the query stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
-    /// The number of engine pods. Default 1. The `/scale` subresource sets it,
-    /// so `kubectl scale`, an HPA or KEDA can drive it.
+    /// The number of engine pods: 1 (the default) runs the query, 0 stops
+    /// it. More than one is refused until scale-out is built: each pod
+    /// would run the whole query on one checkpoint. The `/scale`
+    /// subresource sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
@@ -368,6 +373,11 @@ pub struct Watermark {
     /// How late a row may be, e.g. `10m`: the watermark is the largest event
     /// time seen minus this delay.
     pub delay: String,
+    /// After this long without a row (e.g. `5m`), the source no longer holds
+    /// the query's watermark back (Flink's idleness). Without it, a source
+    /// that produces nothing holds the watermark where it is, as in Spark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
 }
 
 /// Where results are written. Set exactly one of `console`, `files` or `kafka`.

@@ -98,6 +98,16 @@ fn validate_spec_into(spec: &StreamingQuerySpec, problems: &mut Problems) {
     if spec.sources.is_empty() {
         problems.push("spec.sources", "needs at least one source");
     }
+    if let Some(replicas) = spec.replicas
+        && replicas > 1
+    {
+        problems.push(
+            "spec.replicas",
+            format!(
+                "{replicas} engine pods would each run the whole query on one checkpoint: scale-out is not built in this version yet; set 1 (or 0 to stop the query)"
+            ),
+        );
+    }
     let mut names = HashSet::new();
     for (i, source) in spec.sources.iter().enumerate() {
         let path = format!("spec.sources[{i}]");
@@ -286,6 +296,16 @@ fn check_source(problems: &mut Problems, path: &str, source: &Source) {
     if let Some(watermark) = &source.watermark {
         if let Err(message) = parse_duration(&watermark.delay) {
             problems.push(format!("{path}.watermark.delay"), message);
+        }
+        if let Some(idle) = &watermark.idle_timeout {
+            match parse_duration(idle) {
+                Err(message) => problems.push(format!("{path}.watermark.idleTimeout"), message),
+                Ok(d) if d.is_zero() => problems.push(
+                    format!("{path}.watermark.idleTimeout"),
+                    "must be longer than 0s: remove it to let an idle source hold the watermark",
+                ),
+                Ok(_) => {}
+            }
         }
         match source_column_type(source, &watermark.column) {
             Some(ColumnType::Timestamp) => {}

@@ -25,7 +25,7 @@ pub async fn write(
     let (target, dir) = (path.clone(), dir.to_owned());
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)?;
-        crate::sink::write_atomically(&target, &text)
+        crate::storage::write_local_atomically(&target, &text)
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)))

@@ -1,4 +1,5 @@
-//! The engine's HTTP endpoints: `/progress`, `/metrics`, `/healthz`, `/readyz`.
+//! The engine's HTTP endpoints: `/progress`, `/status`, `/metrics`,
+//! `/healthz`, `/readyz`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ pub fn router(monitor: Arc<Monitor>) -> Router {
     Router::new()
         .route("/progress", get(progress))
         .route("/progress/latest", get(latest))
+        .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -48,6 +50,11 @@ async fn latest(State(monitor): State<Arc<Monitor>>) -> Response {
         Some(progress) => Json(progress).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     }
+}
+
+/// What the query is doing now (Spark's `StreamingQuery.status`).
+async fn status(State(monitor): State<Arc<Monitor>>) -> Response {
+    Json(monitor.status()).into_response()
 }
 
 async fn metrics(State(monitor): State<Arc<Monitor>>) -> Response {

@@ -7,15 +7,17 @@ pub mod dead_letter;
 pub mod fault;
 pub mod http;
 pub mod monitor;
+pub mod operators;
 pub mod plan;
 pub mod runner;
 pub mod sink;
 pub mod source;
 pub mod state;
-pub mod stateful;
+pub mod storage;
+pub mod watermark;
 pub mod window;
 
-pub use runner::{RunOptions, Runner, Stopped, Summary, check};
+pub use runner::{RunOptions, Runner, Stopped, Summary, check, run_query};
 
 /// The errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +62,49 @@ pub enum Error {
         /// What the source expected.
         expected: String,
     },
-    /// The checkpoint cannot be used: damaged, another query's, or unwritable.
+    /// The checkpoint cannot be used: damaged, or another query's.
     #[error("checkpoint {file}: {message}")]
     Checkpoint {
         /// The file (or directory) at fault.
         file: String,
         /// What is wrong and what to do.
+        message: String,
+    },
+    /// A storage location refused a request: credentials, permissions, a
+    /// missing bucket, a full disk. Someone must act; retrying will not help.
+    #[error("{file}: {message}")]
+    Storage {
+        /// The object or directory.
+        file: String,
+        /// What failed.
+        message: String,
+    },
+    /// An external system (object store, broker) failed or could not be
+    /// reached: retrying can help. The runner restarts the query from its
+    /// checkpoint with backoff.
+    #[error("{what} is unavailable: {message}")]
+    Unavailable {
+        /// The system, object or address.
+        what: String,
+        /// What failed.
+        message: String,
+    },
+    /// Another run of this query took the checkpoint over: this one stops
+    /// without writing more.
+    #[error("fenced: {message}")]
+    Fenced {
+        /// Who took over, and where it was seen.
+        message: String,
+    },
+    /// The checkpoint's state was written by a query that kept other state
+    /// (another aggregation, other grouping columns): refused, naming them.
+    #[error(
+        "{location}: the query's state changed since the checkpoint was written: {message}; undo the change to the query, or point spec.checkpoint.location at a new location to start over"
+    )]
+    StateSchema {
+        /// The state in the checkpoint.
+        location: String,
+        /// Which columns changed.
         message: String,
     },
     /// The sink could not write.
@@ -87,6 +126,14 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+}
+
+impl Error {
+    /// Whether a retry can help: the runner restarts the query from its
+    /// checkpoint, with backoff, instead of stopping.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
 }
 
 /// The `Result` of the engine.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_engine::monitor::Monitor;
-use sluice_engine::{RunOptions, Runner, http};
+use sluice_engine::{RunOptions, http, run_query};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -114,7 +114,6 @@ async fn run(
             }
         });
     }
-    let runner = Runner::new(&query, monitor.clone()).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -124,7 +123,15 @@ async fn run(
         warn!("Stopped at once.");
         std::process::exit(130);
     });
-    match runner.run(RunOptions { max_batches }, stop_rx).await {
+    match run_query(
+        &query,
+        monitor.clone(),
+        None,
+        RunOptions { max_batches },
+        stop_rx,
+    )
+    .await
+    {
         Ok(_) => Ok(true),
         Err(err) => {
             monitor.set_failed(err.to_string());

@@ -10,7 +10,7 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
-use sluice_crds::progress::QueryProgress;
+use sluice_crds::progress::{QueryProgress, QueryStatus};
 
 /// How many reports `/progress` keeps: Spark's
 /// `spark.sql.streaming.numRecentProgressUpdates` default.
@@ -35,6 +35,7 @@ pub struct Metrics {
     state_updated: IntCounter,
     state_removed: IntCounter,
     dropped_late: IntCounter,
+    restarts: IntCounter,
 }
 
 impl Metrics {
@@ -129,8 +130,14 @@ impl Metrics {
             "Input rows (row and window pairs) dropped as later than the watermark.",
         ))
         .unwrap();
+        let restarts = IntCounter::with_opts(opts(
+            "sluice_query_restarts_total",
+            "Restarts from the checkpoint after an error a retry can help with (an unavailable store or broker).",
+        ))
+        .unwrap();
         for collector in [
             Box::new(batches.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(restarts.clone()),
             Box::new(state_rows.clone()),
             Box::new(state_memory.clone()),
             Box::new(state_updated.clone()),
@@ -169,6 +176,7 @@ impl Metrics {
             state_updated,
             state_removed,
             dropped_late,
+            restarts,
         }
     }
 
@@ -224,6 +232,7 @@ pub struct Monitor {
     metrics: Metrics,
     ready: AtomicBool,
     failure: Mutex<Option<String>>,
+    status: Mutex<QueryStatus>,
 }
 
 impl Monitor {
@@ -234,7 +243,38 @@ impl Monitor {
             metrics: Metrics::new(query),
             ready: AtomicBool::new(false),
             failure: Mutex::new(None),
+            status: Mutex::new(QueryStatus {
+                message: "Initializing sources".into(),
+                ..QueryStatus::default()
+            }),
         }
+    }
+
+    /// Says what the query is doing now.
+    pub fn set_status(
+        &self,
+        message: impl Into<String>,
+        data_available: bool,
+        trigger_active: bool,
+    ) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = QueryStatus {
+            message: message.into(),
+            is_data_available: data_available,
+            is_trigger_active: trigger_active,
+        };
+    }
+
+    /// What the query is doing now.
+    pub fn status(&self) -> QueryStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Counts a restart from the checkpoint after a transient error.
+    pub fn count_restart(&self) {
+        self.metrics.restarts.inc();
     }
 
     /// Records a batch's progress; `source_names` are the sources' table

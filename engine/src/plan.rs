@@ -19,12 +19,14 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{
     CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionConfig, SessionContext,
 };
-use object_store::ObjectStore;
 use sluice_crds::progress::StateOperatorProgress;
 use sluice_crds::{Format, OutputMode, StaticTable};
 
-use crate::state::StateStore;
-use crate::stateful::{Aggregation, Kind};
+use crate::checkpoint::Checkpoint;
+use crate::operators::{Kind, Stateful};
+use crate::state::{PartitionRef, StateStore};
+use crate::storage::Storage;
+use crate::watermark::BatchWatermarks;
 use crate::window::{self, WINDOW_END, WindowFunction};
 use crate::{Error, Result};
 
@@ -105,10 +107,10 @@ pub struct QueryPlan {
     partitions: usize,
     output_mode: OutputMode,
     aggregated: Option<Aggregated>,
-    aggregation: Option<Aggregation>,
-    /// For `SELECT DISTINCT`: the watermark column of a source, when the
-    /// query's columns include it.
-    dedup_event_time: Option<String>,
+    stateful: Option<Stateful>,
+    /// For `SELECT DISTINCT`: the position of the distinct column that is
+    /// a source's watermark column (by lineage: aliases do not hide it).
+    dedup_event_time: Option<usize>,
 }
 
 impl QueryPlan {
@@ -186,11 +188,9 @@ impl QueryPlan {
         streams.extend(windows.iter().map(|w| w.function.table.clone()));
         let aggregated = check_streamable(&plan, output_mode, watermarked, &streams)?;
         let output_schema = Arc::new(df.schema().as_arrow().clone());
-        let dedup_event_time = watermarks
-            .iter()
-            .flatten()
-            .find(|c| output_schema.field_with_name(c).is_ok())
-            .cloned();
+        let watermark_columns: Vec<&str> =
+            watermarks.iter().flatten().map(String::as_str).collect();
+        let dedup_event_time = distinct_event_time(&plan, &watermark_columns);
         Ok(Self {
             dedup_event_time,
             ctx,
@@ -201,7 +201,7 @@ impl QueryPlan {
             partitions,
             output_mode,
             aggregated,
-            aggregation: None,
+            stateful: None,
         })
     }
 
@@ -210,22 +210,25 @@ impl QueryPlan {
         self.aggregated
     }
 
-    /// Opens the query's state (for a stateful query), restored from
-    /// version `restore` of `remote` (the checkpoint location).
+    /// Opens the query's state (for a stateful query) for the run `epoch`,
+    /// restored from version `restore` of the checkpoint `remote`, and
+    /// checks that the stored state has the schema this query keeps.
     pub async fn open_state(
         &mut self,
         partitions: u32,
         local: &std::path::Path,
-        remote: Option<Arc<dyn ObjectStore>>,
-        restore: Option<u64>,
+        remote: Option<Storage>,
+        restore: Option<PartitionRef>,
+        epoch: u64,
     ) -> Result<()> {
         let Some(shape) = self.aggregated else {
             return Ok(());
         };
-        let store = StateStore::open("aggregate", partitions, local, remote, restore).await?;
+        let store =
+            StateStore::open("aggregate", partitions, local, remote, restore, epoch).await?;
         let kind = if shape.deduplicates {
             Kind::Deduplicate {
-                event_time: self.dedup_event_time.clone(),
+                event_time: self.dedup_event_time,
             }
         } else if self.windows.iter().any(|w| w.function.session) {
             Kind::Session {
@@ -236,26 +239,60 @@ impl QueryPlan {
                 evicts: shape.windowed_with_watermark && self.output_mode != OutputMode::Complete,
             }
         };
-        self.aggregation = Some(Aggregation::new(self.output_mode, kind, store));
+        // The plan over empty batches: the state's schema.
+        let physical = self
+            .ctx
+            .state()
+            .create_physical_plan(&self.plan)
+            .await
+            .map_err(plan_error)?;
+        self.stateful = Some(Stateful::new(self.output_mode, kind, &physical, store)?);
         Ok(())
     }
 
     /// Commits the state batch `batch_id` wrote.
     pub async fn commit_state(&mut self, batch_id: u64) -> Result<()> {
-        match &mut self.aggregation {
-            Some(a) => a.commit(batch_id).await,
+        match &mut self.stateful {
+            Some(s) => s.store_mut().commit(batch_id).await,
             None => Ok(()),
         }
     }
 
+    /// After batch `committed` committed: deletes state no kept version
+    /// needs (now and then).
+    pub async fn clean_state(&mut self, checkpoint: &Checkpoint, committed: u64) -> Result<()> {
+        match &mut self.stateful {
+            Some(s) => s.store_mut().clean(checkpoint, committed).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a batch without new data must run because the watermark
+    /// moved from `last` (the last batch's eviction watermark) to `next`:
+    /// when the query has state the watermark evicts (Spark's
+    /// `shouldRunAnotherBatch`: aggregations in append or update mode,
+    /// deduplication).
+    pub fn needs_no_data_batch(&self, next: Option<i64>, last: Option<i64>) -> bool {
+        let Some(shape) = self.aggregated else {
+            return false;
+        };
+        let evicts = shape.deduplicates || self.output_mode != OutputMode::Complete;
+        evicts && next.is_some() && next > last
+    }
+
     /// The last batch's `stateOperators` progress.
     pub fn state_progress(&self) -> Vec<StateOperatorProgress> {
-        let Some(aggregation) = &self.aggregation else {
+        let Some(stateful) = &self.stateful else {
             return Vec::new();
         };
-        let s = aggregation.stats();
+        let s = stateful.stats();
+        let name = if self.aggregated.is_some_and(|a| a.deduplicates) {
+            "dedupe"
+        } else {
+            "stateStoreSave"
+        };
         vec![StateOperatorProgress {
-            operator_name: "stateStoreSave".into(),
+            operator_name: name.into(),
             num_rows_total: s.rows_total,
             num_rows_updated: s.rows_updated,
             num_rows_removed: s.rows_removed,
@@ -270,12 +307,12 @@ impl QueryPlan {
     }
 
     /// Runs the query over one batch: `inputs` holds each source's rows, in
-    /// the order the sources were given to [`QueryPlan::new`].
-    /// `watermark` is the one in effect for this batch.
+    /// the order the sources were given to [`QueryPlan::new`], with the
+    /// batch's watermarks.
     pub async fn execute(
         &mut self,
         inputs: Vec<Vec<RecordBatch>>,
-        watermark: Option<i64>,
+        watermarks: BatchWatermarks,
     ) -> std::result::Result<Vec<RecordBatch>, DataFusionError> {
         let n = self.partitions.max(1);
         let spread = |batches: Vec<RecordBatch>| {
@@ -291,6 +328,13 @@ impl QueryPlan {
             }
             partitions
         };
+        // As in Spark, only a stateful operator that keeps windows drops
+        // late rows: not complete mode (it keeps every group), not a
+        // stateless query, not deduplication (it drops by event time).
+        let drops_late = self
+            .aggregated
+            .is_some_and(|a| !a.deduplicates && self.output_mode != OutputMode::Complete);
+        let late_watermark = watermarks.late_micros().filter(|_| drops_late);
         // Input (row, window) pairs dropped as later than the watermark.
         let mut late = 0;
         for window in &self.windows {
@@ -298,7 +342,7 @@ impl QueryPlan {
             for batch in &inputs[window.source] {
                 let (rows, dropped) = window
                     .function
-                    .expand(batch, &window.schema, watermark)
+                    .expand(batch, &window.schema, late_watermark)
                     .map_err(|e| DataFusionError::Execution(e.to_string()))?;
                 late += dropped;
                 expanded.push(rows);
@@ -308,10 +352,10 @@ impl QueryPlan {
         for ((_, table), batches) in self.tables.iter().zip(inputs) {
             table.replace(spread(batches))?;
         }
-        if let Some(aggregation) = &mut self.aggregation {
+        if let Some(stateful) = &mut self.stateful {
             let physical = self.ctx.state().create_physical_plan(&self.plan).await?;
-            return aggregation
-                .execute(&self.ctx, physical, watermark, late)
+            return stateful
+                .execute(&self.ctx, physical, watermarks, late)
                 .await;
         }
         if self.aggregated.is_some() {
@@ -322,6 +366,34 @@ impl QueryPlan {
         let df = self.ctx.execute_logical_plan(self.plan.clone()).await?;
         df.collect().await
     }
+}
+
+/// For `SELECT DISTINCT`: the position of the distinct column that is one
+/// of the sources' watermark columns, followed through aliases
+/// (`SELECT DISTINCT id, ts AS seen_at`).
+fn distinct_event_time(plan: &LogicalPlan, watermark_columns: &[&str]) -> Option<usize> {
+    let mut found = None;
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::Distinct(datafusion::logical_expr::Distinct::All(input)) = node {
+            found = match input.as_ref() {
+                LogicalPlan::Projection(projection) => projection.expr.iter().position(|e| {
+                    let mut e = e;
+                    while let Expr::Alias(alias) = e {
+                        e = alias.expr.as_ref();
+                    }
+                    matches!(e, Expr::Column(c) if watermark_columns.contains(&c.name.as_str()))
+                }),
+                other => other
+                    .schema()
+                    .fields()
+                    .iter()
+                    .position(|f| watermark_columns.contains(&f.name().as_str())),
+            };
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
 }
 
 /// Registers a static table as a listing table: DataFusion reads its files
@@ -555,7 +627,10 @@ mod tests {
         for (input, expected) in [(vec![1, 2, 3], vec![10, 30]), (vec![4, 5], vec![50])] {
             let batch =
                 RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(input))]).unwrap();
-            let out = plan.execute(vec![vec![batch]], None).await.unwrap();
+            let out = plan
+                .execute(vec![vec![batch]], BatchWatermarks::default())
+                .await
+                .unwrap();
             let values: Vec<i64> = out
                 .iter()
                 .flat_map(|b| {
@@ -640,7 +715,10 @@ mod tests {
             .unwrap();
         let batch =
             RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(vec![2, 3]))]).unwrap();
-        let out = joined.execute(vec![vec![batch]], None).await.unwrap();
+        let out = joined
+            .execute(vec![vec![batch]], BatchWatermarks::default())
+            .await
+            .unwrap();
         let rows: usize = out.iter().map(|b| b.num_rows()).sum();
         assert_eq!(rows, 2, "every stream row is kept");
         for sql in [

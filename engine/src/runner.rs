@@ -1,5 +1,24 @@
-//! The micro-batch loop: plan each source's range, read it, run the query
-//! over it, write the result, report progress; then wait for the trigger.
+//! The micro-batch protocol, the same for every connector:
+//!
+//! 1. **plan** batch N: each source's range from where the last batch
+//!    ended, and the batch's watermarks; with a checkpoint, check the fence
+//!    and write all of it to `offsets/N` (create-only) before reading;
+//! 2. **read** the ranges and **execute** the query (stateful operators merge
+//!    the batch into their state);
+//! 3. **sink**: prepare batch N, check the fence, commit it — skipped for a
+//!    replayed batch the sink has already committed;
+//! 4. **state**: commit state version N (uploads, manifests);
+//! 5. **commit**: check the fence, write `commits/N` with the watermark
+//!    tracker's state; tell the sources; report progress.
+//!
+//! A batch planned before a crash is run again with exactly its
+//! `offsets/N` entry: its ranges and its watermarks, nothing recomputed from
+//! the current spec. Fail points (`crate::fault`) sit between the steps.
+//!
+//! [`run_query`] runs a [`Runner`] and, when it fails with an error a retry
+//! can help with (an object store or broker unavailable), starts it again
+//! from the checkpoint with exponential backoff, saying so in `/status`, as
+//! Flink's restart strategies do.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,17 +35,25 @@ use sluice_crds::{Problem, Problems, StreamingQuery};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::checkpoint::{Checkpoint, OffsetEntry, SourceOffsets, new_metadata, offset_entry};
+use crate::checkpoint::fence::Fence;
+use crate::checkpoint::{self, Checkpoint, CommitEntry, OffsetEntry, SourceOffsets, new_metadata};
 use crate::monitor::Monitor;
 use crate::plan::QueryPlan;
-use crate::sink::{self, Sink};
+use crate::sink::{self, Sink, SinkContext};
 use crate::source::{self, BatchRange, ReadMode, Source};
-use crate::{Error, Result, checkpoint};
-use crate::{dead_letter, fault};
+use crate::state::PartitionRef;
+use crate::watermark::{BatchWatermarks, SourceWatermark, Tracker};
+use crate::{Error, Result};
+use crate::{dead_letter, fault, storage};
 
 /// How long to wait before asking the sources again when a batch found no
 /// new data and the trigger sets no interval.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// The first wait before a restart after a transient error; it doubles up
+/// to [`MAX_BACKOFF`] and starts over after a batch completes.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Options of one run, beyond the spec.
 #[derive(Clone, Debug, Default)]
@@ -59,13 +86,22 @@ pub struct Summary {
     pub stopped: Stopped,
 }
 
+impl Default for Summary {
+    fn default() -> Self {
+        Self {
+            batches: 0,
+            input_rows: 0,
+            output_rows: 0,
+            stopped: Stopped::Requested,
+        }
+    }
+}
+
 struct SourceState {
     source: Box<dyn Source>,
     offset: Value,
     /// Where malformed records go (`deadLetter.path`).
     dead_letter: Option<PathBuf>,
-    /// The largest event time seen, when the source declares a watermark.
-    max_event_micros: Option<i64>,
 }
 
 /// A query ready to run.
@@ -80,15 +116,54 @@ pub struct Runner {
     available_now: bool,
     monitor: Arc<Monitor>,
     checkpoint: Option<Checkpoint>,
+    fence: Option<Fence>,
     /// The sources' names, in spec order (metric labels).
     source_names: Vec<String>,
     /// The first batch id this run runs.
     next_batch: u64,
     /// A batch planned before a crash but not committed: run first, with
-    /// exactly its offsets.
+    /// exactly its offsets entry.
     replay: Option<OffsetEntry>,
-    /// The watermark the last batch ran with.
-    last_watermark: Option<i64>,
+    tracker: Tracker,
+    /// The eviction watermark of the last batch that ran (in this run or,
+    /// from the checkpoint, before it); `None` before any batch.
+    last_eviction: Option<Option<i64>>,
+    summary: Summary,
+}
+
+/// The watermark declarations of the spec's sources, in spec order.
+fn declarations(query: &StreamingQuery) -> Result<Vec<(String, Option<SourceWatermark>)>> {
+    query
+        .spec
+        .sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let declared = match &s.watermark {
+                None => None,
+                Some(w) => {
+                    let millis = |field: &str, text: &str| -> Result<i64> {
+                        parse_duration(text)
+                            .map(|d| d.as_millis() as i64)
+                            .map_err(|message| Error::Unsupported {
+                                path: format!("spec.sources[{i}].watermark.{field}"),
+                                message,
+                            })
+                    };
+                    Some(SourceWatermark {
+                        column: w.column.clone(),
+                        delay_ms: millis("delay", &w.delay)?,
+                        idle_timeout_ms: w
+                            .idle_timeout
+                            .as_deref()
+                            .map(|t| millis("idleTimeout", t))
+                            .transpose()?,
+                    })
+                }
+            };
+            Ok((s.name.clone(), declared))
+        })
+        .collect()
 }
 
 /// Checks what `validate()` cannot: that this engine supports every part of
@@ -109,7 +184,7 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
     };
     let spec = &query.spec;
     if let Some(checkpoint) = &spec.checkpoint
-        && let Err(err) = checkpoint::check_location(&checkpoint.location)
+        && let Err(err) = storage::check_location(&checkpoint.location, "spec.checkpoint.location")
     {
         push(err);
     }
@@ -148,67 +223,18 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
     }
 }
 
-/// Where a run starts: from the checkpoint when the spec has one.
-struct Restored {
-    checkpoint: Option<Checkpoint>,
-    /// The last committed batch, whose state version is restored.
-    committed_batch: Option<u64>,
-    id: String,
-    next_batch: u64,
-    replay: Option<OffsetEntry>,
-}
-
-/// Opens the checkpoint, if the spec names one, and puts the sources where
-/// the last committed batch left them. Without one, the query starts afresh
-/// with a new id.
-async fn restore(
-    query: &StreamingQuery,
-    name: &str,
-    sources: &mut [SourceState],
-) -> Result<Restored> {
-    let Some(location) = query.spec.checkpoint.as_ref().map(|c| &c.location) else {
-        return Ok(Restored {
-            checkpoint: None,
-            committed_batch: None,
-            id: uuid::Uuid::new_v4().to_string(),
-            next_batch: 0,
-            replay: None,
-        });
-    };
-    let store = Checkpoint::open(location)?;
-    let names = sources.iter().map(|s| s.source.name().to_owned()).collect();
-    let metadata = store
-        .metadata(new_metadata(name, names, query.spec.state_partitions()))
-        .await?;
-    let recovery = store.recover().await?;
-    for state in sources.iter_mut() {
-        let source_name = state.source.name().to_owned();
-        if let Some(committed) = &recovery.committed {
-            state.offset = offsets_of(committed, &source_name)?.end.clone();
-        }
-        state.max_event_micros = recovery.max_event_micros.get(&source_name).copied();
-    }
-    info!(
-        location = %location,
-        next_batch = recovery.next_batch,
-        replay = recovery.replay.is_some(),
-        "Recovered from the checkpoint."
-    );
-    Ok(Restored {
-        checkpoint: Some(store),
-        committed_batch: recovery.committed.as_ref().map(|c| c.batch_id),
-        id: metadata.id,
-        next_batch: recovery.next_batch,
-        replay: recovery.replay,
-    })
-}
-
 /// A source's entry in a batch's offsets.
 fn offsets_of<'a>(entry: &'a OffsetEntry, source: &str) -> Result<&'a SourceOffsets> {
-    entry.sources.iter().find(|s| s.name == source).ok_or_else(|| Error::Checkpoint {
-        file: format!("offsets/{}", entry.batch_id),
-        message: format!("has no offsets for the source {source:?}: the checkpoint is damaged or another query's"),
-    })
+    entry
+        .sources
+        .iter()
+        .find(|s| s.name == source)
+        .ok_or_else(|| Error::Checkpoint {
+            file: format!("offsets/{}", entry.batch_id),
+            message: format!(
+                "has no offsets for the source {source:?}: the checkpoint is damaged or another query's"
+            ),
+        })
 }
 
 fn read_mode(query: &StreamingQuery) -> ReadMode {
@@ -226,6 +252,84 @@ fn micros_to_rfc3339(micros: i64) -> String {
     DateTime::from_timestamp_micros(micros).map_or_else(|| micros.to_string(), rfc3339)
 }
 
+/// The default local state directory of a query.
+fn default_state_dir(name: &str) -> PathBuf {
+    std::env::var_os("SLUICE_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::temp_dir()
+                .join("sluice-state")
+                .join(format!("{name}-{}", std::process::id()))
+        })
+}
+
+/// Runs a query until it stops (see [`Runner::run`]); an error a retry can
+/// help with restarts it from its checkpoint after a backoff (1 s doubling
+/// to 60 s), counted in `sluice_query_restarts_total` and told in
+/// `/status`. Other errors end the run. Local state goes to `state_dir`, or
+/// `$SLUICE_STATE_DIR`, or a directory under the system's temporary
+/// directory.
+pub async fn run_query(
+    query: &StreamingQuery,
+    monitor: Arc<Monitor>,
+    state_dir: Option<PathBuf>,
+    options: RunOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Summary> {
+    let name = query.metadata.name.clone().unwrap_or_default();
+    let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&name));
+    let mut total = Summary::default();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let remaining = RunOptions {
+            max_batches: options.max_batches.map(|m| m.saturating_sub(total.batches)),
+        };
+        let mut runner = None;
+        let result = match Runner::with_state_dir(query, monitor.clone(), state_dir.clone()).await {
+            Ok(r) => {
+                let r = runner.insert(r);
+                r.run_until(&remaining, &mut stop).await
+            }
+            Err(err) => Err(err),
+        };
+        if let Some(r) = &runner {
+            let done = &r.summary;
+            if done.batches > 0 {
+                backoff = FIRST_BACKOFF;
+            }
+            total.batches += done.batches;
+            total.input_rows += done.input_rows;
+            total.output_rows += done.output_rows;
+        }
+        drop(runner);
+        match result {
+            Ok(stopped) => {
+                total.stopped = stopped;
+                return Ok(total);
+            }
+            Err(err) if err.is_transient() && !*stop.borrow() => {
+                warn!(error = %err, retry_in_s = backoff.as_secs(), "The query failed; restarting from the checkpoint.");
+                monitor.set_status(
+                    format!(
+                        "Restarting from the checkpoint in {} s after an error a retry can help with: {err}",
+                        backoff.as_secs()
+                    ),
+                    false,
+                    false,
+                );
+                monitor.count_restart();
+                wait_or_stop(Instant::now() + backoff, &mut stop).await;
+                if *stop.borrow() {
+                    total.stopped = Stopped::Requested;
+                    return Ok(total);
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 impl Runner {
     /// Opens the sources and the sink and plans the query. The spec must have
     /// passed `validate()`.
@@ -233,14 +337,7 @@ impl Runner {
     /// system's temporary directory.
     pub async fn new(query: &StreamingQuery, monitor: Arc<Monitor>) -> Result<Self> {
         let name = query.metadata.name.clone().unwrap_or_default();
-        let state_dir = std::env::var_os("SLUICE_STATE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                std::env::temp_dir()
-                    .join("sluice-state")
-                    .join(format!("{name}-{}", std::process::id()))
-            });
-        Self::with_state_dir(query, monitor, state_dir).await
+        Self::with_state_dir(query, monitor, default_state_dir(&name)).await
     }
 
     /// [`Runner::new`], with local state in `state_dir` (scratch: state is
@@ -270,26 +367,26 @@ impl Runner {
                     .as_ref()
                     .map(|d| PathBuf::from(d.path.strip_prefix("file://").unwrap_or(&d.path))),
                 source,
-                max_event_micros: None,
             });
         }
         let schemas: Vec<_> = sources
             .iter()
             .map(|s| (s.source.name().to_owned(), s.source.schema()))
             .collect();
-        let watermarks: Vec<Option<String>> = sources
+        let declared = declarations(query)?;
+        let watermark_columns: Vec<Option<String>> = declared
             .iter()
-            .map(|s| s.source.watermark().map(|(column, _)| column.to_owned()))
+            .map(|(_, w)| w.as_ref().map(|w| w.column.clone()))
             .collect();
         let mut plan = QueryPlan::new(
             &spec.query,
             &schemas,
-            &watermarks,
+            &watermark_columns,
             &spec.tables,
             spec.output_mode,
         )
         .await?;
-        let sink = sink::build(&spec.sink)?;
+        let mut sink = sink::build(&spec.sink)?;
         let interval = spec
             .trigger
             .as_ref()
@@ -301,29 +398,80 @@ impl Runner {
                 message,
             })?
             .filter(|d| !d.is_zero());
-        let restored = restore(query, &name, &mut sources).await?;
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let mut tracker = Tracker::new(declared, started.timestamp_millis());
+        let mut id = uuid::Uuid::new_v4().to_string();
+        let (mut checkpoint, mut fence) = (None, None);
+        let (mut next_batch, mut replay, mut last_eviction, mut restore) = (0, None, None, None);
+        if let Some(location) = spec.checkpoint.as_ref().map(|c| &c.location) {
+            let store = Checkpoint::open(location)?;
+            let names = sources.iter().map(|s| s.source.name().to_owned()).collect();
+            let metadata = store
+                .metadata(new_metadata(&name, names, spec.state_partitions()))
+                .await?;
+            let claimed = Fence::claim(store.storage(), &run_id).await?;
+            let recovery = store.recover().await?;
+            if let Some(committed) = &recovery.committed {
+                for state in sources.iter_mut() {
+                    state.offset = offsets_of(&committed.offsets, state.source.name())?
+                        .end
+                        .clone();
+                }
+                tracker.restore(committed.commit.watermark.clone());
+                last_eviction = Some(committed.offsets.watermarks.eviction_ms);
+                restore = Some(PartitionRef {
+                    version: committed.offsets.batch_id,
+                    epoch: committed.commit.epoch,
+                });
+            }
+            info!(
+                location = %location,
+                epoch = claimed.epoch(),
+                next_batch = recovery.next_batch,
+                replay = recovery.replay.is_some(),
+                "Recovered from the checkpoint."
+            );
+            id = metadata.id;
+            next_batch = recovery.next_batch;
+            replay = recovery.replay;
+            fence = Some(claimed);
+            checkpoint = Some(store);
+        }
+        let epoch = fence.as_ref().map_or(0, Fence::epoch);
         plan.open_state(
             spec.state_partitions(),
             &state_dir,
-            restored.checkpoint.as_ref().map(Checkpoint::store),
-            restored.committed_batch,
+            checkpoint
+                .as_ref()
+                .map(|c: &Checkpoint| c.storage().clone()),
+            restore,
+            epoch,
         )
+        .await?;
+        sink.open(&SinkContext {
+            query_id: id.clone(),
+            run_id: run_id.clone(),
+            epoch,
+        })
         .await?;
         Ok(Self {
             name,
+            id,
+            run_id,
             source_names: sources.iter().map(|s| s.source.name().to_owned()).collect(),
-            checkpoint: restored.checkpoint,
-            next_batch: restored.next_batch,
-            replay: restored.replay,
-            run_id: uuid::Uuid::new_v4().to_string(),
-            id: restored.id,
             sources,
             sink,
             plan,
             interval,
             available_now: mode == ReadMode::AvailableNow,
             monitor,
-            last_watermark: None,
+            checkpoint,
+            fence,
+            next_batch,
+            replay,
+            tracker,
+            last_eviction,
+            summary: Summary::default(),
         })
     }
 
@@ -340,61 +488,81 @@ impl Runner {
         options: RunOptions,
         mut stop: watch::Receiver<bool>,
     ) -> Result<Summary> {
+        let stopped = self.run_until(&options, &mut stop).await?;
+        Ok(Summary {
+            stopped,
+            ..self.summary.clone()
+        })
+    }
+
+    async fn run_until(
+        &mut self,
+        options: &RunOptions,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Stopped> {
         self.monitor.set_ready();
         info!(query = %self.name, id = %self.id, run_id = %self.run_id, sink = %self.sink.description(), "Query started.");
-        let mut summary = Summary {
-            batches: 0,
-            input_rows: 0,
-            output_rows: 0,
-            stopped: Stopped::Requested,
-        };
         let mut previous_start: Option<Instant> = None;
         let mut batch_id = self.next_batch;
-        loop {
+        let stopped = loop {
             if *stop.borrow() {
-                summary.stopped = Stopped::Requested;
-                break;
+                break Stopped::Requested;
             }
             if options
                 .max_batches
-                .is_some_and(|max| summary.batches >= max)
+                .is_some_and(|max| self.summary.batches >= max)
             {
-                summary.stopped = Stopped::MaxBatches;
-                break;
+                break Stopped::MaxBatches;
             }
             let trigger_start = Instant::now();
             let timestamp = Utc::now();
-            let ranges = if let Some(entry) = self.replay.take() {
+            let (ranges, watermarks, replayed) = if let Some(entry) = self.replay.take() {
                 info!(
                     batch_id,
                     "Running again a batch that did not commit before the last stop."
                 );
-                self.replay_ranges(&entry)?
+                (
+                    self.replay_ranges(&entry)?,
+                    entry.watermarks,
+                    Some(entry.epoch),
+                )
             } else {
+                self.monitor
+                    .set_status("Getting offsets from the sources", false, true);
                 let mut ranges = Vec::with_capacity(self.sources.len());
                 for state in &mut self.sources {
                     ranges.push(state.source.plan_batch(&state.offset).await?);
                 }
+                let next = self.tracker.global_at(timestamp.timestamp_millis());
+                let has_data = ranges.iter().any(|r| r.rows > 0);
                 // As in Spark, a batch runs without new data when the
-                // watermark moved, so that the windows it closes are written.
-                let closes_windows = self
-                    .plan
-                    .aggregated()
-                    .is_some_and(|a| a.windowed_with_watermark)
-                    && self.watermark_micros() > self.last_watermark;
-                if ranges.iter().all(|r| r.rows == 0) && !closes_windows {
+                // watermark moved and the query has state it evicts, so
+                // that the windows it closes are written.
+                let no_data_batch = !has_data
+                    && self
+                        .last_eviction
+                        .is_some_and(|last| self.plan.needs_no_data_batch(next, last));
+                if !has_data && !no_data_batch {
                     if self.available_now {
-                        summary.stopped = Stopped::Completed;
-                        break;
+                        break Stopped::Completed;
                     }
                     debug!("No new data.");
+                    self.monitor
+                        .set_status("Waiting for data to arrive", false, false);
                     let wait = self.interval.unwrap_or(IDLE_POLL);
-                    wait_or_stop(trigger_start + wait, &mut stop).await;
+                    wait_or_stop(trigger_start + wait, stop).await;
                     continue;
                 }
-                // The write-ahead: what this batch reads is durable before it
-                // reads anything.
-                if let Some(store) = &self.checkpoint {
+                let watermarks = BatchWatermarks {
+                    eviction_ms: next,
+                    // Spark (allowMultiple): late rows are judged by the
+                    // previous batch's watermark.
+                    late_events_ms: self.last_eviction.unwrap_or(next),
+                };
+                // The write-ahead: what this batch reads and decides with is
+                // durable before it reads anything.
+                if let (Some(store), Some(fence)) = (&self.checkpoint, &self.fence) {
+                    fence.check().await?;
                     let sources = self
                         .sources
                         .iter()
@@ -403,16 +571,25 @@ impl Runner {
                             name: state.source.name().to_owned(),
                             start: range.start.clone(),
                             end: range.end.clone(),
-                            max_event_micros: state.max_event_micros,
+                            detail: range.detail.clone(),
                         })
                         .collect();
                     store
-                        .write_offsets(&offset_entry(batch_id, sources))
+                        .write_offsets(&OffsetEntry {
+                            batch_id,
+                            epoch: fence.epoch(),
+                            timestamp_ms: timestamp.timestamp_millis(),
+                            sources,
+                            watermarks,
+                            version: checkpoint::VERSION,
+                        })
                         .await?;
                     fault::point("offsets", batch_id);
                 }
-                ranges
+                (ranges, watermarks, None)
             };
+            self.tracker.set_global(watermarks.eviction_ms);
+            self.monitor.set_status("Processing new data", true, true);
             let latest_offset_ms = trigger_start.elapsed().as_millis() as u64;
             let progress = self
                 .run_batch(
@@ -422,11 +599,13 @@ impl Runner {
                     previous_start,
                     latest_offset_ms,
                     ranges,
+                    watermarks,
+                    replayed,
                 )
                 .await?;
-            summary.batches += 1;
-            summary.input_rows += progress.num_input_rows;
-            summary.output_rows += progress.sink.num_output_rows;
+            self.summary.batches += 1;
+            self.summary.input_rows += progress.num_input_rows;
+            self.summary.output_rows += progress.sink.num_output_rows;
             info!(
                 batch_id,
                 input_rows = progress.num_input_rows,
@@ -436,58 +615,49 @@ impl Runner {
                 duration_ms = progress.duration_ms["triggerExecution"],
                 "Batch completed."
             );
-            let watermark_seconds = self.watermark_micros().map_or(0.0, |m| m as f64 / 1e6);
+            let watermark_seconds = watermarks.eviction_ms.map_or(0.0, |m| m as f64 / 1e3);
             self.monitor
                 .record(progress, &self.source_names, watermark_seconds);
+            self.monitor
+                .set_status("Waiting for next trigger", true, false);
             previous_start = Some(trigger_start);
             batch_id += 1;
             if let Some(interval) = self.interval {
-                wait_or_stop(trigger_start + interval, &mut stop).await;
+                wait_or_stop(trigger_start + interval, stop).await;
             }
-        }
+        };
+        self.monitor.set_status("Stopped", false, false);
         info!(
             query = %self.name,
-            batches = summary.batches,
-            input_rows = summary.input_rows,
-            output_rows = summary.output_rows,
-            stopped = ?summary.stopped,
+            batches = self.summary.batches,
+            input_rows = self.summary.input_rows,
+            output_rows = self.summary.output_rows,
+            stopped = ?stopped,
             "Query stopped."
         );
-        Ok(summary)
+        Ok(stopped)
     }
 
     /// The ranges of a batch planned before a crash, as its offsets entry
-    /// says; the watermark state is put back as it was before it.
-    fn replay_ranges(&mut self, entry: &OffsetEntry) -> Result<Vec<BatchRange>> {
-        let mut ranges = Vec::with_capacity(self.sources.len());
-        for state in &mut self.sources {
-            let offsets = offsets_of(entry, state.source.name())?;
-            state.max_event_micros = offsets.max_event_micros;
-            ranges.push(BatchRange {
-                start: offsets.start.clone(),
-                end: offsets.end.clone(),
-                latest: offsets.end.clone(),
-                rows: 0,
-                records_behind_latest: 0,
-            });
-        }
-        Ok(ranges)
+    /// says.
+    fn replay_ranges(&self, entry: &OffsetEntry) -> Result<Vec<BatchRange>> {
+        self.sources
+            .iter()
+            .map(|state| {
+                let offsets = offsets_of(entry, state.source.name())?;
+                Ok(BatchRange {
+                    start: offsets.start.clone(),
+                    end: offsets.end.clone(),
+                    detail: offsets.detail.clone(),
+                    latest: offsets.end.clone(),
+                    rows: 0,
+                    records_behind_latest: 0,
+                })
+            })
+            .collect()
     }
 
-    /// The watermark in effect: for each source with one, its largest event
-    /// time minus its delay; the smallest of those. None until every such
-    /// source has seen a row.
-    fn watermark_micros(&self) -> Option<i64> {
-        let mut watermark: Option<i64> = None;
-        for state in &self.sources {
-            if let Some((_, delay)) = state.source.watermark() {
-                let own = state.max_event_micros? - delay.as_micros() as i64;
-                watermark = Some(watermark.map_or(own, |w| w.min(own)));
-            }
-        }
-        watermark
-    }
-
+    #[allow(clippy::too_many_arguments)]
     async fn run_batch(
         &mut self,
         batch_id: u64,
@@ -496,17 +666,17 @@ impl Runner {
         previous_start: Option<Instant>,
         latest_offset_ms: u64,
         ranges: Vec<BatchRange>,
+        watermarks: BatchWatermarks,
+        replayed: Option<u64>,
     ) -> Result<QueryProgress> {
-        // The watermark reported for a batch is the one in effect while it
-        // runs, computed from the batches before it (as in Spark).
-        let watermark = self.watermark_micros();
         let read_start = Instant::now();
         let mut inputs = Vec::with_capacity(self.sources.len());
         let mut rows_read = Vec::with_capacity(self.sources.len());
         let mut dead_letters = Vec::with_capacity(self.sources.len());
+        let mut max_events = Vec::with_capacity(self.sources.len());
         let mut event_stats = EventTimeStats::default();
-        for (state, range) in self.sources.iter_mut().zip(&ranges) {
-            let batches = state.source.read(&range.start, &range.end).await?;
+        for (i, (state, range)) in self.sources.iter_mut().zip(&ranges).enumerate() {
+            let batches = state.source.read(range).await?;
             rows_read.push(batches.iter().map(|b| b.num_rows() as u64).sum::<u64>());
             let bad = state.source.take_bad_records();
             if let (Some(dir), false) = (&state.dead_letter, bad.is_empty()) {
@@ -514,39 +684,76 @@ impl Runner {
                 warn!(source = state.source.name(), batch_id, records = bad.len(), file = %file.display(), "Set malformed records aside.");
             }
             dead_letters.push(bad.len() as u64);
-            if let Some((column, _)) = state.source.watermark() {
-                let seen = event_stats.add(column, &batches);
-                state.max_event_micros = state.max_event_micros.max(seen);
-            }
+            let seen = self
+                .tracker
+                .declaration(i)
+                .and_then(|declared| event_stats.add(&declared.column, &batches));
+            max_events.push(seen);
             inputs.push(batches);
         }
         let get_batch_ms = read_start.elapsed().as_millis() as u64;
         let exec_start = Instant::now();
         let output = self
             .plan
-            .execute(inputs, watermark)
+            .execute(inputs, watermarks)
             .await
             .map_err(|source| Error::Execute { batch_id, source })?;
-        self.last_watermark = watermark;
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
-        self.sink
-            .add_batch(batch_id, self.plan.output_schema(), &output)
-            .await?;
+        // `replayed`: the epoch that planned the batch.
+        let already = match replayed {
+            Some(_) => self.sink.is_committed(batch_id).await?,
+            None => false,
+        };
+        if already {
+            info!(
+                batch_id,
+                "The sink committed this batch before the last stop: not written again."
+            );
+        } else {
+            self.sink
+                .prepare(batch_id, self.plan.output_schema(), &output)
+                .await?;
+            fault::point("sink-data", batch_id);
+            if let Some(fence) = &self.fence {
+                fence.check().await?;
+            }
+            self.sink.commit(batch_id).await?;
+        }
+        if let (Some(planned_by), Some(fence)) = (replayed, &self.fence) {
+            self.sink
+                .discard_attempts(batch_id, planned_by..fence.epoch())
+                .await?;
+        }
         let add_batch_ms = exec_start.elapsed().as_millis() as u64;
         fault::point("sink", batch_id);
         self.plan.commit_state(batch_id).await?;
         fault::point("state", batch_id);
-        if let Some(store) = &self.checkpoint {
-            let max_events = self
-                .sources
-                .iter()
-                .filter_map(|s| Some((s.source.name().to_owned(), s.max_event_micros?)))
-                .collect();
-            store.write_commit(batch_id, max_events).await?;
+        let now_ms = timestamp.timestamp_millis();
+        for (i, (rows, max)) in rows_read.iter().zip(&max_events).enumerate() {
+            self.tracker.observe(i, *rows, *max, now_ms);
+        }
+        if let (Some(store), Some(fence)) = (&self.checkpoint, &self.fence) {
+            fence.check().await?;
+            store
+                .write_commit(&CommitEntry {
+                    batch_id,
+                    epoch: fence.epoch(),
+                    run_id: self.run_id.clone(),
+                    timestamp_ms: Utc::now().timestamp_millis(),
+                    watermark: self.tracker.state().clone(),
+                    version: checkpoint::VERSION,
+                })
+                .await?;
             fault::point("commit", batch_id);
         }
+        self.last_eviction = Some(watermarks.eviction_ms);
         for (state, range) in self.sources.iter_mut().zip(&ranges) {
             state.offset = range.end.clone();
+            state.source.commit(&range.end).await?;
+        }
+        if let Some(store) = &self.checkpoint {
+            self.plan.clean_state(store, batch_id).await?;
+            store.purge(batch_id).await?;
         }
 
         let elapsed = trigger_start.elapsed();
@@ -582,10 +789,13 @@ impl Runner {
             })
             .collect();
         let mut event_time = event_stats.report();
-        if let Some(w) = watermark {
-            event_time.insert("watermark".into(), micros_to_rfc3339(w));
-        } else if self.sources.iter().any(|s| s.source.watermark().is_some()) {
-            event_time.insert("watermark".into(), micros_to_rfc3339(0));
+        if self.tracker.any() {
+            // As Spark: the epoch when there is no watermark yet.
+            let w = watermarks.eviction_ms.unwrap_or(0);
+            event_time.insert(
+                "watermark".into(),
+                micros_to_rfc3339(w.saturating_mul(1000)),
+            );
         }
         Ok(QueryProgress {
             id: self.id.clone(),

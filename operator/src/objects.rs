@@ -506,10 +506,12 @@ spec:
     #[test]
     fn suspend_scales_to_zero_and_replicas_are_taken_from_the_spec() {
         let suspended =
-            stateful_set(&query("  suspend: true\n  replicas: 3\n"), &defaults()).unwrap();
+            stateful_set(&query("  suspend: true\n  replicas: 1\n"), &defaults()).unwrap();
         assert_eq!(suspended.spec.replicas, Some(0));
-        let three = stateful_set(&query("  replicas: 3\n"), &defaults()).unwrap();
-        assert_eq!(three.spec.replicas, Some(3));
+        let one = stateful_set(&query(""), &defaults()).unwrap();
+        assert_eq!(one.spec.replicas, Some(1));
+        let stopped = stateful_set(&query("  replicas: 0\n"), &defaults()).unwrap();
+        assert_eq!(stopped.spec.replicas, Some(0));
     }
 
     #[test]
@@ -528,7 +530,7 @@ spec:
         assert_eq!(hash(&query("")), hash(&query("")));
         assert_eq!(
             hash(&query("")),
-            hash(&query("  replicas: 4\n  suspend: false\n")),
+            hash(&query("  replicas: 0\n  suspend: false\n")),
             "scaling rolls nothing"
         );
         let changed =

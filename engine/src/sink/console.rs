@@ -22,6 +22,8 @@ pub struct ConsoleSink<W> {
     num_rows: usize,
     truncate: bool,
     out: Mutex<W>,
+    /// The prepared batch's text, printed at its commit.
+    pending: Option<String>,
 }
 
 impl<W: Write + Send> ConsoleSink<W> {
@@ -31,6 +33,7 @@ impl<W: Write + Send> ConsoleSink<W> {
             num_rows: spec.num_rows.map_or(DEFAULT_NUM_ROWS, |n| n as usize),
             truncate: spec.truncate.unwrap_or(true),
             out: Mutex::new(out),
+            pending: None,
         }
     }
 
@@ -137,13 +140,26 @@ impl<W: Write + Send> Sink for ConsoleSink<W> {
         "ConsoleSink".to_owned()
     }
 
-    async fn add_batch(
+    /// The console remembers nothing: a batch replayed after a crash is
+    /// printed again (at least once, as Spark's console sink).
+    async fn is_committed(&mut self, _batch_id: u64) -> Result<bool> {
+        Ok(false)
+    }
+
+    async fn prepare(
         &mut self,
         batch_id: u64,
         schema: &SchemaRef,
         batches: &[RecordBatch],
     ) -> Result<()> {
-        let text = self.render(batch_id, schema, batches)?;
+        self.pending = Some(self.render(batch_id, schema, batches)?);
+        Ok(())
+    }
+
+    async fn commit(&mut self, _batch_id: u64) -> Result<()> {
+        let Some(text) = self.pending.take() else {
+            return Ok(());
+        };
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         out.write_all(text.as_bytes())
             .and_then(|()| out.flush())

@@ -1,4 +1,21 @@
-//! Sinks: where each batch's result goes.
+//! Sinks: where each batch's result goes. A sink's lifecycle, driven by the
+//! runner the same way for every connector (Arroyo's two-phase commit, Spark's
+//! idempotent sinks):
+//!
+//! 1. **open** for a run: learns the query's id and the run's epoch (a Kafka
+//!    sink fences older producers there);
+//! 2. **is committed**: asked for a batch replayed after a crash, so that a
+//!    batch already in the sink is not written twice;
+//! 3. **prepare** batch N: writes its rows where readers do not see them
+//!    yet (data files no manifest lists; a transaction not committed);
+//! 4. **commit** batch N: makes them visible at once (the manifest; the
+//!    transaction's commit). A commit that finds batch N committed by
+//!    another run of the query (a zombie) leaves it: both computed the same
+//!    rows from the same offsets;
+//! 5. for a replayed batch, **discard** what earlier runs prepared and did
+//!    not commit (a file sink's data files no manifest lists).
+//!
+//! A connector is a module here implementing [`Sink`], built by [`build`].
 
 mod console;
 mod files;
@@ -9,22 +26,53 @@ use datafusion::arrow::record_batch::RecordBatch;
 use sluice_crds::Sink as SinkSpec;
 
 pub use console::ConsoleSink;
-pub use files::{FileSink, METADATA_DIR, committed_files, write_atomically};
+pub use files::{FileSink, METADATA_DIR, committed_files};
 
 use crate::{Error, Result};
+
+/// What a sink knows of the run it writes for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SinkContext {
+    /// The query's id (kept across restarts by the checkpoint).
+    pub query_id: String,
+    /// This run's id.
+    pub run_id: String,
+    /// This run's epoch (0 without a checkpoint).
+    pub epoch: u64,
+}
 
 /// A streaming sink.
 #[async_trait]
 pub trait Sink: Send + Sync {
     /// Says what the sink is, for progress reports.
     fn description(&self) -> String;
-    /// Writes one batch's result.
-    async fn add_batch(
+    /// Opens the sink for a run.
+    async fn open(&mut self, context: &SinkContext) -> Result<()> {
+        let _ = context;
+        Ok(())
+    }
+    /// Whether batch `batch_id` is in the sink already.
+    async fn is_committed(&mut self, batch_id: u64) -> Result<bool>;
+    /// Writes batch `batch_id`'s result, not yet visible.
+    async fn prepare(
         &mut self,
         batch_id: u64,
         schema: &SchemaRef,
         batches: &[RecordBatch],
     ) -> Result<()>;
+    /// Makes batch `batch_id` visible.
+    async fn commit(&mut self, batch_id: u64) -> Result<()>;
+    /// Batch `batch_id` is committed and was replayed: runs with the
+    /// `earlier` epochs may have prepared it before they stopped; remove
+    /// what they left that the commit does not hold.
+    async fn discard_attempts(
+        &mut self,
+        batch_id: u64,
+        earlier: std::ops::Range<u64>,
+    ) -> Result<()> {
+        let _ = (batch_id, earlier);
+        Ok(())
+    }
 }
 
 /// Builds the sink a spec describes.
@@ -42,18 +90,10 @@ pub fn build(spec: &SinkSpec) -> Result<Box<dyn Sink>> {
 
 /// Checks that this engine has the sink a spec describes, without opening it.
 pub fn check(spec: &SinkSpec) -> Result<()> {
-    if let Some(files) = &spec.files
-        && let Some((scheme, _)) = files.path.split_once("://")
-        && scheme != "file"
-    {
-        return Err(Error::Unsupported {
-            path: "spec.sink.files.path".to_owned(),
-            message: format!(
-                "the files sink writes to a local path (or file://) in this version of the engine; {scheme}:// output is not implemented yet"
-            ),
-        });
+    if let Some(files) = &spec.files {
+        return crate::storage::check_location(&files.path, "spec.sink.files.path");
     }
-    if spec.console.is_some() || spec.files.is_some() {
+    if spec.console.is_some() {
         return Ok(());
     }
     let kind = spec.kind().unwrap_or("unknown");
@@ -74,14 +114,11 @@ mod tests {
     }
 
     #[test]
-    fn object_store_output_is_refused_until_it_is_built() {
-        let error = check(&files("s3://bucket/out")).unwrap_err().to_string();
-        assert!(error.contains("spec.sink.files.path"), "{error}");
-        assert!(
-            error.contains("s3:// output is not implemented yet"),
-            "{error}"
-        );
+    fn file_output_goes_to_local_paths_and_s3() {
+        assert!(check(&files("s3://bucket/out")).is_ok());
         assert!(check(&files("file:///tmp/out")).is_ok());
         assert!(check(&files("out/dir")).is_ok());
+        let error = check(&files("gs://bucket/out")).unwrap_err().to_string();
+        assert!(error.starts_with("spec.sink.files.path: "), "{error}");
     }
 }

@@ -2,7 +2,10 @@
 //! declared schema. Files are taken in name order, at most
 //! `maxFilesPerTrigger` a batch; files added later are picked up by later
 //! batches. The offset is the name of the last file taken, so each file is
-//! read once, and a batch replayed after a crash reads the same files.
+//! read once; the batch's exact file list goes to the offset log too, so a
+//! batch replayed after a crash reads the same files, whatever arrived since.
+//! With `availableNow` the files present at the start are the query's input:
+//! files that arrive later are left for the next run.
 //!
 //! NB: a file whose name sorts before one already taken is never read: name
 //! new files so that they sort last (a timestamp or a sequence number), as
@@ -13,7 +16,6 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use datafusion::arrow::compute::cast;
@@ -23,10 +25,9 @@ use datafusion::arrow::json::ReaderBuilder as JsonReaderBuilder;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
-use sluice_crds::duration::parse_duration;
 use sluice_crds::{ColumnType, FileSource as FileSpec, Format, Source as SourceSpec};
 
-use super::{BadRecord, BatchRange, Source};
+use super::{BadRecord, BatchRange, ReadMode, Source};
 use crate::{Error, Result};
 
 /// Rows per Arrow batch when decoding text formats.
@@ -39,10 +40,13 @@ pub struct FileSource {
     format: Format,
     schema: SchemaRef,
     max_files: Option<u64>,
-    watermark: Option<(String, Duration)>,
     /// Whether malformed records are set aside (`deadLetter`) or fail the read.
     dead_letter: bool,
     bad_records: Vec<BadRecord>,
+    mode: ReadMode,
+    /// With `availableNow`: the last file present when the run started
+    /// (`Some(None)`: there was none), set by the first plan.
+    limit: Option<Option<String>>,
 }
 
 /// The Arrow type of a spec column type.
@@ -61,7 +65,7 @@ pub fn arrow_type(ty: ColumnType) -> DataType {
 impl FileSource {
     /// Builds a file source from its (validated) spec; `path` is its field
     /// path, for errors.
-    pub fn new(source: &SourceSpec, spec: &FileSpec, path: &str) -> Result<Self> {
+    pub fn new(source: &SourceSpec, spec: &FileSpec, path: &str, mode: ReadMode) -> Result<Self> {
         let unsupported = |field: &str, message: String| Error::Unsupported {
             path: format!("{path}.{field}"),
             message,
@@ -85,23 +89,16 @@ impl FileSource {
             .flatten()
             .map(|c| Field::new(&c.name, arrow_type(c.data_type), c.nullable.unwrap_or(true)))
             .collect();
-        let watermark = match &source.watermark {
-            Some(w) => Some((
-                w.column.clone(),
-                parse_duration(&w.delay)
-                    .map_err(|message| unsupported("watermark.delay", message))?,
-            )),
-            None => None,
-        };
         Ok(Self {
             name: source.name.clone(),
             dir: PathBuf::from(spec.path.strip_prefix("file://").unwrap_or(&spec.path)),
             format,
             schema: Arc::new(Schema::new(fields)),
             max_files: spec.max_files_per_trigger,
-            watermark,
             dead_letter: source.dead_letter.is_some(),
             bad_records: Vec::new(),
+            mode,
+            limit: None,
         })
     }
 
@@ -310,41 +307,60 @@ impl Source for FileSource {
 
     async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange> {
         let last = offset_of(start, &self.name)?;
-        let names = self.list()?;
+        let mut names = self.list()?;
+        if self.mode == ReadMode::AvailableNow {
+            let limit = self
+                .limit
+                .get_or_insert_with(|| names.last().cloned())
+                .clone();
+            names.retain(|n| limit.as_ref().is_some_and(|l| n <= l));
+        }
         let new = after(&names, &last);
         let take = self
             .max_files
             .map_or(new.len(), |m| new.len().min(m as usize));
-        let end = new[..take].last().cloned().or(last);
+        let files = &new[..take];
+        let end = files.last().cloned().or(last);
         Ok(BatchRange {
             start: start.clone(),
             end: offset(end.as_deref()),
+            detail: serde_json::json!({ "files": files }),
             latest: offset(names.last().map(String::as_str)),
             rows: take as u64,
             records_behind_latest: (new.len() - take) as u64,
         })
     }
 
-    async fn read(&mut self, start: &Value, end: &Value) -> Result<Vec<RecordBatch>> {
-        let (from, to) = (offset_of(start, &self.name)?, offset_of(end, &self.name)?);
-        let names = self.list()?;
+    async fn read(&mut self, range: &BatchRange) -> Result<Vec<RecordBatch>> {
+        let files: Vec<String> = range
+            .detail
+            .get("files")
+            .and_then(|f| serde_json::from_value(f.clone()).ok())
+            .ok_or_else(|| Error::Offset {
+                source_name: self.name.clone(),
+                offset: range.detail.to_string(),
+                expected: r#"{"files": [<name>, ...]}"#.to_owned(),
+            })?;
         let mut batches = Vec::new();
-        for name in after(&names, &from) {
-            if to.as_deref().is_none_or(|to| name.as_str() > to) {
-                break;
+        for name in &files {
+            let path = Path::new(&self.dir).join(name);
+            if !path.is_file() {
+                return Err(Error::Source {
+                    source_name: self.name.clone(),
+                    message: format!(
+                        "{} is gone: the batch's offsets list it, so it cannot be replayed without it; put it back",
+                        path.display()
+                    ),
+                });
             }
             let (file_batches, bad) = self.read_file(name).map_err(|message| Error::Source {
                 source_name: self.name.clone(),
-                message: format!("{}: {message}", Path::new(&self.dir).join(name).display()),
+                message: format!("{}: {message}", path.display()),
             })?;
             batches.extend(file_batches);
             self.bad_records.extend(bad);
         }
         Ok(batches)
-    }
-
-    fn watermark(&self) -> Option<(&str, Duration)> {
-        self.watermark.as_ref().map(|(c, d)| (c.as_str(), *d))
     }
 
     fn take_bad_records(&mut self) -> Vec<BadRecord> {
@@ -369,7 +385,13 @@ mod tests {
             max_files.map_or(String::new(), |m| format!(", maxFilesPerTrigger: {m}"))
         );
         let spec: SourceSpec = serde_yaml::from_str(&yaml).unwrap();
-        FileSource::new(&spec, spec.files.as_ref().unwrap(), "spec.sources[0]").unwrap()
+        FileSource::new(
+            &spec,
+            spec.files.as_ref().unwrap(),
+            "spec.sources[0]",
+            ReadMode::Continuous,
+        )
+        .unwrap()
     }
 
     fn json_file(dir: &Path, name: &str, ids: &[&str]) {
@@ -406,29 +428,60 @@ mod tests {
 
         let first = s.plan_batch(&s.initial_offset()).await.unwrap();
         assert_eq!((first.rows, first.records_behind_latest), (2, 1));
-        assert_eq!(
-            ids(&s.read(&first.start, &first.end).await.unwrap()),
-            ["a1", "a2", "b1"]
-        );
+        assert_eq!(ids(&s.read(&first).await.unwrap()), ["a1", "a2", "b1"]);
         let second = s.plan_batch(&first.end).await.unwrap();
-        assert_eq!(
-            ids(&s.read(&second.start, &second.end).await.unwrap()),
-            ["c1"]
-        );
+        assert_eq!(ids(&s.read(&second).await.unwrap()), ["c1"]);
         let idle = s.plan_batch(&second.end).await.unwrap();
         assert_eq!(idle.rows, 0);
 
         json_file(dir.path(), "d.json", &["d1"]);
         let third = s.plan_batch(&second.end).await.unwrap();
-        assert_eq!(
-            ids(&s.read(&third.start, &third.end).await.unwrap()),
-            ["d1"]
-        );
+        assert_eq!(ids(&s.read(&third).await.unwrap()), ["d1"]);
         // A replay of an earlier range reads the same files.
+        assert_eq!(ids(&s.read(&first).await.unwrap()), ["a1", "a2", "b1"]);
+    }
+
+    #[tokio::test]
+    async fn a_replay_reads_exactly_the_planned_files_and_available_now_what_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        json_file(dir.path(), "a.json", &["a1"]);
+        json_file(dir.path(), "c.json", &["c1"]);
+        let mut s = source(dir.path(), "json", None);
+        let range = s.plan_batch(&s.initial_offset()).await.unwrap();
         assert_eq!(
-            ids(&s.read(&first.start, &first.end).await.unwrap()),
-            ["a1", "a2", "b1"]
+            range.detail,
+            serde_json::json!({"files": ["a.json", "c.json"]})
         );
+        // A file arriving inside the range after it was planned (or
+        // written late) is not part of the batch when it is replayed.
+        json_file(dir.path(), "b.json", &["b1"]);
+        assert_eq!(ids(&s.read(&range).await.unwrap()), ["a1", "c1"]);
+        std::fs::remove_file(dir.path().join("c.json")).unwrap();
+        let err = s.read(&range).await.unwrap_err().to_string();
+        assert!(err.contains("c.json is gone"), "{err}");
+
+        let spec: SourceSpec = serde_yaml::from_str(&format!(
+            "{{name: t, files: {{path: {:?}, maxFilesPerTrigger: 1}}, format: json, schema: [{{name: id, type: string}}, {{name: amount, type: double}}, {{name: at, type: timestamp}}]}}",
+            dir.path().display()
+        ))
+        .unwrap();
+        let mut once = FileSource::new(
+            &spec,
+            spec.files.as_ref().unwrap(),
+            "spec.sources[0]",
+            ReadMode::AvailableNow,
+        )
+        .unwrap();
+        let first = once.plan_batch(&once.initial_offset()).await.unwrap();
+        // Files that arrive once an availableNow run started wait for the next run.
+        json_file(dir.path(), "d.json", &["d1"]);
+        let second = once.plan_batch(&first.end).await.unwrap();
+        assert_eq!(
+            (first.rows, second.rows, second.records_behind_latest),
+            (1, 1, 0)
+        );
+        let third = once.plan_batch(&second.end).await.unwrap();
+        assert_eq!(third.rows, 0);
     }
 
     #[tokio::test]
@@ -441,11 +494,7 @@ mod tests {
         .unwrap();
         let mut s = source(dir.path(), "json", None);
         let range = s.plan_batch(&s.initial_offset()).await.unwrap();
-        let err = s
-            .read(&range.start, &range.end)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = s.read(&range).await.unwrap_err().to_string();
         assert!(
             err.contains(&format!(
                 "{}: line 2: ",
@@ -471,7 +520,7 @@ mod tests {
             ", deadLetter: {path: /tmp/unused}",
         );
         let range = s.plan_batch(&s.initial_offset()).await.unwrap();
-        let batches = s.read(&range.start, &range.end).await.unwrap();
+        let batches = s.read(&range).await.unwrap();
         assert_eq!(ids(&batches), ["x", "z"]);
         let bad = s.take_bad_records();
         assert_eq!(bad.iter().map(|b| b.line).collect::<Vec<_>>(), [2, 3]);
@@ -487,7 +536,7 @@ mod tests {
         .unwrap();
         let mut s = source_with(csv.path(), "csv", None, ", deadLetter: {path: /tmp/unused}");
         let range = s.plan_batch(&s.initial_offset()).await.unwrap();
-        assert_eq!(ids(&s.read(&range.start, &range.end).await.unwrap()), ["x"]);
+        assert_eq!(ids(&s.read(&range).await.unwrap()), ["x"]);
         let bad = s.take_bad_records();
         assert_eq!((bad.len(), bad[0].line), (1, 3));
     }
@@ -502,7 +551,7 @@ mod tests {
         .unwrap();
         let mut s = source(dir.path(), "csv", None);
         let range = s.plan_batch(&s.initial_offset()).await.unwrap();
-        let batches = s.read(&range.start, &range.end).await.unwrap();
+        let batches = s.read(&range).await.unwrap();
         assert_eq!(ids(&batches), ["x"]);
         let amounts = batches[0]
             .column(1)
@@ -541,7 +590,7 @@ mod tests {
         writer.close().unwrap();
         let mut s = source(pq.path(), "parquet", None);
         let range = s.plan_batch(&s.initial_offset()).await.unwrap();
-        let batches = s.read(&range.start, &range.end).await.unwrap();
+        let batches = s.read(&range).await.unwrap();
         assert_eq!(ids(&batches), ["p"]);
         assert_eq!(batches[0].schema(), s.schema());
     }

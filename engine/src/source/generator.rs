@@ -48,7 +48,6 @@ pub struct GeneratorSource {
     /// The wall-clock pacing: when and from which row rows started to be
     /// released (the first batch planned by this run).
     pace: Option<(std::time::Instant, u64)>,
-    watermark: Option<(String, Duration)>,
     schema: SchemaRef,
 }
 
@@ -80,16 +79,6 @@ impl GeneratorSource {
                 message,
             })?
             .unwrap_or(DEFAULT_MAX_DISORDER);
-        let watermark = match &source.watermark {
-            Some(w) => Some((
-                w.column.clone(),
-                parse_duration(&w.delay).map_err(|message| Error::Unsupported {
-                    path: format!("spec.sources[{}].watermark.delay", source.name),
-                    message,
-                })?,
-            )),
-            None => None,
-        };
         Ok(Self {
             name: source.name.clone(),
             kind: spec.kind,
@@ -103,7 +92,6 @@ impl GeneratorSource {
             max_disorder_micros: max_disorder.as_micros() as i64,
             mode,
             pace: None,
-            watermark,
             schema: schema_of(spec.kind),
         })
     }
@@ -282,15 +270,18 @@ impl Source for GeneratorSource {
         Ok(BatchRange {
             start: start.clone(),
             end: offset(end, start_micros),
+            detail: Value::Null,
             latest: offset(latest, start_micros),
             rows: end - start_row,
             records_behind_latest: latest - end,
         })
     }
 
-    async fn read(&mut self, start: &Value, end: &Value) -> Result<Vec<RecordBatch>> {
-        let ((start, start_micros), (end, _)) =
-            (offset_of(start, &self.name)?, offset_of(end, &self.name)?);
+    async fn read(&mut self, range: &BatchRange) -> Result<Vec<RecordBatch>> {
+        let ((start, start_micros), (end, _)) = (
+            offset_of(&range.start, &self.name)?,
+            offset_of(&range.end, &self.name)?,
+        );
         self.start_micros = start_micros;
         let mut batches = Vec::new();
         let mut from = start;
@@ -300,10 +291,6 @@ impl Source for GeneratorSource {
             from = to;
         }
         Ok(batches)
-    }
-
-    fn watermark(&self) -> Option<(&str, Duration)> {
-        self.watermark.as_ref().map(|(c, d)| (c.as_str(), *d))
     }
 }
 
@@ -341,6 +328,17 @@ impl SplitMix64 {
 mod tests {
     use super::*;
 
+    fn range(start: Value, end: Value) -> BatchRange {
+        BatchRange {
+            latest: end.clone(),
+            start,
+            end,
+            detail: Value::Null,
+            rows: 0,
+            records_behind_latest: 0,
+        }
+    }
+
     fn source(yaml: &str, mode: ReadMode) -> GeneratorSource {
         let spec: SourceSpec = serde_yaml::from_str(yaml).unwrap();
         let started = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
@@ -356,8 +354,8 @@ mod tests {
         let mut b = source(yaml, ReadMode::AvailableNow);
         let start_micros = a.start_micros;
         let at = |row| offset(row, start_micros);
-        let whole = a.read(&at(0), &at(100)).await.unwrap();
-        let part = b.read(&at(40), &at(60)).await.unwrap();
+        let whole = a.read(&range(at(0), at(100))).await.unwrap();
+        let part = b.read(&range(at(40), at(60))).await.unwrap();
         assert_eq!(whole[0].slice(40, 20), part[0]);
     }
 
@@ -373,13 +371,13 @@ mod tests {
             GeneratorSource::new(&spec, generator, ReadMode::AvailableNow, first_start).unwrap();
         let mut restarted =
             GeneratorSource::new(&spec, generator, ReadMode::AvailableNow, Utc::now()).unwrap();
-        let (from, to) = (
+        let rows = range(
             offset(10, first.start_micros),
             offset(20, first.start_micros),
         );
         assert_eq!(
-            first.read(&from, &to).await.unwrap(),
-            restarted.read(&from, &to).await.unwrap()
+            first.read(&rows).await.unwrap(),
+            restarted.read(&rows).await.unwrap()
         );
     }
 

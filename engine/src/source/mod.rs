@@ -1,6 +1,18 @@
-//! Sources: where a query's rows come from. A source hands out offsets (JSON,
-//! as Spark's offset log stores them) and reads the rows between two of them,
-//! the same rows every time it is asked, so that a batch can be replayed.
+//! Sources: where a query's rows come from. A source's lifecycle, driven by
+//! the runner the same way for every connector:
+//!
+//! 1. **plan** the next batch from where the last one ended: a
+//!    [`BatchRange`] whose `start`, `end` and `detail` (JSON, as Spark's
+//!    offset log stores offsets) say exactly what the batch reads — a file
+//!    source's file list, a Kafka source's per-partition offsets. The runner
+//!    writes it to `offsets/N` before anything is read;
+//! 2. **read** a range: the same rows every time it is given the same range,
+//!    so that a batch replayed after a crash is the batch that was planned;
+//! 3. hear that a batch **committed** (a Kafka source commits its consumer
+//!    group's offsets there, for monitoring).
+//!
+//! A connector is a module here implementing [`Source`], built by
+//! [`build`].
 
 mod files;
 pub(crate) use files::arrow_type;
@@ -33,8 +45,11 @@ pub struct BatchRange {
     /// Where the batch starts (the previous batch's end).
     pub start: Value,
     /// Where the batch ends, exclusive: the latest offset, capped by the
-    /// source's per-batch limit.
+    /// source's per-batch limit. The next batch starts here.
     pub end: Value,
+    /// What exactly the batch reads when `start` and `end` do not say it
+    /// alone (a file source's list of files); `Null` otherwise.
+    pub detail: Value,
     /// The newest offset the source has.
     pub latest: Value,
     /// Records from `start` to `end` (files, for a file source).
@@ -70,12 +85,13 @@ pub trait Source: Send + Sync {
     fn initial_offset(&self) -> Value;
     /// Plans the next batch from `start`.
     async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange>;
-    /// Reads the rows of `[start, end)`.
-    async fn read(&mut self, start: &Value, end: &Value) -> Result<Vec<RecordBatch>>;
-    /// The name of the column holding event time, when the source declares a
-    /// watermark, with the delay.
-    fn watermark(&self) -> Option<(&str, std::time::Duration)> {
-        None
+    /// Reads the rows of a planned range (`start`, `end` and `detail` as
+    /// planned; the rest is not used).
+    async fn read(&mut self, range: &BatchRange) -> Result<Vec<RecordBatch>>;
+    /// Hears that the batch ending at `end` committed.
+    async fn commit(&mut self, end: &Value) -> Result<()> {
+        let _ = end;
+        Ok(())
     }
     /// The malformed records the last `read` set aside; only a source with
     /// a dead-letter destination sets any aside instead of failing.
@@ -97,7 +113,7 @@ pub fn build(
         )?));
     }
     if let Some(files) = &spec.files {
-        return Ok(Box::new(FileSource::new(spec, files, path)?));
+        return Ok(Box::new(FileSource::new(spec, files, path, mode)?));
     }
     let kind = spec.kind().unwrap_or("unknown");
     Err(Error::Unsupported {

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use sluice_engine::sink::committed_files;
 
 /// 40 batches of 200 rows.
-const BATCHES: u64 = 40;
+pub const BATCHES: u64 = 40;
 
 /// The generated transactions: `BATCHES` batches of 200 rows.
-fn generator_source() -> String {
+pub fn generator_source() -> String {
     format!(
         r#"{{name: transactions, generator: {{kind: transactions, rowsPerSecond: 1000, rowsPerBatch: 200, totalRows: {}, seed: 7, startTime: "2026-01-01T00:00:00Z"}}}}"#,
         BATCHES * 200
@@ -25,15 +25,15 @@ fn generator_source() -> String {
 }
 
 /// A query the crash test runs, and the fail points it kills it at.
-struct Workload {
+pub struct Workload {
     /// The SQL and any further spec lines (output mode).
-    query: &'static str,
+    pub query: &'static str,
     /// The steps of the protocol to kill the engine at.
-    points: &'static [&'static str],
+    pub points: &'static [&'static str],
 }
 
 /// A stateless filter.
-const STATELESS: Workload = Workload {
+pub const STATELESS: Workload = Workload {
     query: "query: SELECT transaction_id, user_id, amount, event_time FROM transactions WHERE amount > 20",
     points: &["offsets", "sink-data", "sink", "commit"],
 };
@@ -41,7 +41,7 @@ const STATELESS: Workload = Workload {
 /// A windowed aggregation in append mode: state in RocksDB, checkpointed
 /// with each batch, windows written when the watermark closes them. Integer
 /// aggregates only, so that a replay's output is byte for byte the same.
-const WINDOWED: Workload = Workload {
+pub const WINDOWED: Workload = Workload {
     query: "query: >-
     SELECT window_start, window_end, device_type, count(*) AS n,
            sum(CAST(amount * 100 AS BIGINT)) AS cents, min(amount) AS smallest, max(amount) AS largest
@@ -51,7 +51,7 @@ const WINDOWED: Workload = Workload {
     points: &["offsets", "sink-data", "sink", "state", "commit"],
 };
 
-fn write_spec(
+pub fn write_spec(
     dir: &Path,
     checkpoint: &str,
     source: &str,
@@ -79,13 +79,30 @@ spec:
     path
 }
 
-fn start(spec: &Path, fail_point: Option<&str>) -> Child {
+pub fn start(spec: &Path, fail_point: Option<&str>) -> Child {
+    start_with_state(spec, fail_point, &spec.with_file_name("state"))
+}
+
+/// Starts `sluice run` on `spec` with its local state in `state`.
+pub fn start_with_state(spec: &Path, fail_point: Option<&str>, state: &Path) -> Child {
+    start_with_args(spec, fail_point, state, &[])
+}
+
+/// Starts `sluice run` on `spec` with its local state in `state` and more
+/// arguments.
+pub fn start_with_args(
+    spec: &Path,
+    fail_point: Option<&str>,
+    state: &Path,
+    args: &[&str],
+) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
     command
         .arg("run")
         .arg(spec)
+        .args(args)
         .env("SLUICE_LOG", "warn")
-        .env("SLUICE_STATE_DIR", spec.with_file_name("state"))
+        .env("SLUICE_STATE_DIR", state)
         .stdout(Stdio::null())
         .stderr(log_file(spec));
     match fail_point {
@@ -105,26 +122,31 @@ fn log_file(spec: &Path) -> std::fs::File {
         .unwrap()
 }
 
-fn log_of(spec: &Path) -> String {
+pub fn log_of(spec: &Path) -> String {
     std::fs::read_to_string(spec.with_file_name("engine.log")).unwrap_or_default()
 }
 
-fn wait(child: &mut Child) -> ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(120);
+pub fn wait(child: &mut Child) -> ExitStatus {
+    wait_for(child, Duration::from_secs(120))
+}
+
+/// Waits for `child` to exit, at most `limit`.
+pub fn wait_for(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the engine ran for more than 120 s"
-        );
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the engine ran for more than {limit:?}");
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 /// The committed rows of a sink directory, sorted.
-fn sink_rows(dir: &Path) -> Vec<String> {
+pub fn sink_rows(dir: &Path) -> Vec<String> {
     let mut rows: Vec<String> = committed_files(&dir.join("out"))
         .unwrap()
         .iter()
@@ -170,12 +192,12 @@ fn killed_at_any_step_a_windowed_aggregation_writes_every_window_once() {
 }
 
 /// The generator's rows are up to 2 s out of order.
-const WATERMARK: &str = ", watermark: {column: event_time, delay: 2s}";
+pub const WATERMARK: &str = ", watermark: {column: event_time, delay: 2s}";
 
 /// Writes `BATCHES` JSON-lines files into `input` (with `sluice` itself,
 /// from the generator) and returns a file source over them, one a batch,
 /// with `extra` spec (a watermark).
-fn file_source(input: &Path, extra: &str) -> String {
+pub fn file_source(input: &Path, extra: &str) -> String {
     let spec = format!(
         r#"apiVersion: sluice.dev/v1alpha1
 kind: StreamingQuery
@@ -190,7 +212,9 @@ spec:
         generator_source(),
         input.display()
     );
-    let spec_path = input.join("_input.yaml");
+    // NB: in a folder the file source skips, with its log.
+    std::fs::create_dir_all(input.join("_generator")).unwrap();
+    let spec_path = input.join("_generator/input.yaml");
     std::fs::write(&spec_path, spec).unwrap();
     assert!(
         wait(&mut start(&spec_path, None)).success(),
@@ -208,7 +232,7 @@ spec:
 /// The environment variable naming the S3 location for the S3 variant, e.g.
 /// `s3://checkpoints/crash-test`; `AWS_ENDPOINT_URL` and the credentials come
 /// from the environment too.
-const S3_ENV: &str = "SLUICE_TEST_S3_CHECKPOINT";
+pub const S3_ENV: &str = "SLUICE_TEST_S3_CHECKPOINT";
 
 #[test]
 #[ignore = "needs an S3 server: run e2e/s3-crash.sh"]

@@ -3,8 +3,12 @@
 mod cli;
 mod crash;
 mod examples;
+mod faults;
 mod pipeline;
+mod replay;
 mod sql;
+mod upgrade;
+mod zombie;
 
 use std::path::PathBuf;
 

@@ -75,20 +75,20 @@ spec:
         )
     };
     let expected = |values: &[i64]| values.iter().map(|v| row(*v) + "\n").collect::<String>();
-    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
-    assert_eq!(read("part-00000000.jsonl"), expected(&[1, 2, 4]));
-    assert_eq!(read("part-00000001.jsonl"), expected(&[5, 7, 8]));
-    assert_eq!(read("part-00000002.jsonl"), expected(&[10, 11, 13, 14]));
     let committed = sluice_engine::sink::committed_files(&out).unwrap();
-    assert_eq!(
-        committed,
-        [
-            "part-00000000.jsonl",
-            "part-00000001.jsonl",
-            "part-00000002.jsonl"
-        ]
-        .map(|name| out.join(name))
-    );
+    let read = |i: usize| std::fs::read_to_string(&committed[i]).unwrap();
+    assert_eq!(committed.len(), 3);
+    assert_eq!(read(0), expected(&[1, 2, 4]));
+    assert_eq!(read(1), expected(&[5, 7, 8]));
+    assert_eq!(read(2), expected(&[10, 11, 13, 14]));
+    // Each batch's file is named by its batch and the run that wrote it.
+    for (i, file) in committed.iter().enumerate() {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with(&format!("part-{i:08}-")) && name.ends_with(".jsonl"),
+            "{name}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -155,7 +155,8 @@ spec:
         dir.path().display()
     );
     run(&yaml, None).await;
-    let actual = std::fs::read_to_string(dir.path().join("part-00000000.jsonl")).unwrap();
+    let files = sluice_engine::sink::committed_files(dir.path()).unwrap();
+    let actual = std::fs::read_to_string(&files[0]).unwrap();
     let golden = super::repo_root().join("engine/tests/it/golden/transactions-seed42.jsonl");
     if std::env::var_os("SLUICE_BLESS").is_some() {
         std::fs::write(&golden, &actual).unwrap();
@@ -192,17 +193,17 @@ spec:
     run(&yaml, Some(2)).await;
     run(&yaml, Some(2)).await;
     let files = sluice_engine::sink::committed_files(&out).unwrap();
-    let names: Vec<_> = files
+    let batches: Vec<String> = files
         .iter()
-        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .map(|f| f.file_name().unwrap().to_string_lossy()[..13].to_owned())
         .collect();
     assert_eq!(
-        names,
+        batches,
         [
-            "part-00000000.jsonl",
-            "part-00000001.jsonl",
-            "part-00000002.jsonl",
-            "part-00000003.jsonl"
+            "part-00000000",
+            "part-00000001",
+            "part-00000002",
+            "part-00000003"
         ]
     );
     let values: Vec<String> = files
@@ -253,7 +254,8 @@ spec:
     let (summary, monitor) = run_monitored(&yaml, None).await;
     assert_eq!((summary.input_rows, summary.output_rows), (2, 2));
 
-    let out = std::fs::read_to_string(dir.path().join("out/part-00000000.jsonl")).unwrap();
+    let files = sluice_engine::sink::committed_files(&dir.path().join("out")).unwrap();
+    let out = std::fs::read_to_string(&files[0]).unwrap();
     assert_eq!(
         out,
         "{\"id\":1,\"name\":\"ONE\"}\n{\"id\":3,\"name\":\"THREE\"}\n"

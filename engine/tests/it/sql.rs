@@ -77,7 +77,7 @@ async fn file_rows(
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_prefix("part-"))
-            .and_then(|n| n.split('.').next())
+            .and_then(|n| n.split(['.', '-']).next())
             .and_then(|n| n.parse().ok())
             .unwrap();
         let rows = std::fs::read_to_string(&file)

@@ -1,0 +1,164 @@
+//! State rows of an operator: keys and values in the stable encoding
+//! (`crate::state::encoding`), and the partition each key falls in.
+//!
+//! A key is the group's columns, encoded with floats made canonical, and an
+//! 8-byte time that orders keys for eviction:
+//!
+//! - `Prefix`: the time first (a window's end, a deduplicated row's event
+//!   time), so that everything the watermark closed is a range at the start
+//!   of each partition;
+//! - `Suffix`: the time last (a session's start), so that all of a key's
+//!   sessions are one prefix.
+//!
+//! The partition is the hash of the grouping columns other than the window
+//! (or event time), so that a key's windows and sessions share a partition.
+//! A value is the whole state row.
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch, TimestampMicrosecondArray};
+use datafusion::arrow::datatypes::{FieldRef, SchemaRef};
+use datafusion::error::{DataFusionError, Result as DfResult};
+
+use crate::state::encoding::{self, StateSchema};
+use crate::state::{PartitionedKey, StateStore};
+
+/// Where a key's time goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeAt {
+    /// First: closed windows are a key range.
+    Prefix,
+    /// Last: a group's sessions share a prefix.
+    Suffix,
+}
+
+/// Encodes the time so that byte order is numeric order.
+pub fn time_bytes(micros: i64) -> [u8; 8] {
+    ((micros as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn internal(message: impl Into<String>) -> DataFusionError {
+    DataFusionError::Execution(message.into())
+}
+
+/// The values of a timestamp (microsecond) column.
+pub fn micros(batch: &RecordBatch, col: usize) -> DfResult<Vec<i64>> {
+    batch
+        .column(col)
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .map(|a| a.values().to_vec())
+        .ok_or_else(|| {
+            internal(format!(
+                "{} is not a timestamp",
+                batch.schema().field(col).name()
+            ))
+        })
+}
+
+/// The keys, partitions and values of an operator's state rows.
+#[derive(Clone)]
+pub struct Codec {
+    schema: SchemaRef,
+    /// The grouping columns (the key).
+    groups: Vec<usize>,
+    /// The grouping columns that choose the partition.
+    partition_cols: Vec<usize>,
+    /// The timestamp column ordering keys, and where it goes.
+    time: Option<(usize, TimeAt)>,
+}
+
+impl Codec {
+    /// A codec over state rows of `schema` whose first `groups` columns are
+    /// the grouping columns; `window_cols` of them (a window's start and
+    /// end, an event time) do not choose the partition; `time` orders keys.
+    pub fn new(
+        schema: SchemaRef,
+        groups: usize,
+        window_cols: &[usize],
+        time: Option<(usize, TimeAt)>,
+    ) -> Self {
+        Codec {
+            partition_cols: (0..groups).filter(|i| !window_cols.contains(i)).collect(),
+            groups: (0..groups).collect(),
+            schema,
+            time,
+        }
+    }
+
+    /// The state schema: the grouping columns make the key, every column
+    /// the value.
+    pub fn state_schema(&self) -> crate::Result<StateSchema> {
+        let fields: Vec<FieldRef> = self.schema.fields().iter().cloned().collect();
+        let keys: Vec<FieldRef> = self.groups.iter().map(|i| fields[*i].clone()).collect();
+        StateSchema::new(&keys, &fields).map_err(|message| crate::Error::Unsupported {
+            path: "spec.query".into(),
+            message,
+        })
+    }
+
+    fn encode_cols(&self, batch: &RecordBatch, cols: &[usize]) -> DfResult<Vec<Vec<u8>>> {
+        let columns: Vec<ArrayRef> = cols.iter().map(|i| batch.column(*i).clone()).collect();
+        if columns.is_empty() {
+            return Ok(vec![Vec::new(); batch.num_rows()]);
+        }
+        encoding::encode(&columns, true).map_err(internal)
+    }
+
+    /// Each row's partition-choosing columns, encoded: the session's key
+    /// prefix, and what the partition is the hash of.
+    pub fn groups_of(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
+        self.encode_cols(batch, &self.partition_cols)
+    }
+
+    /// Each row's key and partition.
+    pub fn keys(&self, batch: &RecordBatch, store: &StateStore) -> DfResult<Vec<PartitionedKey>> {
+        let groups = self.groups_of(batch)?;
+        let times = self.time.map(|(col, _)| micros(batch, col)).transpose()?;
+        // The whole group (windows included) for a prefix key; the session
+        // key is its group and start.
+        let whole = match self.time {
+            Some((_, TimeAt::Suffix)) => None,
+            _ => Some(self.encode_cols(batch, &self.groups)?),
+        };
+        Ok(groups
+            .into_iter()
+            .enumerate()
+            .map(|(i, group)| {
+                let partition = store.partition_of(&group);
+                let key = match (self.time, &whole, &times) {
+                    (Some((_, TimeAt::Prefix)), Some(whole), Some(times)) => {
+                        let mut key = time_bytes(times[i]).to_vec();
+                        key.extend_from_slice(&whole[i]);
+                        key
+                    }
+                    (Some((_, TimeAt::Suffix)), _, Some(times)) => {
+                        let mut key = group;
+                        key.extend_from_slice(&time_bytes(times[i]));
+                        key
+                    }
+                    (_, Some(whole), _) => whole[i].clone(),
+                    _ => unreachable!("a suffix key has times"),
+                };
+                (partition, key)
+            })
+            .collect())
+    }
+
+    /// Each row, encoded whole: the state values.
+    pub fn values(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
+        if batch.num_columns() == 0 {
+            return Ok(vec![Vec::new(); batch.num_rows()]);
+        }
+        encoding::encode(batch.columns(), false).map_err(internal)
+    }
+
+    /// State values back into rows.
+    pub fn decode<'a>(&self, values: impl IntoIterator<Item = &'a [u8]>) -> DfResult<RecordBatch> {
+        let values: Vec<&[u8]> = values.into_iter().collect();
+        if values.is_empty() {
+            return Ok(RecordBatch::new_empty(self.schema.clone()));
+        }
+        let fields: Vec<FieldRef> = self.schema.fields().iter().cloned().collect();
+        let columns = encoding::decode(&fields, &values).map_err(internal)?;
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}

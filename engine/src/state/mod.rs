@@ -1,0 +1,971 @@
+//! The state store: an operator's state in RocksDB, split into
+//! `statePartitions` by the hash of the grouping key (windows stay within
+//! their key's partition), one RocksDB instance each, checkpointed
+//! incrementally to the query's checkpoint location, partition by partition.
+//!
+//! ```text
+//! <checkpoint>/state/<operator>/v<N>-<E>.json            version N, as committed by run (epoch) E:
+//!                                                        schema, encoding, rows, each partition's version
+//! <checkpoint>/state/<operator>/<p>/v<N>-<E>.json        partition p as of version N: its files, schema
+//! <checkpoint>/state/<operator>/<p>/<N>-<E>-<file>       a file of partition p, uploaded by run E at batch N
+//! ```
+//!
+//! Committing version N takes a RocksDB checkpoint of each partition changed
+//! since the last version, uploads its SST files not uploaded before and its
+//! small files, writes the partition's manifest, then the version's; a
+//! partition that did not change keeps pointing at its older manifest. So a
+//! commit costs what changed. Every object name carries the batch and the
+//! epoch of the run that wrote it and every manifest is written create-only,
+//! so two runs on one checkpoint (a zombie and its replacement) never write
+//! the same object; `commits/N` names the epoch whose version N is the
+//! committed one. Recovery downloads the files of that version's partitions
+//! and opens them; the local directory is scratch.
+//!
+//! Keys and values are encoded with [`encoding`] (stable across releases);
+//! the state schema is kept with every version, and a restart whose query
+//! keeps another schema is refused, naming the column.
+
+pub mod encoding;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path as LocalPath, PathBuf};
+
+use futures::{StreamExt, TryStreamExt};
+use rocksdb::{
+    BlockBasedOptions, Cache, DB, IteratorMode, Options, WriteBatch, WriteOptions,
+    checkpoint::Checkpoint as RocksCheckpoint,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::Checkpoint;
+use crate::storage::{Created, Storage};
+use crate::{Error, Result};
+use encoding::{ENCODING, StateSchema};
+
+/// How many state versions the checkpoint keeps: Spark's
+/// `minBatchesToRetain` default.
+pub const VERSIONS_TO_RETAIN: u64 = 100;
+
+/// Old versions are cleaned up once every this many commits.
+const CLEAN_EVERY: u64 = 10;
+
+/// Files downloaded or uploaded at once.
+const TRANSFERS: usize = 8;
+
+/// Which manifest a partition is at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PartitionRef {
+    /// The version (batch) that wrote it.
+    pub version: u64,
+    /// The run that wrote it.
+    pub epoch: u64,
+}
+
+/// One file of a partition's version, and where it was uploaded.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct StoredFile {
+    /// The file's name in the RocksDB directory.
+    name: String,
+    /// Its object, relative to the checkpoint location.
+    path: String,
+    /// Its size in bytes.
+    size: u64,
+}
+
+/// `state/<op>/<p>/v<N>-<E>.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PartitionManifest {
+    partition: u32,
+    version: u64,
+    epoch: u64,
+    encoding: String,
+    #[serde(default)]
+    schema: Option<StateSchema>,
+    files: Vec<StoredFile>,
+}
+
+/// `state/<op>/v<N>-<E>.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VersionManifest {
+    version: u64,
+    epoch: u64,
+    encoding: String,
+    #[serde(default)]
+    schema: Option<StateSchema>,
+    /// Keys in state.
+    rows: u64,
+    partitions: Vec<PartitionRef>,
+}
+
+fn version_path(operator: &str, version: u64, epoch: u64) -> String {
+    format!("state/{operator}/v{version}-{epoch}.json")
+}
+
+fn partition_path(operator: &str, partition: usize, r: PartitionRef) -> String {
+    format!(
+        "state/{operator}/{partition}/v{}-{}.json",
+        r.version, r.epoch
+    )
+}
+
+struct Partition {
+    db: DB,
+    dirty: bool,
+    /// The manifest the partition is at; `None` before its first commit.
+    at: Option<PartitionRef>,
+    /// The SST files already in the checkpoint: local name → object path.
+    uploaded: HashMap<String, String>,
+}
+
+/// An operator's state.
+pub struct StateStore {
+    operator: String,
+    local: PathBuf,
+    partitions: Vec<Partition>,
+    remote: Option<Storage>,
+    epoch: u64,
+    cache: Cache,
+    /// The schema the query keeps, written with each version.
+    schema: Option<StateSchema>,
+    /// The schema of the restored version.
+    restored_schema: Option<StateSchema>,
+    rows: u64,
+    commits: u64,
+    /// How many committed versions [`StateStore::clean`] keeps.
+    retain: u64,
+}
+
+fn state_error(what: impl std::fmt::Display) -> Error {
+    Error::State(what.to_string())
+}
+
+/// FNV-1a: which partition a key's grouping columns fall in. Part of the
+/// checkpoint format: a state partition holds the keys of this hash.
+pub fn hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A key in one partition.
+pub type PartitionedKey = (usize, Vec<u8>);
+
+/// An entry of one partition: partition, key, value.
+pub type PartitionedEntry = (usize, Vec<u8>, Vec<u8>);
+
+impl StateStore {
+    /// Opens the state of `operator` with `partitions` partitions in the
+    /// scratch directory `local`, for the run `epoch`. With a checkpoint
+    /// (`remote`), `restore` names the committed version to start from (the
+    /// last committed batch and the epoch that committed it).
+    pub async fn open(
+        operator: &str,
+        partitions: u32,
+        local: &LocalPath,
+        remote: Option<Storage>,
+        restore: Option<PartitionRef>,
+        epoch: u64,
+    ) -> Result<Self> {
+        let local = local.join(operator);
+        if local.exists() {
+            std::fs::remove_dir_all(&local)
+                .map_err(|e| state_error(format!("cannot clear {}: {e}", local.display())))?;
+        }
+        std::fs::create_dir_all(&local)
+            .map_err(|e| state_error(format!("cannot create {}: {e}", local.display())))?;
+        // One block cache for every partition: state lives on disk, and
+        // memory stays bounded whatever the number of keys.
+        let cache = Cache::new_lru_cache(64 << 20);
+        let mut refs = vec![None; partitions as usize];
+        let mut uploaded = vec![HashMap::new(); partitions as usize];
+        let mut rows = 0;
+        let mut restored_schema = None;
+        if let (Some(store), Some(version)) = (&remote, restore) {
+            let manifest = read_version(store, operator, version).await?;
+            let file = store.name_of(&version_path(operator, version.version, version.epoch));
+            if manifest.partitions.len() != partitions as usize {
+                return Err(Error::Checkpoint {
+                    file,
+                    message: format!(
+                        "holds {} state partitions, the spec {partitions}",
+                        manifest.partitions.len()
+                    ),
+                });
+            }
+            rows = manifest.rows;
+            restored_schema = manifest.schema.clone();
+            let downloads =
+                manifest.partitions.iter().enumerate().map(|(p, r)| {
+                    restore_partition(store, operator, p, *r, local.join(p.to_string()))
+                });
+            let restored: Vec<HashMap<String, String>> = futures::stream::iter(downloads)
+                .buffered(TRANSFERS)
+                .try_collect()
+                .await?;
+            for (p, files) in restored.into_iter().enumerate() {
+                uploaded[p] = files;
+                refs[p] = Some(manifest.partitions[p]);
+            }
+        }
+        let mut dbs = Vec::with_capacity(partitions as usize);
+        for (p, (at, uploaded)) in refs.into_iter().zip(uploaded).enumerate() {
+            dbs.push(Partition {
+                db: open_db(&local.join(p.to_string()), &cache)?,
+                dirty: false,
+                at,
+                uploaded,
+            });
+        }
+        Ok(StateStore {
+            operator: operator.to_owned(),
+            local,
+            partitions: dbs,
+            remote,
+            epoch,
+            cache,
+            schema: None,
+            restored_schema,
+            rows,
+            commits: 0,
+            retain: VERSIONS_TO_RETAIN,
+        })
+    }
+
+    /// Sets the schema of the state the query keeps; a restored version
+    /// written with another schema is refused, naming the columns.
+    pub fn set_schema(&mut self, schema: StateSchema) -> Result<()> {
+        if let Some(stored) = &self.restored_schema
+            && let Some(why) = encoding::compare(stored, &schema)
+        {
+            return Err(Error::StateSchema {
+                location: self
+                    .remote
+                    .as_ref()
+                    .map(|r| r.name_of(&format!("state/{}", self.operator)))
+                    .unwrap_or_default(),
+                message: why,
+            });
+        }
+        self.schema = Some(schema);
+        Ok(())
+    }
+
+    /// The partition of a key whose grouping columns (without the window)
+    /// encode to `group`.
+    pub fn partition_of(&self, group: &[u8]) -> usize {
+        (hash(group) % self.partitions.len() as u64) as usize
+    }
+
+    /// The values of `keys`, in order.
+    pub fn get_many(&self, keys: &[PartitionedKey]) -> Result<Vec<Option<Vec<u8>>>> {
+        let mut out = vec![None; keys.len()];
+        let mut by_partition: Vec<Vec<usize>> = vec![Vec::new(); self.partitions.len()];
+        for (i, (p, _)) in keys.iter().enumerate() {
+            by_partition[*p].push(i);
+        }
+        for (p, indices) in by_partition.iter().enumerate() {
+            if indices.is_empty() {
+                continue;
+            }
+            let values = self.partitions[p]
+                .db
+                .multi_get(indices.iter().map(|&i| &keys[i].1));
+            for (&i, value) in indices.iter().zip(values) {
+                out[i] = value.map_err(state_error)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_batches(&self) -> Vec<WriteBatch> {
+        (0..self.partitions.len())
+            .map(|_| WriteBatch::default())
+            .collect()
+    }
+
+    /// Writes `entries` (partition, key, value); `new_keys` of them were not
+    /// in state before.
+    pub fn put_many(&mut self, entries: &[PartitionedEntry], new_keys: u64) -> Result<()> {
+        let mut batches = self.write_batches();
+        for (p, key, value) in entries {
+            batches[*p].put(key, value);
+        }
+        self.write(batches)?;
+        self.rows += new_keys;
+        Ok(())
+    }
+
+    fn write(&mut self, batches: Vec<WriteBatch>) -> Result<()> {
+        // No write-ahead log: the checkpoint is what makes state durable.
+        let mut options = WriteOptions::default();
+        options.disable_wal(true);
+        for (p, batch) in batches.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            self.partitions[p]
+                .db
+                .write_opt(batch, &options)
+                .map_err(state_error)?;
+            self.partitions[p].dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Removes and returns every entry whose key sorts before `bound`, in
+    /// every partition (keys that start with a window's end or an event
+    /// time: every closed window).
+    pub fn take_below(&mut self, bound: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut batches = self.write_batches();
+        for (p, partition) in self.partitions.iter().enumerate() {
+            for item in partition.db.iterator(IteratorMode::Start) {
+                let (key, value) = item.map_err(state_error)?;
+                if key.as_ref() >= bound {
+                    break;
+                }
+                batches[p].delete(&key);
+                out.push((key.to_vec(), value.to_vec()));
+            }
+        }
+        self.write(batches)?;
+        self.rows = self.rows.saturating_sub(out.len() as u64);
+        Ok(out)
+    }
+
+    /// Removes `keys` (each present in state).
+    pub fn delete_many(&mut self, keys: &[PartitionedKey]) -> Result<()> {
+        let mut batches = self.write_batches();
+        for (p, key) in keys {
+            batches[*p].delete(key);
+        }
+        self.write(batches)?;
+        self.rows = self.rows.saturating_sub(keys.len() as u64);
+        Ok(())
+    }
+
+    /// Every entry of partition `p` whose key starts with `prefix`.
+    pub fn scan_prefix(&self, p: usize, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for item in self.partitions[p].db.iterator(mode) {
+            let (key, value) = item.map_err(state_error)?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Every entry, with its partition.
+    pub fn scan(&self) -> Result<Vec<PartitionedEntry>> {
+        let mut out = Vec::new();
+        for (p, partition) in self.partitions.iter().enumerate() {
+            for item in partition.db.iterator(IteratorMode::Start) {
+                let (key, value) = item.map_err(state_error)?;
+                out.push((p, key.to_vec(), value.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keys in state.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Memory RocksDB uses: memtables and the block cache.
+    pub fn memory_used_bytes(&self) -> u64 {
+        let memtables: u64 = self
+            .partitions
+            .iter()
+            .filter_map(|p| {
+                p.db.property_int_value("rocksdb.cur-size-all-mem-tables")
+                    .ok()
+                    .flatten()
+            })
+            .sum();
+        memtables + self.cache.get_usage() as u64
+    }
+
+    /// Makes this state version `version` (the batch that wrote it): with a
+    /// checkpoint location, uploads what changed and writes the manifests.
+    pub async fn commit(&mut self, version: u64) -> Result<()> {
+        let Some(remote) = self.remote.clone() else {
+            self.partitions.iter_mut().for_each(|p| p.dirty = false);
+            return Ok(());
+        };
+        let here = PartitionRef {
+            version,
+            epoch: self.epoch,
+        };
+        for p in 0..self.partitions.len() {
+            // A partition not written since its last checkpoint keeps it.
+            if !self.partitions[p].dirty && self.partitions[p].at.is_some() {
+                continue;
+            }
+            self.commit_partition(&remote, p, here).await?;
+        }
+        let manifest = VersionManifest {
+            version,
+            epoch: self.epoch,
+            encoding: ENCODING.into(),
+            schema: self.schema.clone(),
+            rows: self.rows,
+            partitions: self
+                .partitions
+                .iter()
+                .map(|p| p.at.expect("every partition is committed"))
+                .collect(),
+        };
+        let path = version_path(&self.operator, version, self.epoch);
+        create(&remote, &path, &manifest).await?;
+        self.commits += 1;
+        Ok(())
+    }
+
+    async fn commit_partition(
+        &mut self,
+        remote: &Storage,
+        p: usize,
+        here: PartitionRef,
+    ) -> Result<()> {
+        let snapshot = self.local.join(format!("checkpoint-{p}-{}", here.version));
+        if snapshot.exists() {
+            std::fs::remove_dir_all(&snapshot).map_err(state_error)?;
+        }
+        RocksCheckpoint::new(&self.partitions[p].db)
+            .and_then(|c| c.create_checkpoint(&snapshot))
+            .map_err(state_error)?;
+        let mut names: Vec<String> = std::fs::read_dir(&snapshot)
+            .map_err(state_error)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        let mut files = Vec::new();
+        let mut uploads = Vec::new();
+        for name in names {
+            let local = snapshot.join(&name);
+            let size = std::fs::metadata(&local).map_err(state_error)?.len();
+            let known = self.partitions[p].uploaded.get(&name).cloned();
+            let path = known.clone().unwrap_or_else(|| {
+                format!(
+                    "state/{}/{p}/{}-{}-{name}",
+                    self.operator, here.version, here.epoch
+                )
+            });
+            if known.is_none() {
+                uploads.push((local, path.clone()));
+                if name.ends_with(".sst") {
+                    self.partitions[p]
+                        .uploaded
+                        .insert(name.clone(), path.clone());
+                }
+            }
+            files.push(StoredFile { name, path, size });
+        }
+        futures::stream::iter(uploads.into_iter().map(|(local, path)| async move {
+            let data = tokio::fs::read(&local).await.map_err(state_error)?;
+            remote.put(&path, data).await
+        }))
+        .buffer_unordered(TRANSFERS)
+        .try_collect::<Vec<()>>()
+        .await?;
+        std::fs::remove_dir_all(&snapshot).map_err(state_error)?;
+        let manifest = PartitionManifest {
+            partition: p as u32,
+            version: here.version,
+            epoch: here.epoch,
+            encoding: ENCODING.into(),
+            schema: self.schema.clone(),
+            files,
+        };
+        create(remote, &partition_path(&self.operator, p, here), &manifest).await?;
+        self.partitions[p].at = Some(here);
+        self.partitions[p].dirty = false;
+        Ok(())
+    }
+
+    /// After batch `committed` committed: once every few commits, deletes
+    /// what no kept version needs. Kept: the newest [`VERSIONS_TO_RETAIN`]
+    /// committed versions and everything they list. Deleted: older
+    /// versions, versions of batches that another run committed, and files
+    /// and partition manifests that only those list. Nothing of a batch
+    /// after `committed` is touched: a run may still be writing it.
+    pub async fn clean(&mut self, checkpoint: &Checkpoint, committed: u64) -> Result<()> {
+        let Some(remote) = self.remote.clone() else {
+            return Ok(());
+        };
+        if !self.commits.is_multiple_of(CLEAN_EVERY) || self.commits == 0 {
+            return Ok(());
+        }
+        let prefix = format!("state/{}", self.operator);
+        let objects = remote.list(&prefix).await?;
+        // What the objects are, from their names.
+        let mut versions: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        let mut others: Vec<(String, u64, u64)> = Vec::new(); // (path, version, epoch)
+        for object in &objects {
+            let path = object.location.as_ref().to_owned();
+            let Some(rest) = path.strip_prefix(&format!("{prefix}/")) else {
+                continue;
+            };
+            if let Some((version, epoch)) = parse_manifest_name(rest) {
+                versions.entry(version).or_default().push(epoch);
+            } else if let Some((_, name)) = rest.split_once('/') {
+                let parsed = parse_manifest_name(name).or_else(|| parse_file_name(name));
+                if let Some((version, epoch)) = parsed {
+                    others.push((path, version, epoch));
+                }
+            }
+        }
+        // The committed epoch of each version that is done.
+        let mut committed_versions: Vec<(u64, u64)> = Vec::new();
+        for (&version, epochs) in versions.range(..=committed) {
+            let epoch = if epochs.len() == 1 {
+                epochs[0]
+            } else {
+                match checkpoint.read_commit(version).await? {
+                    Some(commit) => commit.epoch,
+                    None => continue,
+                }
+            };
+            committed_versions.push((version, epoch));
+        }
+        let keep_from = committed_versions
+            .len()
+            .saturating_sub(self.retain as usize);
+        let kept: HashSet<(u64, u64)> = committed_versions[keep_from..].iter().copied().collect();
+        let mut referenced: HashSet<String> = HashSet::new();
+        let mut partition_refs: BTreeSet<(usize, PartitionRef)> = BTreeSet::new();
+        for &(version, epoch) in &kept {
+            let manifest =
+                read_version(&remote, &self.operator, PartitionRef { version, epoch }).await?;
+            for (p, r) in manifest.partitions.iter().enumerate() {
+                partition_refs.insert((p, *r));
+            }
+        }
+        for (p, r) in &partition_refs {
+            let path = partition_path(&self.operator, *p, *r);
+            referenced.insert(path.clone());
+            let manifest = read_partition(&remote, &path).await?;
+            referenced.extend(manifest.files.into_iter().map(|f| f.path));
+        }
+        for (&version, epochs) in versions.range(..=committed) {
+            for &epoch in epochs {
+                if !kept.contains(&(version, epoch)) {
+                    remote
+                        .delete(&version_path(&self.operator, version, epoch))
+                        .await?;
+                }
+            }
+        }
+        for (path, version, _) in others {
+            if version <= committed && !referenced.contains(&path) {
+                remote.delete(&path).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `v<N>-<E>.json` → (N, E).
+fn parse_manifest_name(name: &str) -> Option<(u64, u64)> {
+    let (version, epoch) = name
+        .strip_prefix('v')?
+        .strip_suffix(".json")?
+        .split_once('-')?;
+    Some((version.parse().ok()?, epoch.parse().ok()?))
+}
+
+/// `<N>-<E>-<file>` → (N, E).
+fn parse_file_name(name: &str) -> Option<(u64, u64)> {
+    let mut parts = name.splitn(3, '-');
+    let version = parts.next()?.parse().ok()?;
+    let epoch = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some((version, epoch))
+}
+
+async fn create<T: Serialize>(remote: &Storage, path: &str, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(state_error)?;
+    match remote.create(path, bytes).await? {
+        Created::Written => Ok(()),
+        Created::Exists(_) => Err(Error::Fenced {
+            message: format!(
+                "{} was written by another run with this run's epoch: the checkpoint's epochs are damaged",
+                remote.name_of(path)
+            ),
+        }),
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(remote: &Storage, path: &str) -> Result<T> {
+    let damaged = |message: String| Error::Checkpoint {
+        file: remote.name_of(path),
+        message,
+    };
+    let bytes = remote
+        .get(path)
+        .await?
+        .ok_or_else(|| damaged("is missing: the checkpoint is damaged".into()))?;
+    serde_json::from_slice(&bytes).map_err(|e| damaged(format!("is not a state manifest: {e}")))
+}
+
+async fn read_version(
+    remote: &Storage,
+    operator: &str,
+    r: PartitionRef,
+) -> Result<VersionManifest> {
+    let path = version_path(operator, r.version, r.epoch);
+    let manifest: VersionManifest = read_json(remote, &path).await?;
+    if manifest.encoding != ENCODING {
+        return Err(Error::Checkpoint {
+            file: remote.name_of(&path),
+            message: format!(
+                "holds state encoded as {:?}, which this engine does not read ({ENCODING})",
+                manifest.encoding
+            ),
+        });
+    }
+    Ok(manifest)
+}
+
+async fn read_partition(remote: &Storage, path: &str) -> Result<PartitionManifest> {
+    read_json(remote, path).await
+}
+
+/// Downloads partition `p` as of `r` into `dir`; returns its SST files'
+/// names and objects.
+async fn restore_partition(
+    remote: &Storage,
+    operator: &str,
+    p: usize,
+    r: PartitionRef,
+    dir: PathBuf,
+) -> Result<HashMap<String, String>> {
+    let path = partition_path(operator, p, r);
+    let manifest = read_partition(remote, &path).await?;
+    tokio::fs::create_dir_all(&dir).await.map_err(state_error)?;
+    let mut ssts = HashMap::new();
+    let downloads = manifest.files.iter().map(|file| {
+        let target = dir.join(&file.name);
+        let path = path.clone();
+        async move {
+            let data = remote
+                .get(&file.path)
+                .await?
+                .ok_or_else(|| Error::Checkpoint {
+                    file: remote.name_of(&file.path),
+                    message: format!(
+                        "is listed by {} but missing: the checkpoint is damaged",
+                        remote.name_of(&path)
+                    ),
+                })?;
+            tokio::fs::write(&target, &data).await.map_err(state_error)
+        }
+    });
+    futures::stream::iter(downloads)
+        .buffer_unordered(TRANSFERS)
+        .try_collect::<Vec<()>>()
+        .await?;
+    for file in manifest.files {
+        if file.name.ends_with(".sst") {
+            ssts.insert(file.name, file.path);
+        }
+    }
+    Ok(ssts)
+}
+
+fn open_db(path: &LocalPath, cache: &Cache) -> Result<DB> {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.set_write_buffer_size(8 << 20);
+    options.set_max_write_buffer_number(2);
+    options.set_max_open_files(256);
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    options.set_block_based_table_factory(&table);
+    DB::open(&options, path)
+        .map_err(|e| state_error(format!("cannot open {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> (usize, Vec<u8>) {
+        ((i % 4) as usize, i.to_be_bytes().to_vec())
+    }
+
+    async fn open_at(dir: &LocalPath, restore: Option<PartitionRef>, epoch: u64) -> StateStore {
+        let remote = Storage::open(dir.join("checkpoint").to_str().unwrap(), "f").unwrap();
+        StateStore::open(
+            "agg",
+            4,
+            &dir.join(format!("scratch-{epoch}")),
+            Some(remote),
+            restore,
+            epoch,
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn state_survives_through_the_checkpoint_and_uploads_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open_at(dir.path(), None, 1).await;
+        let entries: Vec<(usize, Vec<u8>, Vec<u8>)> = (0u32..100)
+            .map(|i| {
+                let (p, k) = key(i);
+                (p, k, format!("v{i}").into_bytes())
+            })
+            .collect();
+        store.put_many(&entries, 100).unwrap();
+        store.commit(0).await.unwrap();
+        // Batch 1 changes one key: one partition gets a new manifest.
+        let (p, k) = key(7);
+        store.put_many(&[(p, k, b"seven".to_vec())], 0).unwrap();
+        store.commit(1).await.unwrap();
+        let remote = Storage::open(dir.path().join("checkpoint").to_str().unwrap(), "f").unwrap();
+        let v1 = read_version(
+            &remote,
+            "agg",
+            PartitionRef {
+                version: 1,
+                epoch: 1,
+            },
+        )
+        .await
+        .unwrap();
+        let changed: Vec<usize> = v1
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.version == 1)
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(
+            changed,
+            [3],
+            "only the partition written to is checkpointed again"
+        );
+        assert_eq!(v1.rows, 100);
+
+        // Another run (epoch 2) restores version 1.
+        drop(store);
+        let mut restored = open_at(
+            dir.path(),
+            Some(PartitionRef {
+                version: 1,
+                epoch: 1,
+            }),
+            2,
+        )
+        .await;
+        let keys = vec![key(7), key(8)];
+        assert_eq!(
+            restored.get_many(&keys).unwrap(),
+            [Some(b"seven".to_vec()), Some(b"v8".to_vec())]
+        );
+        assert_eq!(restored.rows(), 100);
+        // Closed windows come out in key order and leave the state.
+        let taken = restored.take_below(&10u32.to_be_bytes()).unwrap();
+        assert_eq!(taken.len(), 10);
+        assert_eq!(restored.rows(), 90);
+        assert_eq!(restored.scan().unwrap().len(), 90);
+        restored.commit(2).await.unwrap();
+        // Version 0 is still there, as it was.
+        drop(restored);
+        let old = open_at(
+            dir.path(),
+            Some(PartitionRef {
+                version: 0,
+                epoch: 1,
+            }),
+            3,
+        )
+        .await;
+        assert_eq!(old.get_many(&keys[..1]).unwrap(), [Some(b"v7".to_vec())]);
+    }
+
+    #[tokio::test]
+    async fn a_changed_schema_is_refused_at_restore() {
+        use datafusion::arrow::datatypes::{DataType, Field};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let schema = |names: &[&str]| {
+            StateSchema::new(
+                &[Arc::new(Field::new("k", DataType::Utf8, true))],
+                &names
+                    .iter()
+                    .map(|n| Arc::new(Field::new(*n, DataType::Int64, true)))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap()
+        };
+        let mut store = open_at(dir.path(), None, 1).await;
+        store.set_schema(schema(&["n"])).unwrap();
+        store.commit(0).await.unwrap();
+        drop(store);
+        let mut again = open_at(
+            dir.path(),
+            Some(PartitionRef {
+                version: 0,
+                epoch: 1,
+            }),
+            2,
+        )
+        .await;
+        again.set_schema(schema(&["n"])).unwrap();
+        let err = again
+            .set_schema(schema(&["n", "mx"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"mx\" is new") && err.contains("state/agg"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn old_versions_and_a_losing_runs_objects_are_deleted_and_nothing_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoint = Checkpoint::open(dir.path().join("checkpoint").to_str().unwrap()).unwrap();
+        let mut store = open_at(dir.path(), None, 1).await;
+        for version in 0..30u32 {
+            // Each batch rewrites every key: old SST files become garbage.
+            let entries: Vec<(usize, Vec<u8>, Vec<u8>)> = (0u32..50)
+                .map(|i| {
+                    let (p, k) = key(i);
+                    (p, k, version.to_be_bytes().to_vec())
+                })
+                .collect();
+            store
+                .put_many(&entries, if version == 0 { 50 } else { 0 })
+                .unwrap();
+            store.commit(u64::from(version)).await.unwrap();
+        }
+        // A zombie of epoch 9 wrote version 28 too, and version 31 (not committed).
+        let mut zombie = open_at(
+            dir.path(),
+            Some(PartitionRef {
+                version: 27,
+                epoch: 1,
+            }),
+            9,
+        )
+        .await;
+        zombie.put_many(&[(0, vec![0], vec![1])], 1).unwrap();
+        zombie.commit(28).await.unwrap();
+        zombie.commit(31).await.unwrap();
+        for version in 0..30u64 {
+            checkpoint
+                .write_commit(&crate::checkpoint::CommitEntry {
+                    batch_id: version,
+                    epoch: 1,
+                    run_id: "r".into(),
+                    timestamp_ms: 0,
+                    watermark: Default::default(),
+                    version: crate::checkpoint::VERSION,
+                })
+                .await
+                .unwrap();
+        }
+        let remote = Storage::open(dir.path().join("checkpoint").to_str().unwrap(), "f").unwrap();
+        store.commits = 10 * 4;
+        store.retain = 5;
+        store.clean(&checkpoint, 29).await.unwrap();
+        let names: HashSet<String> = remote
+            .list("state/agg")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.location.as_ref().to_owned())
+            .collect();
+        assert!(
+            !names.contains("state/agg/v28-9.json"),
+            "the loser's version goes"
+        );
+        assert!(names.contains("state/agg/v28-1.json"));
+        assert!(
+            names.contains("state/agg/v31-9.json"),
+            "an uncommitted batch is left alone"
+        );
+        assert!(
+            !names.iter().any(|n| n.contains("/28-9-")),
+            "the loser's files go"
+        );
+        // Every file left is listed by a kept version or belongs to batch 31.
+        for name in &names {
+            if name.ends_with(".json") {
+                continue;
+            }
+            let file = name.rsplit('/').next().unwrap();
+            let (version, _) = parse_file_name(file).unwrap();
+            assert!(version <= 29 || version == 31, "{name}");
+        }
+        let mut manifests: Vec<&String> = names
+            .iter()
+            .filter(|n| n.starts_with("state/agg/v"))
+            .collect();
+        manifests.sort();
+        assert_eq!(
+            manifests,
+            [
+                "state/agg/v25-1.json",
+                "state/agg/v26-1.json",
+                "state/agg/v27-1.json",
+                "state/agg/v28-1.json",
+                "state/agg/v29-1.json",
+                "state/agg/v31-9.json"
+            ],
+            "the newest 5 committed versions are kept"
+        );
+        // The newest version still restores whole.
+        drop(store);
+        let restored = open_at(
+            dir.path(),
+            Some(PartitionRef {
+                version: 29,
+                epoch: 1,
+            }),
+            10,
+        )
+        .await;
+        assert_eq!(
+            restored.get_many(&[key(3)]).unwrap(),
+            [Some(29u32.to_be_bytes().to_vec())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_manifest_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Storage::open(dir.path().to_str().unwrap(), "f").unwrap();
+        let err = StateStore::open(
+            "agg",
+            2,
+            &dir.path().join("s"),
+            Some(remote),
+            Some(PartitionRef {
+                version: 3,
+                epoch: 1,
+            }),
+            2,
+        )
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("state/agg/v3-1.json"), "{err}");
+    }
+}

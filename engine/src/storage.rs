@@ -1,0 +1,410 @@
+//! Where durable things go: an object store at a location (`s3://bucket/prefix`,
+//! a local path or `file://...`), with what the exactly-once protocol needs of
+//! it and object_store does not give by itself:
+//!
+//! - **Durability on local disks.** object_store's local store renames and
+//!   links files into place without an fsync; after a power loss a file the
+//!   protocol relies on (a commit) could survive while one before it (the
+//!   sink's manifest) does not. Every write to a local location fsyncs the
+//!   file and its directory (and, the first time, the directories above it)
+//!   before it returns.
+//! - **Create-only writes that survive retries.** A create whose response is
+//!   lost (a timeout, a 500 after the server stored it) is retried by the
+//!   client and then meets its own object: [`Storage::create`] reads back what
+//!   is there and calls the write done when it holds the same bytes.
+//! - **Errors that say who must act.** A server that fails or cannot be
+//!   reached gives [`Error::Unavailable`] (a retry can help: the runner
+//!   restarts from the checkpoint with backoff); a refused credential or a
+//!   missing bucket gives [`Error::Storage`] (the user must act).
+//!
+//! For S3 the endpoint, region and credentials come from the environment, as
+//! the AWS tools read them (`AWS_ENDPOINT_URL`, `AWS_REGION`,
+//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP=true` for a
+//! plain-HTTP endpoint), so S3-compatible servers work and a pod takes them
+//! from a Secret. Requests time out after 30 s (`AWS_TIMEOUT` overrides it)
+//! and failed requests are retried 4 times within 20 s before the error
+//! reaches the runner.
+
+use std::collections::HashSet;
+use std::path::{Path as LocalPath, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, ClientConfigKey, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig,
+};
+
+use crate::{Error, Result};
+
+/// What a create-only write found.
+#[derive(Debug, PartialEq)]
+pub enum Created {
+    /// The object was written (or had been, by an earlier attempt of this
+    /// very write).
+    Written,
+    /// Another writer created it first; these are its bytes.
+    Exists(Bytes),
+}
+
+/// An object store rooted at a location.
+#[derive(Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    /// The root directory when the location is local: writes are fsynced.
+    local: Option<PathBuf>,
+    /// The location as the user wrote it, without a trailing `/`.
+    location: String,
+    /// Local directories already fsynced into their parents.
+    synced_dirs: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+/// Checks that `location` names something this engine can write to, without
+/// touching it; `field` is the spec field it comes from, for the message.
+pub fn check_location(location: &str, field: &str) -> Result<()> {
+    if let Some(rest) = location.strip_prefix("s3://") {
+        if rest.split('/').next().is_none_or(str::is_empty) {
+            return Err(Error::Unsupported {
+                path: field.to_owned(),
+                message: format!("{location:?} names no bucket: write s3://BUCKET/PREFIX"),
+            });
+        }
+        return Ok(());
+    }
+    if let Some((scheme, _)) = location.split_once("://")
+        && scheme != "file"
+    {
+        return Err(Error::Unsupported {
+            path: field.to_owned(),
+            message: format!(
+                "{location:?} uses the scheme {scheme:?}: use a local path, file://... or s3://bucket/prefix"
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Storage {
+    /// Opens `location`: `s3://bucket/prefix`, a local path or `file://...`
+    /// (a local directory is created when missing). `field` names the spec
+    /// field the location comes from, for errors.
+    pub fn open(location: &str, field: &str) -> Result<Self> {
+        check_location(location, field)?;
+        let trimmed = location.trim_end_matches('/').to_owned();
+        if location.starts_with("s3://") {
+            return Ok(Self {
+                store: s3_store(location)?,
+                local: None,
+                location: trimmed,
+                synced_dirs: Arc::default(),
+            });
+        }
+        let dir = location.strip_prefix("file://").unwrap_or(location);
+        let error = |message: String| Error::Storage {
+            file: dir.to_owned(),
+            message,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| error(format!("cannot create the directory: {e}")))?;
+        let root = std::fs::canonicalize(dir)
+            .map_err(|e| error(format!("cannot open the directory: {e}")))?;
+        let store = LocalFileSystem::new_with_prefix(&root).map_err(|e| error(e.to_string()))?;
+        Ok(Self {
+            store: Arc::new(store),
+            local: Some(root),
+            location: dir.trim_end_matches('/').to_owned(),
+            synced_dirs: Arc::default(),
+        })
+    }
+
+    /// The location, as written in the spec.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// `<location>/<path>`, for messages.
+    pub fn name_of(&self, path: &str) -> String {
+        format!("{}/{path}", self.location)
+    }
+
+    /// The local directory, when the location is one.
+    pub fn local_root(&self) -> Option<&LocalPath> {
+        self.local.as_deref()
+    }
+
+    /// The store beneath, rooted at the location.
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    fn error(&self, path: &str, doing: &str, err: object_store::Error) -> Error {
+        let file = self.name_of(path);
+        let message = format!("cannot {doing} it: {err}");
+        match err {
+            object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
+                Error::Unavailable {
+                    what: file,
+                    message,
+                }
+            }
+            _ => Error::Storage { file, message },
+        }
+    }
+
+    /// The object at `path`, or `None` when there is none.
+    pub async fn get(&self, path: &str) -> Result<Option<Bytes>> {
+        match self.store.get(&Path::from(path)).await {
+            Ok(result) => result
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|e| self.error(path, "read", e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(self.error(path, "read", err)),
+        }
+    }
+
+    /// Whether an object is at `path`.
+    pub async fn exists(&self, path: &str) -> Result<bool> {
+        match self.store.head(&Path::from(path)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(self.error(path, "look up", err)),
+        }
+    }
+
+    /// Writes `bytes` at `path`, replacing what is there; durable when it
+    /// returns.
+    pub async fn put(&self, path: &str, bytes: impl Into<Bytes>) -> Result<()> {
+        self.store
+            .put(&Path::from(path), PutPayload::from(bytes.into()))
+            .await
+            .map_err(|e| self.error(path, "write", e))?;
+        self.sync(path).await
+    }
+
+    /// Writes `bytes` at `path` unless an object is there already (a
+    /// conditional put on S3, a hard link locally); durable when it returns.
+    pub async fn create(&self, path: &str, bytes: impl Into<Bytes>) -> Result<Created> {
+        let bytes = bytes.into();
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&Path::from(path), PutPayload::from(bytes.clone()), options)
+            .await
+        {
+            Ok(_) => {
+                self.sync(path).await?;
+                Ok(Created::Written)
+            }
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {
+                // NB: a retried create meets its own first attempt: the same
+                // bytes mean this write went through.
+                let existing = self.get(path).await?.unwrap_or_default();
+                if existing == bytes {
+                    self.sync(path).await?;
+                    Ok(Created::Written)
+                } else {
+                    Ok(Created::Exists(existing))
+                }
+            }
+            Err(err) => Err(self.error(path, "write", err)),
+        }
+    }
+
+    /// Every object under `prefix` (recursively).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let prefix_path = Path::from(prefix);
+        match self
+            .store
+            .list(Some(&prefix_path))
+            .try_collect::<Vec<_>>()
+            .await
+        {
+            Ok(objects) => Ok(objects),
+            Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+            Err(err) => Err(self.error(prefix, "list", err)),
+        }
+    }
+
+    /// The names of the objects directly under `dir`.
+    pub async fn list_names(&self, dir: &str) -> Result<Vec<String>> {
+        let listing = match self.store.list_with_delimiter(Some(&Path::from(dir))).await {
+            Ok(listing) => listing,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(err) => return Err(self.error(dir, "list", err)),
+        };
+        Ok(listing
+            .objects
+            .iter()
+            .filter_map(|o| o.location.filename().map(str::to_owned))
+            .collect())
+    }
+
+    /// Deletes the object at `path`; one that is not there is no error.
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        match self.store.delete(&Path::from(path)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(err) => Err(self.error(path, "delete", err)),
+        }
+    }
+
+    /// Makes a local write durable: the file, its directory, and the first
+    /// time a directory is seen, the directories above it up to the root.
+    async fn sync(&self, path: &str) -> Result<()> {
+        let Some(root) = self.local.clone() else {
+            return Ok(());
+        };
+        let file = root.join(path);
+        let synced = self.synced_dirs.clone();
+        tokio::task::spawn_blocking(move || sync_local(&root, &file, &synced))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|e| Error::Storage {
+                file: self.name_of(path),
+                message: format!("cannot make it durable (fsync): {e}"),
+            })
+    }
+}
+
+fn sync_local(
+    root: &LocalPath,
+    file: &LocalPath,
+    synced: &Mutex<HashSet<PathBuf>>,
+) -> std::io::Result<()> {
+    std::fs::File::open(file)?.sync_all()?;
+    let mut dir = file.parent();
+    let mut first = true;
+    while let Some(d) = dir {
+        // The file's own directory always (its entry is new); the ones
+        // above only until one is known to be durable already.
+        let known = synced.lock().unwrap_or_else(|e| e.into_inner()).contains(d);
+        if !first && known {
+            break;
+        }
+        fsync_dir(d)?;
+        synced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d.to_owned());
+        if d == root {
+            break;
+        }
+        first = false;
+        dir = d.parent();
+    }
+    Ok(())
+}
+
+/// fsyncs a directory, so that the entries made in it (renames, links,
+/// new files) survive a power loss.
+pub fn fsync_dir(dir: &LocalPath) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to the local file `path` durably and atomically: a hidden
+/// temporary file, fsynced, renamed into place, and the directory fsynced.
+pub fn write_local_atomically(path: &LocalPath, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// An S3 store rooted at `s3://bucket/prefix`.
+fn s3_store(location: &str) -> Result<Arc<dyn ObjectStore>> {
+    let mut builder = AmazonS3Builder::from_env()
+        .with_url(location)
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 4,
+            retry_timeout: Duration::from_secs(20),
+        });
+    if std::env::var_os("AWS_TIMEOUT").is_none() {
+        builder = builder.with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "30s");
+    }
+    if std::env::var_os("AWS_CONNECT_TIMEOUT").is_none() {
+        builder = builder.with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+            "5s",
+        );
+    }
+    let s3 = builder.build().map_err(|e| Error::Storage {
+        file: location.to_owned(),
+        message: format!("cannot open it: {e}"),
+    })?;
+    let prefix = location
+        .strip_prefix("s3://")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or("", |(_, prefix)| prefix.trim_matches('/'));
+    Ok(if prefix.is_empty() {
+        Arc::new(s3)
+    } else {
+        Arc::new(PrefixStore::new(s3, prefix))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_create_is_refused_once_the_object_exists_and_a_retry_of_it_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap(), "spec.x").unwrap();
+        assert_eq!(
+            storage.create("a/b", &b"one"[..]).await.unwrap(),
+            Created::Written
+        );
+        // The same bytes again: a retry of the same write.
+        assert_eq!(
+            storage.create("a/b", &b"one"[..]).await.unwrap(),
+            Created::Written
+        );
+        assert_eq!(
+            storage.create("a/b", &b"two"[..]).await.unwrap(),
+            Created::Exists(Bytes::from_static(b"one"))
+        );
+        assert_eq!(storage.get("a/b").await.unwrap().unwrap(), &b"one"[..]);
+        assert_eq!(storage.get("a/c").await.unwrap(), None);
+        assert_eq!(storage.list_names("a").await.unwrap(), ["b"]);
+        storage.delete("a/b").await.unwrap();
+        storage.delete("a/b").await.unwrap();
+        assert!(!storage.exists("a/b").await.unwrap());
+    }
+
+    #[test]
+    fn other_schemes_are_refused_naming_the_field() {
+        let err = check_location("gs://b/p", "spec.checkpoint.location")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("spec.checkpoint.location: "), "{err}");
+        assert!(check_location("s3:///p", "f").is_err());
+        assert!(check_location("s3://b/p", "f").is_ok());
+        assert!(check_location("file:///tmp/x", "f").is_ok());
+    }
+}
