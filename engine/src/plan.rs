@@ -187,6 +187,16 @@ impl QueryPlan {
         let mut streams: Vec<String> = names.clone();
         streams.extend(windows.iter().map(|w| w.function.table.clone()));
         let aggregated = check_streamable(&plan, output_mode, watermarked, &streams)?;
+        if aggregated.is_some_and(|a| !a.deduplicates)
+            && output_mode == OutputMode::Update
+            && windows.iter().any(|w| w.function.session)
+        {
+            // Spark's rule (STREAMING_OUTPUT_MODE.UNSUPPORTED_OPERATION).
+            return Err(Error::Unsupported {
+                path: "spec.outputMode".into(),
+                message: "update is not supported for session window aggregations (as in Spark): use append or complete".into(),
+            });
+        }
         let output_schema = Arc::new(df.schema().as_arrow().clone());
         let watermark_columns: Vec<&str> =
             watermarks.iter().flatten().map(String::as_str).collect();
@@ -329,11 +339,13 @@ impl QueryPlan {
             partitions
         };
         // As in Spark, only a stateful operator that keeps windows drops
-        // late rows: not complete mode (it keeps every group), not a
-        // stateless query, not deduplication (it drops by event time).
-        let drops_late = self
-            .aggregated
-            .is_some_and(|a| !a.deduplicates && self.output_mode != OutputMode::Complete);
+        // late rows: not complete mode (it keeps every group) except for
+        // session windows, not a stateless query, not deduplication (it
+        // drops by event time itself).
+        let sessions = self.windows.iter().any(|w| w.function.session);
+        let drops_late = self.aggregated.is_some_and(|a| {
+            !a.deduplicates && (sessions || self.output_mode != OutputMode::Complete)
+        });
         let late_watermark = watermarks.late_micros().filter(|_| drops_late);
         // Input (row, window) pairs dropped as later than the watermark.
         let mut late = 0;
@@ -731,6 +743,32 @@ mod tests {
                 "{sql}: {err}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn session_windows_refuse_update_mode_as_spark_does() {
+        let events = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(
+                    datafusion::arrow::datatypes::TimeUnit::Microsecond,
+                    Some("UTC".into()),
+                ),
+                true,
+            ),
+        ]));
+        let sql = "SELECT window_start, window_end, k, count(*) AS n FROM session(events, ts, '5s') GROUP BY window_start, window_end, k";
+        let sources = [("events".to_owned(), events.clone())];
+        let watermarks = [Some("ts".to_owned())];
+        let plan = |mode| QueryPlan::new(sql, &sources, &watermarks, &[], mode);
+        let err = plan(OutputMode::Update).await.err().unwrap().to_string();
+        assert!(
+            err.starts_with("spec.outputMode: update is not supported for session window"),
+            "{err}"
+        );
+        plan(OutputMode::Complete).await.unwrap();
+        plan(OutputMode::Append).await.unwrap();
     }
 
     #[tokio::test]
