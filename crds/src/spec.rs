@@ -1,6 +1,8 @@
 //! The `StreamingQuery` custom resource: what a user writes. The same type is
 //! read by `sluice run` from a file and by the operator from the API server.
 
+use std::collections::BTreeMap;
+
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -205,14 +207,33 @@ pub struct StaticTable {
     pub schema: Option<Vec<Column>>,
 }
 
-/// A dead-letter destination for malformed records.
+/// A dead-letter destination for malformed records. Set exactly one of
+/// `path` or `kafka`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeadLetter {
     /// A local directory. Batch N's malformed records go to
     /// `<path>/<source>-<N>.jsonl`, one JSON object each: `file`, `line`,
     /// `error`, `record`.
-    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A Kafka topic: each malformed record is written with its original
+    /// key and value, and headers naming where it came from and why
+    /// (`sluice.source.topic`, `sluice.source.partition`,
+    /// `sluice.source.offset`, `sluice.error`), in the batch's transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaDeadLetter>,
+}
+
+/// A dead-letter topic.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaDeadLetter {
+    /// The topic.
+    pub topic: String,
+    /// The brokers. Default: the source's (with its client settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_servers: Option<String>,
 }
 
 /// A seeded generator of rows. The row at offset `i` depends only on the
@@ -267,31 +288,77 @@ pub enum GeneratorKind {
     Transactions,
 }
 
-/// A Kafka topic to read.
+/// Kafka topics to read. Set exactly one of `topic`, `topics` or
+/// `topicPattern`. Each record is a row of the source's declared columns,
+/// decoded from the record's value by `format`, and the record's `key`,
+/// `value` (bytes), `topic`, `partition`, `offset`, `timestamp` and `headers`
+/// (a declared column of the same name takes precedence).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KafkaSource {
     /// `host:port[,host:port...]` of the Kafka brokers.
     pub bootstrap_servers: String,
     /// The topic to read.
-    pub topic: String,
-    /// Where a query without a checkpoint starts: `earliest` or `latest`
-    /// (the default, as in Spark).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub starting_offsets: Option<StartingOffsets>,
-    /// The most records one batch reads, across all partitions.
+    pub topic: Option<String>,
+    /// Several topics to read (Spark's `subscribe` with a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics: Option<Vec<String>>,
+    /// A regular expression: every topic whose whole name matches, also
+    /// those created while the query runs (Spark's `subscribePattern`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_pattern: Option<String>,
+    /// Where a query without a checkpoint starts: `earliest`, `latest` (the
+    /// default, as in Spark), or per partition as Spark's JSON,
+    /// `{"transactions": {"0": 1200, "1": -2}}` (-2: earliest, -1: latest;
+    /// partitions not named start at `latest`). Ignored when the query
+    /// resumes from a checkpoint. Partitions that appear later start at
+    /// their earliest offset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting_offsets: Option<String>,
+    /// The most records one batch reads, spread over the partitions in
+    /// proportion to their backlog. Default: everything available.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_offsets_per_trigger: Option<u64>,
+    /// Whether records the query still needs but the broker no longer holds
+    /// (deleted by retention, a recreated topic) stop it, with an error
+    /// naming topic, partition and the missing offsets. `false` skips them
+    /// with a warning and counts them. Default true, as in Spark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_on_data_loss: Option<bool>,
+    /// The consumer group the processed offsets are committed to after each
+    /// batch, for monitoring only (lag in `kafka-consumer-groups`, KEDA,
+    /// Burrow); a restart resumes from the checkpoint, never from the group.
+    /// Default `sluice-<metadata.name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Kafka client settings (librdkafka's names, as Spark's `kafka.*`
+    /// options), e.g. `security.protocol: SASL_SSL`, `sasl.mechanism:
+    /// SCRAM-SHA-512`, `isolation.level: read_uncommitted` (the default is
+    /// `read_committed`). Secrets go in `secretOptions`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    /// Kafka client settings whose values are secrets, read from an
+    /// environment variable or a file (where a Kubernetes Secret is
+    /// mounted); never logged, printed, or written to the checkpoint or the
+    /// status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_options: Vec<SecretOption>,
 }
 
-/// Where a Kafka source starts when there is no checkpoint.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum StartingOffsets {
-    /// The oldest records the topic holds.
-    Earliest,
-    /// Only records written after the query starts.
-    Latest,
+/// A client setting whose value is a secret. Set exactly one of `env` or
+/// `file`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretOption {
+    /// The setting, e.g. `sasl.password`.
+    pub name: String,
+    /// The environment variable that holds the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// The file that holds the value (trailing newline removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// A directory of data files.
@@ -423,14 +490,45 @@ pub struct FileSink {
     pub path: String,
 }
 
-/// The Kafka sink's options.
+/// The Kafka sink's options. As Spark's Kafka sink, the result's columns
+/// `value` (text or bytes), `key`, `headers` (a list of `{key, value}`),
+/// `partition` and `topic` become the record's; a result without a `value`
+/// column is written whole as a JSON object per row.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KafkaSink {
     /// `host:port[,host:port...]` of the Kafka brokers.
     pub bootstrap_servers: String,
-    /// The topic to write.
+    /// The topic to write (a result column `topic` overrides it per row).
     pub topic: String,
+    /// `exactlyOnce` (the default): each batch is one Kafka transaction, so
+    /// a `read_committed` consumer sees each result row once whatever
+    /// crashes; `atLeastOnce`: an idempotent producer without transactions,
+    /// lower latency, and a batch replayed after a crash is written again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+    /// The transactional id. Default `sluice-<query id>`, stable across
+    /// restarts of the query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transactional_id: Option<String>,
+    /// Kafka client settings (librdkafka's names), e.g.
+    /// `compression.type: lz4`. Secrets go in `secretOptions`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    /// Kafka client settings whose values are secrets (see the source's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_options: Vec<SecretOption>,
+}
+
+/// What a sink promises.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Delivery {
+    /// Each result row once, across crashes.
+    #[default]
+    ExactlyOnce,
+    /// Each result row at least once.
+    AtLeastOnce,
 }
 
 /// Which rows of the result each batch writes.

@@ -290,3 +290,89 @@ fn static_tables_are_checked_and_may_be_read_by_the_query() {
         assert!(problems.contains(&expected.to_owned()), "{problems:#?}");
     }
 }
+
+/// A Kafka-to-Kafka spec with `extra` lines in the source's kafka block
+/// and `sink` as the sink's kafka block.
+fn kafka_spec(source: &str, sink: &str) -> String {
+    format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: fraud}}
+spec:
+  sources:
+    - name: transactions
+      kafka: {{bootstrapServers: "kafka:9092", {source}}}
+      schema: [{{name: user_id, type: string}}, {{name: amount, type: double}}]
+  query: SELECT user_id, amount FROM transactions
+  sink: {{kafka: {{bootstrapServers: "kafka:9092", topic: alerts, {sink}}}}}
+"#
+    )
+}
+
+#[test]
+fn kafka_sources_and_sinks_are_checked_field_by_field() {
+    load(
+        &kafka_spec(
+            r#"topics: [a, b], startingOffsets: '{"a": {"0": 5, "1": -2}}', options: {security.protocol: SASL_SSL}, secretOptions: [{name: sasl.password, env: KAFKA_PASSWORD}]"#,
+            "delivery: atLeastOnce",
+        ),
+        "test.yaml",
+    )
+    .expect("a valid Kafka spec");
+    let problems = problems_of(&kafka_spec(
+        r#"topic: a, topicPattern: "a.*", startingOffsets: soon, options: {group.id: mine, sasl.password: hunter2}, secretOptions: [{name: sasl.username}]"#,
+        "options: {transactional.id: x}",
+    ));
+    for expected in [
+        "spec.sources[0].kafka: sets topic and topicPattern: set only one",
+        r#"spec.sources[0].kafka.startingOffsets: "soon" is neither earliest, latest nor JSON: write earliest, latest, or JSON such as {"topic": {"0": 42, "1": -2}} (-2: earliest, -1: latest)"#,
+        "spec.sources[0].kafka.options.group.id: is set by Sluice: the source's consumer group is groupId",
+        "spec.sources[0].kafka.options.sasl.password: holds a secret: move it to secretOptions (from an environment variable or a file), so that it is never shown with the spec",
+        "spec.sources[0].kafka.secretOptions[0]: names no value: set env (a variable) or file",
+        "spec.sink.kafka.options.transactional.id: is set by Sluice: set the sink's transactionalId",
+    ] {
+        assert!(
+            problems.contains(&expected.to_owned()),
+            "{expected}\n{problems:#?}"
+        );
+    }
+    let problems = problems_of(&kafka_spec("topic: a", "").replace("kafka:9092", "kafka"));
+    assert!(
+        problems.contains(&r#"spec.sources[0].kafka.bootstrapServers: "kafka" is not host:port, e.g. "kafka:9092""#.to_owned()),
+        "{problems:#?}"
+    );
+}
+
+#[test]
+fn starting_offsets_are_read_as_spark_writes_them() {
+    use crate::validate::{StartingOffsets, parse_starting_offsets};
+    assert_eq!(
+        parse_starting_offsets("earliest"),
+        Ok(StartingOffsets::Earliest)
+    );
+    assert_eq!(
+        parse_starting_offsets("latest"),
+        Ok(StartingOffsets::Latest)
+    );
+    let StartingOffsets::Partitions(p) =
+        parse_starting_offsets(r#"{"t": {"0": 23, "1": -1}}"#).unwrap()
+    else {
+        panic!("partitions")
+    };
+    assert_eq!(p["t"][&0], 23);
+    assert_eq!(p["t"][&1], -1);
+    assert!(parse_starting_offsets(r#"{"t": {"x": 1}}"#).is_err());
+    assert!(parse_starting_offsets(r#"{"t": {"0": -3}}"#).is_err());
+}
+
+#[test]
+fn more_than_one_replica_is_refused_until_scale_out_exists() {
+    let problems = problems_of(&format!("{VALID}  replicas: 2\n"));
+    assert_eq!(
+        problems,
+        vec![
+            "spec.replicas: 2 engine pods would each run the whole query on one checkpoint: scale-out is not built in this version yet; set 1 (or 0 to stop the query)"
+        ]
+    );
+    load(&format!("{VALID}  replicas: 0\n"), "test.yaml").expect("0 stops the query");
+}

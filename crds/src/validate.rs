@@ -2,7 +2,7 @@
 //! `sluice run` and the operator's `Degraded` condition. It returns every
 //! problem at once, each with its field path and what to write instead.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::ops::ControlFlow;
 
@@ -12,8 +12,8 @@ use sqlparser::parser::Parser;
 
 use crate::duration::parse_duration;
 use crate::spec::{
-    ColumnType, Format, GeneratorKind, GeneratorSource, OutputMode, Source, StreamingQuery,
-    StreamingQuerySpec,
+    ColumnType, Format, GeneratorKind, GeneratorSource, KafkaSource, OutputMode, SecretOption,
+    Source, StreamingQuery, StreamingQuerySpec,
 };
 
 /// One thing wrong with a spec.
@@ -242,18 +242,7 @@ fn check_source(problems: &mut Problems, path: &str, source: &Source) {
         check_generator(problems, path, source, generator);
     }
     if let Some(kafka) = &source.kafka {
-        if kafka.bootstrap_servers.trim().is_empty() {
-            problems.push(
-                format!("{path}.kafka.bootstrapServers"),
-                "is empty: write host:port, e.g. \"kafka:9092\"",
-            );
-        }
-        if kafka.topic.trim().is_empty() {
-            problems.push(
-                format!("{path}.kafka.topic"),
-                "is empty: name the topic to read",
-            );
-        }
+        check_kafka_source(problems, &format!("{path}.kafka"), kafka);
         if source.format == Some(Format::Parquet) {
             problems.push(
                 format!("{path}.format"),
@@ -281,11 +270,31 @@ fn check_source(problems: &mut Problems, path: &str, source: &Source) {
         }
     }
     if let Some(dead_letter) = &source.dead_letter {
-        check_location(
-            problems,
-            &format!("{path}.deadLetter.path"),
-            &dead_letter.path,
-        );
+        match (&dead_letter.path, &dead_letter.kafka) {
+            (Some(dir), None) => check_location(problems, &format!("{path}.deadLetter.path"), dir),
+            (None, Some(topic)) => {
+                if topic.topic.trim().is_empty() {
+                    problems.push(
+                        format!("{path}.deadLetter.kafka.topic"),
+                        "is empty: name the topic",
+                    );
+                }
+                if source.kafka.is_none() && topic.bootstrap_servers.is_none() {
+                    problems.push(
+                        format!("{path}.deadLetter.kafka.bootstrapServers"),
+                        "is required when the source is not a Kafka source: write host:port",
+                    );
+                }
+            }
+            (None, None) => problems.push(
+                format!("{path}.deadLetter"),
+                "names no destination: set path (a directory) or kafka (a topic)",
+            ),
+            (Some(_), Some(_)) => problems.push(
+                format!("{path}.deadLetter"),
+                "sets path and kafka: set only one",
+            ),
+        }
         if source.generator.is_some() {
             problems.push(
                 format!("{path}.deadLetter"),
@@ -416,13 +425,31 @@ fn source_columns(source: &Source) -> Vec<(String, ColumnType)> {
             .map(|(name, ty)| ((*name).to_owned(), *ty))
             .collect();
     }
-    source
+    let mut columns: Vec<(String, ColumnType)> = source
         .schema
         .iter()
         .flatten()
         .map(|c| (c.name.clone(), c.data_type))
-        .collect()
+        .collect();
+    if source.kafka.is_some() {
+        // The record's own columns (key, value and headers are binary).
+        for (name, ty) in KAFKA_RECORD_COLUMNS {
+            if !columns.iter().any(|(n, _)| n == name) {
+                columns.push(((*name).to_owned(), *ty));
+            }
+        }
+    }
+    columns
 }
+
+/// The columns a Kafka record adds to its source's declared ones, with a
+/// type the spec can name (`key`, `value` and `headers` are binary).
+pub const KAFKA_RECORD_COLUMNS: &[(&str, ColumnType)] = &[
+    ("topic", ColumnType::String),
+    ("partition", ColumnType::Int),
+    ("offset", ColumnType::Long),
+    ("timestamp", ColumnType::Timestamp),
+];
 
 fn source_column_type(source: &Source, column: &str) -> Option<ColumnType> {
     source_columns(source)
@@ -593,6 +620,190 @@ fn check_query(problems: &mut Problems, spec: &StreamingQuerySpec) {
     }
 }
 
+/// Kafka client settings Sluice sets itself, and why.
+const OWNED_KAFKA_OPTIONS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set bootstrapServers"),
+    ("group.id", "the source's consumer group is groupId"),
+    (
+        "enable.auto.commit",
+        "offsets are committed by the engine after each batch",
+    ),
+    (
+        "auto.offset.reset",
+        "set startingOffsets; a resumed query starts from its checkpoint",
+    ),
+    ("transactional.id", "set the sink's transactionalId"),
+    ("enable.idempotence", "set the sink's delivery"),
+];
+
+/// Whether a client setting holds a secret.
+fn is_secret_option(name: &str) -> bool {
+    name.contains("password")
+        || name.contains("secret")
+        || name.ends_with(".key.pem")
+        || name == "sasl.jaas.config"
+}
+
+/// Checks the client settings of a Kafka source or sink.
+fn check_kafka_options(
+    problems: &mut Problems,
+    path: &str,
+    options: &BTreeMap<String, String>,
+    secrets: &[SecretOption],
+) {
+    for name in options.keys() {
+        if let Some((_, why)) = OWNED_KAFKA_OPTIONS.iter().find(|(n, _)| n == name) {
+            problems.push(
+                format!("{path}.options.{name}"),
+                format!("is set by Sluice: {why}"),
+            );
+        } else if is_secret_option(name) {
+            problems.push(
+                format!("{path}.options.{name}"),
+                "holds a secret: move it to secretOptions (from an environment variable or a file), so that it is never shown with the spec",
+            );
+        }
+    }
+    for (i, secret) in secrets.iter().enumerate() {
+        let at = format!("{path}.secretOptions[{i}]");
+        if secret.name.trim().is_empty() {
+            problems.push(
+                format!("{at}.name"),
+                "is empty: name the client setting, e.g. sasl.password",
+            );
+        }
+        match (&secret.env, &secret.file) {
+            (Some(_), None) | (None, Some(_)) => {}
+            (None, None) => problems.push(at, "names no value: set env (a variable) or file"),
+            (Some(_), Some(_)) => problems.push(at, "sets env and file: set only one"),
+        }
+    }
+}
+
+fn check_brokers(problems: &mut Problems, path: &str, brokers: &str) {
+    if brokers.trim().is_empty() {
+        problems.push(path, "is empty: write host:port, e.g. \"kafka:9092\"");
+    } else if let Some(bad) = brokers.split(',').map(str::trim).find(|b| {
+        b.rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    }) {
+        problems.push(
+            path,
+            format!("{bad:?} is not host:port, e.g. \"kafka:9092\""),
+        );
+    }
+}
+
+fn check_kafka_source(problems: &mut Problems, path: &str, kafka: &KafkaSource) {
+    check_brokers(
+        problems,
+        &format!("{path}.bootstrapServers"),
+        &kafka.bootstrap_servers,
+    );
+    let set: Vec<&str> = [
+        kafka.topic.is_some().then_some("topic"),
+        kafka.topics.is_some().then_some("topics"),
+        kafka.topic_pattern.is_some().then_some("topicPattern"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match set.len() {
+        0 => problems.push(path, "names no topic: set topic, topics or topicPattern"),
+        1 => {}
+        _ => problems.push(path, format!("sets {}: set only one", set.join(" and "))),
+    }
+    if kafka.topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        problems.push(format!("{path}.topic"), "is empty: name the topic to read");
+    }
+    if let Some(topics) = &kafka.topics {
+        if topics.is_empty() {
+            problems.push(
+                format!("{path}.topics"),
+                "is empty: list the topics to read",
+            );
+        }
+        for (i, topic) in topics.iter().enumerate() {
+            if topic.trim().is_empty() {
+                problems.push(format!("{path}.topics[{i}]"), "is empty");
+            }
+        }
+    }
+    if kafka
+        .topic_pattern
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
+        problems.push(
+            format!("{path}.topicPattern"),
+            "is empty: write a regular expression",
+        );
+    }
+    if let Some(start) = &kafka.starting_offsets
+        && let Err(why) = parse_starting_offsets(start)
+    {
+        problems.push(format!("{path}.startingOffsets"), why);
+    }
+    if kafka.max_offsets_per_trigger == Some(0) {
+        problems.push(format!("{path}.maxOffsetsPerTrigger"), "must be at least 1");
+    }
+    if kafka
+        .group_id
+        .as_deref()
+        .is_some_and(|g| g.trim().is_empty())
+    {
+        problems.push(
+            format!("{path}.groupId"),
+            "is empty: remove it for sluice-<query name>",
+        );
+    }
+    check_kafka_options(problems, path, &kafka.options, &kafka.secret_options);
+}
+
+/// Where a Kafka source starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartingOffsets {
+    /// The oldest records.
+    Earliest,
+    /// Records written after the query starts.
+    Latest,
+    /// Per topic and partition: an offset, -2 (earliest) or -1 (latest).
+    Partitions(BTreeMap<String, BTreeMap<i32, i64>>),
+}
+
+/// Parses `startingOffsets`: `earliest`, `latest` or Spark's JSON.
+pub fn parse_starting_offsets(text: &str) -> Result<StartingOffsets, String> {
+    match text.trim() {
+        "earliest" => return Ok(StartingOffsets::Earliest),
+        "latest" => return Ok(StartingOffsets::Latest),
+        _ => {}
+    }
+    let usage = r#"write earliest, latest, or JSON such as {"topic": {"0": 42, "1": -2}} (-2: earliest, -1: latest)"#;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|_| format!("{text:?} is neither earliest, latest nor JSON: {usage}"))?;
+    let topics = value
+        .as_object()
+        .ok_or_else(|| format!("{text:?} is not a JSON object: {usage}"))?;
+    let mut out = BTreeMap::new();
+    for (topic, partitions) in topics {
+        let partitions = partitions.as_object().ok_or_else(|| {
+            format!("the offsets of {topic:?} are not an object of partitions: {usage}")
+        })?;
+        let mut offsets = BTreeMap::new();
+        for (partition, offset) in partitions {
+            let p: i32 = partition.parse().map_err(|_| {
+                format!("{topic:?} partition {partition:?} is not a partition number: {usage}")
+            })?;
+            let o = offset.as_i64().filter(|o| *o >= -2).ok_or_else(|| {
+                format!("{topic:?} partition {p}: {offset} is not an offset: {usage}")
+            })?;
+            offsets.insert(p, o);
+        }
+        out.insert(topic.clone(), offsets);
+    }
+    Ok(StartingOffsets::Partitions(out))
+}
+
 fn check_sink(problems: &mut Problems, spec: &StreamingQuerySpec) {
     let sink = &spec.sink;
     let set = [
@@ -619,10 +830,25 @@ fn check_sink(problems: &mut Problems, spec: &StreamingQuerySpec) {
         }
     }
     if let Some(kafka) = &sink.kafka {
-        if kafka.bootstrap_servers.trim().is_empty() {
+        check_brokers(
+            problems,
+            "spec.sink.kafka.bootstrapServers",
+            &kafka.bootstrap_servers,
+        );
+        check_kafka_options(
+            problems,
+            "spec.sink.kafka",
+            &kafka.options,
+            &kafka.secret_options,
+        );
+        if kafka
+            .transactional_id
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
             problems.push(
-                "spec.sink.kafka.bootstrapServers",
-                "is empty: write host:port, e.g. \"kafka:9092\"",
+                "spec.sink.kafka.transactionalId",
+                "is empty: remove it for sluice-<query id>",
             );
         }
         if kafka.topic.trim().is_empty() {

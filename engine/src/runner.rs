@@ -194,6 +194,16 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
     let mode = read_mode(query);
     let mut schemas = Vec::new();
     for (i, source_spec) in spec.sources.iter().enumerate() {
+        if source_spec
+            .dead_letter
+            .as_ref()
+            .is_some_and(|d| d.kafka.is_some())
+        {
+            push(Error::Unsupported {
+                path: format!("spec.sources[{i}].deadLetter.kafka"),
+                message: "dead-letter topics are not implemented in this version of the engine yet: use deadLetter.path".into(),
+            });
+        }
         match source::build(source_spec, &format!("spec.sources[{i}]"), mode, Utc::now()) {
             Ok(source) => schemas.push((source.name().to_owned(), source.schema())),
             Err(err) => push(err),
@@ -365,7 +375,8 @@ impl Runner {
                 dead_letter: source_spec
                     .dead_letter
                     .as_ref()
-                    .map(|d| PathBuf::from(d.path.strip_prefix("file://").unwrap_or(&d.path))),
+                    .and_then(|d| d.path.as_deref())
+                    .map(|p| PathBuf::from(p.strip_prefix("file://").unwrap_or(p))),
                 source,
             });
         }
