@@ -84,6 +84,11 @@ pub struct SourceProgress {
     /// Malformed records set aside in the dead-letter destination.
     #[serde(default)]
     pub num_dead_letter_records: u64,
+    /// Source-specific metrics, as Spark's `SourceProgress.metrics`: a Kafka
+    /// source's `minOffsetsBehindLatest`, `maxOffsetsBehindLatest`,
+    /// `avgOffsetsBehindLatest`, `recordsLost`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, String>,
 }
 
 /// The progress of the sink in a batch.

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod dead_letter;
 pub mod fault;
 pub mod http;
+pub mod kafka;
 pub mod monitor;
 pub mod operators;
 pub mod plan;

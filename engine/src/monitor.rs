@@ -36,6 +36,7 @@ pub struct Metrics {
     state_removed: IntCounter,
     dropped_late: IntCounter,
     restarts: IntCounter,
+    partition_lag: IntGaugeVec,
 }
 
 impl Metrics {
@@ -135,9 +136,18 @@ impl Metrics {
             "Restarts from the checkpoint after an error a retry can help with (an unavailable store or broker).",
         ))
         .unwrap();
+        let partition_lag = IntGaugeVec::new(
+            opts(
+                "sluice_source_partition_records_behind_latest",
+                "Records a partition holds beyond the latest batch (Kafka sources), per topic and partition.",
+            ),
+            &["source", "topic", "partition"],
+        )
+        .unwrap();
         for collector in [
             Box::new(batches.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(restarts.clone()),
+            Box::new(partition_lag.clone()),
             Box::new(state_rows.clone()),
             Box::new(state_memory.clone()),
             Box::new(state_updated.clone()),
@@ -177,6 +187,7 @@ impl Metrics {
             state_removed,
             dropped_late,
             restarts,
+            partition_lag,
         }
     }
 
@@ -193,6 +204,23 @@ impl Metrics {
             self.records_behind
                 .with_label_values(&[name])
                 .set(source.records_behind_latest as i64);
+            if let (Some(end), Some(latest)) = (
+                crate::kafka::offsets_from_json(&source.end_offset),
+                crate::kafka::offsets_from_json(&source.latest_offset),
+            ) {
+                for (topic, partitions) in &latest {
+                    for (partition, hi) in partitions {
+                        let at = end
+                            .get(topic)
+                            .and_then(|t| t.get(partition))
+                            .copied()
+                            .unwrap_or(*hi);
+                        self.partition_lag
+                            .with_label_values(&[name, topic, &partition.to_string()])
+                            .set((hi - at).max(0));
+                    }
+                }
+            }
         }
         self.output_rows.inc_by(progress.sink.num_output_rows);
         let total_ms = progress

@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::fence::Fence;
 use crate::checkpoint::{self, Checkpoint, CommitEntry, OffsetEntry, SourceOffsets, new_metadata};
+use crate::dead_letter::DeadLetters;
 use crate::monitor::Monitor;
 use crate::plan::QueryPlan;
 use crate::sink::{self, Sink, SinkContext};
@@ -44,7 +45,7 @@ use crate::source::{self, BatchRange, ReadMode, Source};
 use crate::state::PartitionRef;
 use crate::watermark::{BatchWatermarks, SourceWatermark, Tracker};
 use crate::{Error, Result};
-use crate::{dead_letter, fault, storage};
+use crate::{fault, storage};
 
 /// How long to wait before asking the sources again when a batch found no
 /// new data and the trigger sets no interval.
@@ -100,8 +101,8 @@ impl Default for Summary {
 struct SourceState {
     source: Box<dyn Source>,
     offset: Value,
-    /// Where malformed records go (`deadLetter.path`).
-    dead_letter: Option<PathBuf>,
+    /// Where malformed records go (`deadLetter`).
+    dead_letter: Option<DeadLetters>,
 }
 
 /// A query ready to run.
@@ -194,17 +195,14 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
     let mode = read_mode(query);
     let mut schemas = Vec::new();
     for (i, source_spec) in spec.sources.iter().enumerate() {
-        if source_spec
-            .dead_letter
-            .as_ref()
-            .is_some_and(|d| d.kafka.is_some())
-        {
-            push(Error::Unsupported {
-                path: format!("spec.sources[{i}].deadLetter.kafka"),
-                message: "dead-letter topics are not implemented in this version of the engine yet: use deadLetter.path".into(),
-            });
-        }
-        match source::build(source_spec, &format!("spec.sources[{i}]"), mode, Utc::now()) {
+        let name = query.metadata.name.as_deref().unwrap_or_default();
+        match source::build(
+            source_spec,
+            &format!("spec.sources[{i}]"),
+            mode,
+            Utc::now(),
+            name,
+        ) {
             Ok(source) => schemas.push((source.name().to_owned(), source.schema())),
             Err(err) => push(err),
         }
@@ -369,14 +367,16 @@ impl Runner {
         let started = Utc::now();
         let mut sources = Vec::new();
         for (i, source_spec) in spec.sources.iter().enumerate() {
-            let source = source::build(source_spec, &format!("spec.sources[{i}]"), mode, started)?;
+            let source = source::build(
+                source_spec,
+                &format!("spec.sources[{i}]"),
+                mode,
+                started,
+                &name,
+            )?;
             sources.push(SourceState {
                 offset: source.initial_offset(),
-                dead_letter: source_spec
-                    .dead_letter
-                    .as_ref()
-                    .and_then(|d| d.path.as_deref())
-                    .map(|p| PathBuf::from(p.strip_prefix("file://").unwrap_or(p))),
+                dead_letter: DeadLetters::of(source_spec)?,
                 source,
             });
         }
@@ -442,11 +442,27 @@ impl Runner {
                 replay = recovery.replay.is_some(),
                 "Recovered from the checkpoint."
             );
+            if recovery.committed.is_none() && recovery.replay.is_none() {
+                // A new query: where each source starts is decided once and
+                // kept (Spark's `sources/<i>/0`), so that a restart before
+                // the first batch starts at the same place.
+                for state in sources.iter_mut() {
+                    let source_name = state.source.name().to_owned();
+                    state.offset = store
+                        .initial_offset(&source_name, &mut *state.source)
+                        .await?;
+                }
+            }
             id = metadata.id;
             next_batch = recovery.next_batch;
             replay = recovery.replay;
             fence = Some(claimed);
             checkpoint = Some(store);
+        }
+        if checkpoint.is_none() {
+            for state in sources.iter_mut() {
+                state.offset = state.source.resolve_start(&state.offset).await?;
+            }
         }
         let epoch = fence.as_ref().map_or(0, Fence::epoch);
         plan.open_state(
@@ -459,12 +475,17 @@ impl Runner {
             epoch,
         )
         .await?;
-        sink.open(&SinkContext {
+        let context = SinkContext {
             query_id: id.clone(),
             run_id: run_id.clone(),
             epoch,
-        })
-        .await?;
+        };
+        sink.open(&context).await?;
+        for state in sources.iter_mut() {
+            if let Some(dead) = &mut state.dead_letter {
+                dead.open(&context, state.source.name()).await?;
+            }
+        }
         Ok(Self {
             name,
             id,
@@ -663,6 +684,7 @@ impl Runner {
                     latest: offsets.end.clone(),
                     rows: 0,
                     records_behind_latest: 0,
+                    metrics: Default::default(),
                 })
             })
             .collect()
@@ -690,9 +712,9 @@ impl Runner {
             let batches = state.source.read(range).await?;
             rows_read.push(batches.iter().map(|b| b.num_rows() as u64).sum::<u64>());
             let bad = state.source.take_bad_records();
-            if let (Some(dir), false) = (&state.dead_letter, bad.is_empty()) {
-                let file = dead_letter::write(dir, state.source.name(), batch_id, &bad).await?;
-                warn!(source = state.source.name(), batch_id, records = bad.len(), file = %file.display(), "Set malformed records aside.");
+            if let (Some(dead), false) = (&mut state.dead_letter, bad.is_empty()) {
+                let to = dead.write(state.source.name(), batch_id, &bad).await?;
+                warn!(source = state.source.name(), batch_id, records = bad.len(), to = %to, "Set malformed records aside.");
             }
             dead_letters.push(bad.len() as u64);
             let seen = self
@@ -797,6 +819,7 @@ impl Runner {
                 processed_rows_per_second: per_second(rows, elapsed),
                 records_behind_latest: range.records_behind_latest,
                 num_dead_letter_records: bad,
+                metrics: range.metrics.clone(),
             })
             .collect();
         let mut event_time = event_stats.report();

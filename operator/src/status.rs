@@ -616,6 +616,7 @@ spec:
                 processed_rows_per_second: rate,
                 records_behind_latest: lag,
                 num_dead_letter_records: 0,
+                metrics: BTreeMap::new(),
             }],
             sink: SinkProgress {
                 description: "k".into(),

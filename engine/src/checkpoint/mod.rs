@@ -279,6 +279,27 @@ impl Checkpoint {
         })
     }
 
+    /// Where the source `name` of a new query starts: read from
+    /// `sources/<name>/initial`, or resolved by the source and written there
+    /// (create-only) when the query first starts.
+    pub async fn initial_offset(
+        &self,
+        name: &str,
+        source: &mut dyn crate::source::Source,
+    ) -> Result<Value> {
+        let path = format!("sources/{name}/initial");
+        if let Some(value) = self.read_json::<Value>(&path).await? {
+            return Ok(value);
+        }
+        let resolved = source.resolve_start(&source.initial_offset()).await?;
+        let bytes = serde_json::to_vec_pretty(&resolved).expect("offsets serialize");
+        match self.storage.create(&path, bytes).await? {
+            Created::Written => Ok(resolved),
+            // Another run resolved it first.
+            Created::Exists(theirs) => parse(&self.storage, &path, &theirs),
+        }
+    }
+
     /// Batch `id`'s offsets entry.
     pub async fn read_offsets(&self, id: u64) -> Result<OffsetEntry> {
         let path = format!("offsets/{id}");

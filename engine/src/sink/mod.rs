@@ -81,10 +81,13 @@ pub fn build(spec: &SinkSpec) -> Result<Box<dyn Sink>> {
     if let Some(console) = &spec.console {
         return Ok(Box::new(ConsoleSink::new(console, std::io::stdout())));
     }
+    if let Some(kafka) = &spec.kafka {
+        return Ok(Box::new(crate::kafka::sink::KafkaSink::new(kafka)?));
+    }
     let files = spec
         .files
         .as_ref()
-        .expect("check() accepts console or files only");
+        .expect("check() accepts console, files or kafka");
     Ok(Box::new(FileSink::new(files, spec.format)?))
 }
 
@@ -93,7 +96,7 @@ pub fn check(spec: &SinkSpec) -> Result<()> {
     if let Some(files) = &spec.files {
         return crate::storage::check_location(&files.path, "spec.sink.files.path");
     }
-    if spec.console.is_some() {
+    if spec.console.is_some() || spec.kafka.is_some() {
         return Ok(());
     }
     let kind = spec.kind().unwrap_or("unknown");

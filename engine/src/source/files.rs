@@ -216,6 +216,7 @@ fn decode_lines(
                     line: (i + first_line) as u64,
                     error,
                     record: String::from_utf8_lossy(line).into_owned(),
+                    kafka: None,
                 };
                 if !set_aside {
                     return Err(format!(
@@ -328,6 +329,7 @@ impl Source for FileSource {
             latest: offset(names.last().map(String::as_str)),
             rows: take as u64,
             records_behind_latest: (new.len() - take) as u64,
+            metrics: Default::default(),
         })
     }
 

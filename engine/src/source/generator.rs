@@ -274,6 +274,7 @@ impl Source for GeneratorSource {
             latest: offset(latest, start_micros),
             rows: end - start_row,
             records_behind_latest: latest - end,
+            metrics: Default::default(),
         })
     }
 
@@ -336,6 +337,7 @@ mod tests {
             detail: Value::Null,
             rows: 0,
             records_behind_latest: 0,
+            metrics: Default::default(),
         }
     }
 

@@ -57,19 +57,41 @@ pub struct BatchRange {
     /// Records between `end` and `latest`: the lag after this batch (files,
     /// for a file source).
     pub records_behind_latest: u64,
+    /// Source-specific metrics for the progress report (Spark's
+    /// `SourceProgress.metrics`, e.g. a Kafka source's
+    /// `maxOffsetsBehindLatest`).
+    pub metrics: std::collections::BTreeMap<String, String>,
 }
 
 /// A record that did not decode with the source's schema.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct BadRecord {
-    /// The file it came from.
+    /// Where it came from: its file, or `kafka:<topic>/<partition>@<offset>`.
     pub file: String,
-    /// Its line in the file, from 1.
+    /// Its line in the file, from 1 (a Kafka record's offset).
     pub line: u64,
     /// Why it did not decode.
     pub error: String,
     /// The record's text.
     pub record: String,
+    /// A Kafka record as it was read, for a dead-letter topic.
+    #[serde(skip)]
+    pub kafka: Option<KafkaRecord>,
+}
+
+/// A Kafka record as it was read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KafkaRecord {
+    /// Its topic.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key's bytes.
+    pub key: Option<Vec<u8>>,
+    /// Its value's bytes.
+    pub value: Option<Vec<u8>>,
 }
 
 /// A streaming source.
@@ -81,8 +103,17 @@ pub trait Source: Send + Sync {
     fn description(&self) -> String;
     /// The schema of the rows it produces.
     fn schema(&self) -> SchemaRef;
-    /// The offset a query without a checkpoint starts from.
+    /// The offset a new query starts from; it may need resolving against
+    /// the external system ([`Source::resolve_start`]).
     fn initial_offset(&self) -> Value;
+    /// Resolves a start offset that depends on the external system (a Kafka
+    /// source's `startingOffsets: latest`) into a concrete one. The runner
+    /// does it once when a query first starts, and keeps the result in the
+    /// checkpoint, so that a restart before the first batch starts at the
+    /// same place.
+    async fn resolve_start(&mut self, start: &Value) -> Result<Value> {
+        Ok(start.clone())
+    }
     /// Plans the next batch from `start`.
     async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange>;
     /// Reads the rows of a planned range (`start`, `end` and `detail` as
@@ -106,6 +137,7 @@ pub fn build(
     path: &str,
     mode: ReadMode,
     started: chrono::DateTime<chrono::Utc>,
+    query: &str,
 ) -> Result<Box<dyn Source>> {
     if let Some(generator) = &spec.generator {
         return Ok(Box::new(GeneratorSource::new(
@@ -115,11 +147,16 @@ pub fn build(
     if let Some(files) = &spec.files {
         return Ok(Box::new(FileSource::new(spec, files, path, mode)?));
     }
+    if let Some(kafka) = &spec.kafka {
+        return Ok(Box::new(crate::kafka::source::KafkaSource::new(
+            spec, kafka, path, mode, query,
+        )?));
+    }
     let kind = spec.kind().unwrap_or("unknown");
     Err(Error::Unsupported {
         path: path.to_owned(),
         message: format!(
-            "the {kind} source is not implemented in this version of the engine yet: use a generator or files source"
+            "the {kind} source is not implemented in this version of the engine yet: use a generator, files or kafka source"
         ),
     })
 }

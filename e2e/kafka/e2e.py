@@ -1,0 +1,434 @@
+"""Kafka in and out, exactly once, against a real Apache Kafka broker
+(started by e2e/kafka.sh). Each check prints `ok   ...` or fails loudly.
+
+1. An external client (confluent-kafka) produces the transactions into a
+   4-partition topic; the same records go to JSON-lines files. The seed's
+   fraud query (per user, 5-minute windows sliding every minute, count / sum
+   / avg, a 10-minute watermark, append mode, HAVING) runs from the file
+   source to a file sink: the reference.
+2. The same query Kafka -> Kafka with a checkpoint: the output topic, read
+   with read_committed by the external client, equals the reference row for
+   row.
+3. Again while the engine is killed with SIGKILL 10 times at random
+   moments and restarted: still equal, no duplicates.
+4. Killed between producing a batch's records and committing its
+   transaction: read_committed does not see them (read_uncommitted does);
+   restarted, the output equals the reference.
+5. Lag: the consumer group's lag (ConsumerGroupCommand --describe) equals
+   what /progress reports at the same moment.
+6. Malformed records (bad JSON, wrong types, a 2 MB value, an empty value,
+   a tombstone) land in the dead-letter topic with their reason and origin;
+   the counts match /progress.
+7. The broker stopped for 30 s in the middle of a run: the engine says in
+   its log and /status that the brokers are unavailable, resumes, and the
+   output equals the reference.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+SCHEMA = """[{name: transaction_id, type: string}, {name: user_id, type: string},
+               {name: amount, type: double}, {name: event_time, type: timestamp}]"""
+FRAUD = """SELECT window_start, window_end, user_id,
+           count(*) AS n, sum(amount) AS total, avg(amount) AS avg_amount
+    FROM hop(transactions, event_time, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE)
+    GROUP BY window_start, window_end, user_id
+    HAVING count(*) >= 4 OR sum(amount) > 2000"""
+
+
+def ok(message):
+    print(f"ok   {message}", flush=True)
+
+
+def fail(message):
+    print(f"FAIL {message}", flush=True)
+    sys.exit(1)
+
+
+def sh(script):
+    """Runs bash with the broker library sourced."""
+    return subprocess.run(["bash", "-c", f"source {HERE}/lib.sh; {script}"],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Env:
+    def __init__(self, args):
+        self.sluice = args.sluice
+        self.bootstrap = args.bootstrap
+        self.broker_dir = args.broker_dir
+        self.work = args.work
+        self.records = args.records
+
+    def topic(self, name, partitions, *configs):
+        sh(f"source {self.broker_dir}/kafka.env; kafka_topic_create {name} {partitions} {' '.join(configs)}")
+
+    def spec(self, name, source, sink, extra=""):
+        path = os.path.join(self.work, f"{name}.yaml")
+        with open(path, "w") as f:
+            f.write(f"""apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: {name}}}
+spec:
+  sources:
+    - name: transactions
+      {source}
+      schema: {SCHEMA}
+      watermark: {{column: event_time, delay: 10m}}
+  query: |
+    {FRAUD}
+  sink: {sink}
+  outputMode: append
+  checkpoint: {{location: "{self.work}/{name}-checkpoint"}}
+  statePartitions: 4
+{extra}""")
+        return path
+
+    def kafka_source(self, topic, per_trigger=100000):
+        return (f'kafka: {{bootstrapServers: "{self.bootstrap}", topic: {topic}, '
+                f'startingOffsets: earliest, maxOffsetsPerTrigger: {per_trigger}}}')
+
+    def kafka_sink(self, topic):
+        return f'{{kafka: {{bootstrapServers: "{self.bootstrap}", topic: {topic}}}}}'
+
+    def start(self, spec, extra_env=None, args=()):
+        env = dict(os.environ, SLUICE_LOG="info",
+                   SLUICE_STATE_DIR=spec + ".state")
+        env.pop("SLUICE_FAIL_POINT", None)
+        env.update(extra_env or {})
+        log = open(spec + ".log", "a")
+        return subprocess.Popen([self.sluice, "run", spec, *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+
+    def run(self, spec, **kw):
+        p = self.start(spec, **kw)
+        if p.wait(timeout=1800) != 0:
+            fail(f"{spec} exited {p.returncode}:\n" + open(spec + ".log").read()[-3000:])
+
+    def read_topic(self, topic, isolation="read_committed"):
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"reader-{time.time()}",
+                      "isolation.level": isolation, "enable.auto.commit": False,
+                      "enable.partition.eof": True})
+        parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        eof, rows = set(), []
+        deadline = time.time() + 120
+        while len(eof) < len(parts) and time.time() < deadline:
+            m = c.poll(1)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == -191:
+                    eof.add(m.partition())
+                    continue
+                raise RuntimeError(m.error())
+            rows.append(m)
+        c.close()
+        return rows
+
+
+def generate(env):
+    """Produces the transactions to Kafka and writes them to files: the same
+    records, seeded."""
+    rnd = random.Random(20261121)
+    files = os.path.join(env.work, "files")
+    os.makedirs(files)
+    producer = Producer({"bootstrap.servers": env.bootstrap, "linger.ms": 20,
+                         "batch.num.messages": 10000})
+    per_file = max(1, env.records // 20)
+    out = None
+    for i in range(env.records):
+        if i % per_file == 0:
+            if out:
+                out.close()
+            out = open(os.path.join(files, f"{i // per_file:03d}.jsonl"), "w")
+        # 100 a second of event time, up to 2 s out of order.
+        micros = 1767225600_000000 + i * 10_000 - rnd.randrange(2_000_000)
+        seconds, frac = divmod(micros, 1_000_000)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{frac:06d}Z"
+        user = f"user-{int(rnd.paretovariate(1.2)) % 2000:05d}"
+        row = {"transaction_id": f"tx-{i:09d}", "user_id": user,
+               "amount": round(rnd.lognormvariate(3.5, 1.0), 2), "event_time": stamp}
+        text = json.dumps(row)
+        out.write(text + "\n")
+        while True:
+            try:
+                producer.produce("transactions", key=user.encode(), value=text.encode())
+                break
+            except BufferError:
+                producer.poll(0.1)
+    out.close()
+    producer.flush()
+    del producer
+    return files
+
+
+class Row:
+    """A result row: equal to another when every field is, floats to a
+    relative 1e-9 (their sums' order differs between runs)."""
+
+    def __init__(self, row):
+        self.exact = tuple(sorted((k, v) for k, v in row.items() if not isinstance(v, float)))
+        self.floats = tuple(sorted((k, v) for k, v in row.items() if isinstance(v, float)))
+
+    def __eq__(self, other):
+        return self.exact == other.exact and len(self.floats) == len(other.floats) and all(
+            a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-9)
+            for a, b in zip(self.floats, other.floats))
+
+    def __lt__(self, other):
+        return (self.exact, self.floats) < (other.exact, other.floats)
+
+    def __repr__(self):
+        return repr(dict(self.exact + self.floats))
+
+
+def canonical(row):
+    return Row(row)
+
+
+def rows_of_topic(env, topic):
+    return sorted(canonical(json.loads(m.value())) for m in env.read_topic(topic))
+
+
+def rows_of_files(directory):
+    meta = os.path.join(directory, "_sluice_metadata")
+    rows = []
+    for name in sorted(os.listdir(meta), key=lambda n: int(n) if n.isdigit() else -1):
+        if not name.isdigit():
+            continue
+        manifest = json.load(open(os.path.join(meta, name)))
+        for f in manifest["files"]:
+            with open(os.path.join(directory, f["path"])) as data:
+                rows.extend(canonical(json.loads(line)) for line in data if line.strip())
+    return sorted(rows)
+
+
+def same(env, topic, expected, what):
+    actual = rows_of_topic(env, topic)
+    if actual != expected:
+        keys = [r.exact for r in actual]
+        extra = len(keys) - len(set(keys))
+        differing = [(a, b) for a, b in zip(actual, expected) if a != b][:2]
+        fail(f"{what}: {len(actual)} rows ({extra} duplicated) where the reference has {len(expected)}; "
+             f"first differences (Kafka, reference): {differing}")
+    ok(f"{what}: {len(actual)} rows, each once, equal to the file source's")
+
+
+def get_json(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            body = r.read()
+            return json.loads(body) if body else None
+    except Exception:
+        return None
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sluice", required=True)
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--broker-dir", required=True)
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--records", type=int, default=1_000_000)
+    env = Env(parser.parse_args())
+    for topic in ["transactions"] + [f"alerts-{n}" for n in ("clean", "killed", "open", "outage")]:
+        env.topic(topic, 4)
+
+    start = time.time()
+    files = generate(env)
+    ok(f"produced {env.records} transactions to a 4-partition topic and to files ({time.time() - start:.1f} s)")
+
+    # 1. The reference: the same query from the files.
+    reference = env.spec("reference", f'files: {{path: "{files}"}}\n      format: json',
+                         f'{{files: {{path: "{env.work}/reference-out"}}}}',
+                         "  trigger: {availableNow: true}\n")
+    start = time.time()
+    env.run(reference)
+    expected = rows_of_files(f"{env.work}/reference-out")
+    if len(expected) < 100:
+        fail(f"the reference holds only {len(expected)} rows")
+    ok(f"reference from the file source: {len(expected)} windows ({time.time() - start:.1f} s)")
+
+    # 2. Kafka to Kafka.
+    clean = env.spec("clean", env.kafka_source("transactions"), env.kafka_sink("alerts-clean"),
+                     "  trigger: {availableNow: true}\n")
+    start = time.time()
+    env.run(clean)
+    same(env, "alerts-clean", expected, f"Kafka to Kafka ({time.time() - start:.1f} s)")
+
+    # 3. Killed 10 times at random moments.
+    killed = env.spec("killed", env.kafka_source("transactions", 50000), env.kafka_sink("alerts-killed"),
+                      "  trigger: {availableNow: true}\n")
+    rnd = random.Random(7)
+    kills = 0
+    while kills < 10:
+        p = env.start(killed)
+        time.sleep(rnd.uniform(0.5, 3.0))
+        if p.poll() is not None:
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+    env.run(killed)
+    same(env, "alerts-killed", expected, f"killed {kills} times with SIGKILL and restarted")
+    if kills < 10:
+        fail(f"the run ended after {kills} kills: make it longer")
+
+    # 4. A transaction begun and never committed.
+    opened = env.spec("opened", env.kafka_source("transactions", 50000), env.kafka_sink("alerts-open"),
+                      "  trigger: {availableNow: true}\n")
+    p = env.start(opened, {"SLUICE_FAIL_POINT": "sink-data:3"})
+    p.wait(timeout=600)
+    if p.returncode != -signal.SIGKILL:
+        fail(f"the fail point sink-data:3 did not kill the engine: {p.returncode}")
+    committed = env.read_topic("alerts-open")
+    uncommitted = env.read_topic("alerts-open", "read_uncommitted")
+    if not len(uncommitted) > len(committed):
+        fail(f"batch 3's records are not in the log ({len(uncommitted)} uncommitted, {len(committed)} committed)")
+    ok(f"killed between producing batch 3 and committing it: read_committed sees {len(committed)} rows, "
+       f"read_uncommitted {len(uncommitted)}")
+    env.run(opened)
+    same(env, "alerts-open", expected, "restarted after the open transaction")
+
+    # 5. Lag: the consumer group against /progress.
+    port = free_port()
+    lag_spec = env.spec("lag", env.kafka_source("transactions", 20000), "{console: {numRows: 1}}",
+                        "  trigger: {processingTime: 3s}\n")
+    p = env.start(lag_spec, args=("--http-port", str(port), "--http-address", "127.0.0.1"))
+    compared = None
+    deadline = time.time() + 120
+    while compared is None and time.time() < deadline:
+        time.sleep(0.5)
+        before = get_json(port, "/progress/latest")
+        if not before or before["batchId"] < 1:
+            continue
+        time.sleep(1)
+        described = sh(f"source {env.broker_dir}/kafka.env; kafka_group_describe sluice-lag")
+        after = get_json(port, "/progress/latest")
+        if not after or after["batchId"] != before["batchId"]:
+            continue
+        group_lag = sum(int(line.split()[5]) for line in described.splitlines()
+                        if line.startswith("sluice-lag ") and line.split()[5].isdigit())
+        reported = after["sources"][0]["recordsBehindLatest"]
+        compared = (group_lag, reported, after["sources"][0]["metrics"])
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    if compared is None:
+        fail("could not read the lag twice between batches:\n" + open(lag_spec + ".log").read()[-2000:])
+    if compared[0] != compared[1] or compared[0] == 0:
+        fail(f"ConsumerGroupCommand says lag {compared[0]}, /progress {compared[1]}")
+    ok(f"ConsumerGroupCommand --describe --group sluice-lag: lag {compared[0]}, as /progress reports "
+       f"(max behind per partition {compared[2].get('maxOffsetsBehindLatest')})")
+
+    # 6. Malformed records to the dead-letter topic.
+    env.topic("raw", 2, "max.message.bytes=10485760")
+    env.topic("dead", 1, "max.message.bytes=10485760")
+    env.topic("clean", 2)
+    producer = Producer({"bootstrap.servers": env.bootstrap, "message.max.bytes": 10000000})
+    bad = {b"not json at all": "Json error", b'{"transaction_id": "t", "amount": "lots"}': "amount",
+           b"x" * (2 * 1024 * 1024): "Json error", b"": "empty", None: "tombstone"}
+    for i in range(1000):
+        producer.produce("raw", key=b"good", value=json.dumps({"transaction_id": f"g{i}", "amount": i}).encode())
+    for value in bad:
+        producer.produce("raw", key=b"bad", value=value)
+    producer.flush()
+    del producer
+    dlq = os.path.join(env.work, "dlq.yaml")
+    port = free_port()
+    with open(dlq, "w") as f:
+        f.write(f"""apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: dead-letters}}
+spec:
+  sources:
+    - name: records
+      kafka: {{bootstrapServers: "{env.bootstrap}", topic: raw, startingOffsets: earliest}}
+      schema: [{{name: transaction_id, type: string}}, {{name: amount, type: double}}]
+      deadLetter: {{kafka: {{topic: dead}}}}
+  query: SELECT transaction_id, amount, topic, partition, "offset" FROM records
+  sink: {env.kafka_sink("clean")}
+  checkpoint: {{location: "{env.work}/dlq-checkpoint"}}
+""")
+    p = env.start(dlq, args=("--http-port", str(port), "--http-address", "127.0.0.1"))
+    counted = 0
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        reports = get_json(port, "/progress") or []
+        counted = sum(r["sources"][0].get("numDeadLetterRecords", 0) for r in reports)
+        if sum(r["numInputRows"] for r in reports) >= 1000:
+            break
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    letters = env.read_topic("dead")
+    good = env.read_topic("clean")
+    reasons = {}
+    for m in letters:
+        headers = {k: v.decode() for k, v in (m.headers() or [])}
+        if headers.get("sluice.source.topic") != "raw" or "sluice.source.offset" not in headers:
+            fail(f"a dead letter without its origin: {headers}")
+        reasons[m.value()] = headers["sluice.error"]
+    for value, reason in bad.items():
+        got = reasons.get(value if value is not None else None)
+        if got is None or reason not in got:
+            fail(f"the dead letter of {str(value)[:40]!r} says {got!r}, expected {reason!r}")
+    if len(letters) != len(bad) or counted != len(bad) or len(good) != 1000:
+        fail(f"{len(letters)} dead letters, {counted} counted in /progress, {len(good)} good rows")
+    ok(f"{len(bad)} malformed records (bad JSON, a wrong type, a 2 MB value, an empty value, a tombstone) "
+       f"in the dead-letter topic with their reason and origin, {counted} counted; 1000 rows written")
+
+    # 7. The broker stopped for 30 s in the middle of a run.
+    port = free_port()
+    outage = env.spec("outage", env.kafka_source("transactions", 20000), env.kafka_sink("alerts-outage"),
+                      "  trigger: {availableNow: true}\n")
+    p = env.start(outage, args=("--http-port", str(port), "--http-address", "127.0.0.1"))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        latest = get_json(port, "/progress/latest")
+        if latest and latest["batchId"] >= 3:
+            break
+        time.sleep(0.2)
+    sh(f"kafka_stop {env.broker_dir}")
+    down = time.time()
+    said = None
+    while time.time() - down < 30:
+        status = get_json(port, "/status")
+        if status and "unavailable" in status["message"]:
+            said = status["message"]
+        time.sleep(0.5)
+    sh(f"KAFKA_DETACH=1 kafka_restart {env.broker_dir}")
+    if p.wait(timeout=900) != 0:
+        fail("the run failed after the outage:\n" + open(outage + ".log").read()[-3000:])
+    log = open(outage + ".log").read()
+    if said is None:
+        fail("/status never said the brokers were unavailable:\n" + log[-3000:])
+    if "unavailable" not in log:
+        fail("the log never said the brokers were unavailable")
+    ok(f"broker stopped for 30 s: /status said {said[:140]!r}")
+    same(env, "alerts-outage", expected, "after the broker came back")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+//! The Kafka connector: a source that reads topics by exact per-partition
+//! ranges (`source.rs`), a sink that writes each batch in one transaction
+//! (`sink.rs`), and what they share: client settings with their secrets,
+//! offsets as Spark writes them, and errors that say who must act.
+//!
+//! Every call into librdkafka blocks; the connector makes them on Tokio's
+//! blocking threads, so the engine's HTTP endpoints answer meanwhile.
+
+pub mod sink;
+pub mod source;
+
+use std::collections::BTreeMap;
+
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use serde_json::Value;
+use sluice_crds::SecretOption;
+
+use crate::{Error, Result};
+
+/// How long a metadata, offsets or transaction call may take before the
+/// broker counts as unavailable.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Per topic and partition, an offset: Spark's JSON shape,
+/// `{"topic": {"0": 42, "1": 7}}`.
+pub type Offsets = BTreeMap<String, BTreeMap<i32, i64>>;
+
+/// The JSON of offsets.
+pub fn offsets_json(offsets: &Offsets) -> Value {
+    Value::Object(
+        offsets
+            .iter()
+            .map(|(topic, partitions)| {
+                (
+                    topic.clone(),
+                    Value::Object(
+                        partitions
+                            .iter()
+                            .map(|(p, o)| (p.to_string(), Value::from(*o)))
+                            .collect(),
+                    ),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Offsets from their JSON; `None` when `value` is not offsets.
+pub fn offsets_from_json(value: &Value) -> Option<Offsets> {
+    let mut out = Offsets::new();
+    for (topic, partitions) in value.as_object()? {
+        let mut offsets = BTreeMap::new();
+        for (p, o) in partitions.as_object()? {
+            offsets.insert(p.parse().ok()?, o.as_i64()?);
+        }
+        out.insert(topic.clone(), offsets);
+    }
+    Some(out)
+}
+
+/// A client configuration: the brokers, the user's settings, the secrets
+/// read from where the spec says (never logged), and `defaults` under the
+/// user's settings. `field` is the spec field, for errors.
+pub fn client_config(
+    brokers: &str,
+    options: &BTreeMap<String, String>,
+    secrets: &[SecretOption],
+    defaults: &[(&str, &str)],
+    field: &str,
+) -> Result<ClientConfig> {
+    let mut config = ClientConfig::new();
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in options {
+        config.set(key, value);
+    }
+    for (i, secret) in secrets.iter().enumerate() {
+        let value = match (&secret.env, &secret.file) {
+            (Some(var), _) => std::env::var(var).map_err(|_| Error::Unsupported {
+                path: format!("{field}.secretOptions[{i}].env"),
+                message: format!(
+                    "the environment variable {var} (for {}) is not set: set it, e.g. from a Kubernetes Secret",
+                    secret.name
+                ),
+            })?,
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map(|v| v.trim_end_matches(['\n', '\r']).to_owned())
+                .map_err(|e| Error::Unsupported {
+                    path: format!("{field}.secretOptions[{i}].file"),
+                    message: format!("cannot read {file} (for {}): {e}", secret.name),
+                })?,
+            (None, None) => continue,
+        };
+        config.set(&secret.name, value);
+    }
+    Ok(config)
+}
+
+/// Whether a retry can help with a Kafka error: the broker is down or
+/// moving, a request timed out.
+fn transient(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        BrokerTransportFailure
+            | Resolve
+            | AllBrokersDown
+            | OperationTimedOut
+            | TimedOutQueue
+            | RequestTimedOut
+            | BrokerNotAvailable
+            | LeaderNotAvailable
+            | NotLeaderForPartition
+            | NetworkException
+            | CoordinatorLoadInProgress
+            | CoordinatorNotAvailable
+            | NotCoordinator
+            | ConcurrentTransactions
+    )
+}
+
+/// Whether a Kafka error says that another producer with this
+/// transactional id took over.
+fn fenced(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(code, Fenced | ProducerFenced | InvalidProducerEpoch)
+}
+
+/// What a Kafka error means for the engine: `what` says what was done, and
+/// against which brokers (never a secret).
+pub fn classify(what: String, err: &KafkaError, user_error: impl FnOnce(String) -> Error) -> Error {
+    let code = match err {
+        KafkaError::Transaction(e) => Some(e.code()),
+        other => other.rdkafka_error_code(),
+    };
+    let message = format!("{what}: {err}");
+    match code {
+        Some(code) if fenced(code) => Error::Fenced {
+            message: format!(
+                "{message}: another run of this query opened the sink with the same transactional id; this run stops without writing more"
+            ),
+        },
+        Some(code) if transient(code) => Error::Unavailable {
+            what: "Kafka".into(),
+            message,
+        },
+        _ if matches!(err, KafkaError::Transaction(e) if e.is_retriable()) => Error::Unavailable {
+            what: "Kafka".into(),
+            message,
+        },
+        _ => user_error(message),
+    }
+}
+
+/// Runs a blocking Kafka call on Tokio's blocking threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Error::State(format!("a Kafka call panicked: {e}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_sparks_json() {
+        let mut offsets = Offsets::new();
+        offsets.insert("t".into(), BTreeMap::from([(0, 42), (1, 7)]));
+        let json = offsets_json(&offsets);
+        assert_eq!(json, serde_json::json!({"t": {"0": 42, "1": 7}}));
+        assert_eq!(offsets_from_json(&json), Some(offsets));
+        assert_eq!(
+            offsets_from_json(&serde_json::json!({"lastFile": "x"})),
+            None
+        );
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_or_files_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let secrets = vec![SecretOption {
+            name: "sasl.password".into(),
+            env: None,
+            file: Some(file.display().to_string()),
+        }];
+        let config =
+            client_config("k:9092", &BTreeMap::new(), &secrets, &[], "spec.sink.kafka").unwrap();
+        assert_eq!(config.get("sasl.password"), Some("s3cret"));
+        let missing = vec![SecretOption {
+            name: "sasl.password".into(),
+            env: Some("SLUICE_TEST_UNSET_VARIABLE".into()),
+            file: None,
+        }];
+        let err = client_config("k:9092", &BTreeMap::new(), &missing, &[], "spec.sink.kafka")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("spec.sink.kafka.secretOptions[0].env: the environment variable SLUICE_TEST_UNSET_VARIABLE"),
+            "{err}"
+        );
+    }
+}
