@@ -110,6 +110,7 @@ OPERATOR_RULES = grants(
     ("sluice.dev", ["streamingqueries/finalizers"], ["update"], None),
     ("", ["configmaps", "services"], RW, None),
     ("apps", ["statefulsets"], RW, None),
+    ("batch", ["jobs"], RW, None),
     ("policy", ["poddisruptionbudgets"], RW, None),
     ("", ["pods"], ["get", "list", "watch"], None),
     ("events.k8s.io", ["events"], ["create", "patch"], None),

@@ -104,7 +104,48 @@ pub struct StreamingQuerySpec {
     /// How the engine pods run: image, resources, environment, state volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineSpec>,
+    /// After how long without a completed batch, while one is due (the
+    /// trigger is active: a source being read, a batch running, a sink
+    /// writing), the engine's `/healthz` reports the query stalled, e.g.
+    /// `10m`; on Kubernetes the liveness probe then restarts the engine pod
+    /// and the status says so. Waiting for data or for the next trigger is
+    /// not a stall. Default: never (a long first batch is not mistaken for
+    /// a hang).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_timeout: Option<String>,
+    /// What the operator does when the engine keeps failing: how many
+    /// restarts before the query is `Failed`, and whether a spec change
+    /// whose engine fails is rolled back to the last spec that ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<RestartPolicy>,
 }
+
+/// How failures of the engine are retried (Kubernetes only; `sluice run`
+/// ignores it).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestartPolicy {
+    /// How many times the engine may fail before the query is `Failed`
+    /// with its last error and its pods stopped. A continuous query counts
+    /// the engine's restarts since its spec last changed or it last
+    /// completed a batch (the kubelet restarts it with its backoff, 10 s
+    /// doubling to 5 min); an `availableNow` query's Job counts its failed
+    /// runs (the Job's `backoffLimit`). Default 6, as a Kubernetes Job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_restarts: Option<i32>,
+    /// When a spec change's engine fails `maxRestarts` times, run the last
+    /// spec that ran (completed a batch with every pod ready) again instead
+    /// of stopping, as the Flink operator's `lastStableSpec` rollback does;
+    /// the status says which generation runs and why. Continuous queries
+    /// only. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<bool>,
+}
+
+/// The default of `spec.restartPolicy.maxRestarts`: a Kubernetes Job's
+/// default `backoffLimit`.
+pub const DEFAULT_MAX_RESTARTS: i32 = 6;
 
 /// The engine pods' settings.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -622,5 +663,27 @@ impl StreamingQuerySpec {
     /// Whether `suspend` is set.
     pub fn is_suspended(&self) -> bool {
         self.suspend == Some(true)
+    }
+
+    /// Whether the query processes what is there and stops
+    /// (`trigger.availableNow`).
+    pub fn is_available_now(&self) -> bool {
+        self.trigger.as_ref().is_some_and(Trigger::is_available_now)
+    }
+
+    /// `restartPolicy.maxRestarts`, or its default.
+    pub fn max_restarts(&self) -> i32 {
+        self.restart_policy
+            .as_ref()
+            .and_then(|p| p.max_restarts)
+            .unwrap_or(DEFAULT_MAX_RESTARTS)
+    }
+
+    /// Whether `restartPolicy.rollback` is set.
+    pub fn rolls_back(&self) -> bool {
+        self.restart_policy
+            .as_ref()
+            .and_then(|p| p.rollback)
+            .unwrap_or(false)
     }
 }

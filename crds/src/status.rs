@@ -29,6 +29,50 @@ pub struct StreamingQueryStatus {
     /// The last error, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Engine failures counted against `spec.restartPolicy.maxRestarts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<Failures>,
+    /// The last spec whose engine ran (every pod ready and a batch
+    /// completed), as JSON: what `spec.restartPolicy.rollback` goes back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stable_spec: Option<String>,
+    /// The generation of `lastStableSpec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stable_generation: Option<i64>,
+    /// The generation whose spec the engine pods run, when it is not
+    /// `metadata.generation`: a failed change was rolled back to
+    /// `lastStableSpec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_generation: Option<i64>,
+    /// The Job that runs (or ran) the current spec of an `availableNow`
+    /// query: `kubectl logs job/<job>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+}
+
+/// The operator's count of engine failures for one revision of the spec.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Failures {
+    /// The revision counted: `<generation>`, or `<generation>@<restartedAt>`
+    /// once the query was restarted (the `sluice.dev/restartedAt`
+    /// annotation); another revision counts from zero.
+    pub revision: String,
+    /// The failures counted: a continuous query's engine restarts since the
+    /// revision was applied or last completed a batch; an `availableNow`
+    /// query's failed runs.
+    pub restarts: i32,
+    /// The kubelet's restart counters, summed over the engine pods, that
+    /// `restarts` counts from (they only grow while a pod lives).
+    #[serde(default)]
+    pub restart_count_base: i32,
+    /// Whether `restarts` went past `maxRestarts`: the revision's engine is
+    /// stopped (phase `Failed`), or a rollback runs `lastStableSpec`.
+    #[serde(default)]
+    pub gave_up: bool,
+    /// The engine's last error seen for this revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// The lifecycle phase of a query.

@@ -54,18 +54,96 @@ fn three_mistakes_give_three_errors_with_their_paths() {
 #[test]
 fn an_unknown_field_is_named_with_its_path() {
     let text = VALID.replace("seed: 42", "sead: 42");
-    let err = load(&text, "test.yaml").unwrap_err().to_string();
-    assert!(err.starts_with("test.yaml: spec.sources[0].generator.sead: unknown field `sead`, expected one of `kind`"), "{err}");
+    assert_eq!(
+        problems_of(&text),
+        vec![
+            r#"spec.sources[0].generator.sead: is not a field here (did you mean "seed"?): the fields are kind, maxDisorder, merchants, rowsPerBatch, rowsPerSecond, seed, startTime, totalRows, users"#
+        ]
+    );
 }
 
 #[test]
 fn a_wrong_enum_value_is_named_with_its_path() {
     let text = VALID.replace("kind: transactions", "kind: trades");
-    let err = load(&text, "test.yaml").unwrap_err().to_string();
-    assert!(
-        err.contains("spec.sources[0].generator.kind: unknown variant `trades`"),
-        "{err}"
+    assert_eq!(
+        problems_of(&text),
+        vec![
+            r#"spec.sources[0].generator.kind: "trades" is not a supported value: use "rate" or "transactions""#
+        ]
     );
+}
+
+/// Every structural mistake at once, as the API server reports them: two
+/// unknown fields, a wrong type and a bad enum value in one spec.
+#[test]
+fn every_structural_mistake_is_reported_in_one_pass() {
+    let text = VALID
+        .replace("seed: 42", "sead: 42")
+        .replace("  query: |", "  qeury: |")
+        .replace("rowsPerSecond: 1000", "rowsPerSecond: fast")
+        .replace(
+            "trigger: {processingTime: 5s}",
+            "trigger: {processingTime: 5s}
+  outputMode: upsert
+  replicas: -1
+  sources2: []",
+        );
+    let problems = problems_of(&text);
+    assert_eq!(
+        problems,
+        vec![
+            "spec.query: is required",
+            r#"spec.outputMode: "upsert" is not a supported value: use "append", "update" or "complete""#,
+            r#"spec.qeury: is not a field here (did you mean "query"?): the fields are checkpoint, engine, outputMode, query, replicas, restartPolicy, sink, sources, stallTimeout, statePartitions, suspend, tables, trigger"#,
+            "spec.replicas: -1 is too small: use at least 0",
+            r#"spec.sources[0].generator.rowsPerSecond: "fast" is a string: write an integer"#,
+            r#"spec.sources[0].generator.sead: is not a field here (did you mean "seed"?): the fields are kind, maxDisorder, merchants, rowsPerBatch, rowsPerSecond, seed, startTime, totalRows, users"#,
+            "spec.sources2: is not a field here (did you mean \"sources\"?): the fields are checkpoint, engine, outputMode, query, replicas, restartPolicy, sink, sources, stallTimeout, statePartitions, suspend, tables, trigger",
+        ]
+    );
+}
+
+#[test]
+fn structure_is_checked_at_every_level_and_kind() {
+    let text = VALID
+        .replace(
+            "sink: {files: {path: /tmp/out}, format: parquet}",
+            "sink: {files: {path: [a]}, format: parquet}",
+        )
+        .replace(
+            "watermark: {column: event_time, delay: 10m}",
+            "watermark: [event_time]",
+        )
+        .replace(
+            "metadata: {name: big-spenders}",
+            "metadata: {name: big-spenders, labels: {team: risk}}
+status: {phase: Done}
+extra: 1",
+        );
+    assert_eq!(
+        problems_of(&text),
+        vec![
+            "extra: is not a field here: the fields are apiVersion, kind, metadata, spec, status",
+            "spec.sink.files.path: is a list: write a string",
+            "spec.sources[0].watermark: is a list: write an object (field: value)",
+            r#"status.phase: "Done" is not a supported value: use "Pending", "Running", "Suspended", "Failed" or "Completed""#,
+        ]
+    );
+    let engine = format!(
+        "{VALID}  engine:\n    stateVolume: {{size: [1]}}\n    resources: {{requests: {{cpu: 1.5}}}}\n    env: [{{name: A, value: 1}}]\n  checkpoint: {{location: null}}\n"
+    );
+    let problems = problems_of(&engine);
+    assert!(problems.contains(&"spec.engine.stateVolume.size: is a list: write an integer or a string (e.g. \"20Gi\" or \"500m\")".to_owned()), "{problems:#?}");
+    assert!(problems.contains(&"spec.engine.resources.requests.cpu: 1.5 is a number: write an integer or a string (e.g. \"20Gi\" or \"500m\")".to_owned()), "{problems:#?}");
+    assert!(
+        problems.contains(&"spec.engine.env[0].value: 1 is an integer: write a string".to_owned()),
+        "{problems:#?}"
+    );
+    assert!(
+        problems.contains(&"spec.checkpoint.location: is null: write a string".to_owned()),
+        "{problems:#?}"
+    );
+    assert_eq!(problems.len(), 4, "{problems:#?}");
 }
 
 #[test]

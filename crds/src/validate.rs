@@ -48,7 +48,7 @@ impl fmt::Display for Problems {
 }
 
 impl Problems {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(Problem {
             path: path.into(),
             message: message.into(),
@@ -176,6 +176,32 @@ fn validate_spec_into(spec: &StreamingQuerySpec, problems: &mut Problems) {
     check_trigger(problems, spec);
     if let Some(checkpoint) = &spec.checkpoint {
         check_location(problems, "spec.checkpoint.location", &checkpoint.location);
+    }
+    if let Some(timeout) = &spec.stall_timeout {
+        match parse_duration(timeout) {
+            Err(message) => problems.push("spec.stallTimeout", message),
+            Ok(d) if d.is_zero() => problems.push(
+                "spec.stallTimeout",
+                "is zero: every query would be stalled; leave it out to never report a stall",
+            ),
+            Ok(_) => {}
+        }
+    }
+    if let Some(policy) = &spec.restart_policy {
+        if let Some(n) = policy.max_restarts
+            && !(0..=1000).contains(&n)
+        {
+            problems.push(
+                "spec.restartPolicy.maxRestarts",
+                format!("{n} is out of range: use 0 to 1000"),
+            );
+        }
+        if policy.rollback == Some(true) && spec.is_available_now() {
+            problems.push(
+                "spec.restartPolicy.rollback",
+                "does not apply to an availableNow query, whose failed run is not rolled back: remove it",
+            );
+        }
     }
     if let Some(n) = spec.state_partitions
         && !(1..=4096).contains(&n)

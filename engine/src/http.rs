@@ -1,5 +1,5 @@
 //! The engine's HTTP endpoints: `/progress`, `/status`, `/metrics`,
-//! `/healthz`, `/readyz`.
+//! `/healthz` (failed or stalled: see [`crate::health`]), `/readyz`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,19 +11,24 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use crate::health::{Health, Verdict};
 use crate::monitor::Monitor;
 use crate::{Error, Result};
 
-/// The routes, over a query's monitor.
-pub fn router(monitor: Arc<Monitor>) -> Router {
+/// The routes, over a query's monitor and its health.
+pub fn router(monitor: Arc<Monitor>, health: Arc<Health>) -> Router {
     Router::new()
         .route("/progress", get(progress))
         .route("/progress/latest", get(latest))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(monitor)
+        .merge(
+            Router::new()
+                .route("/healthz", get(healthz))
+                .with_state(health),
+        )
 }
 
 /// Binds `addr`; returns the listener, so that the caller knows the port
@@ -35,8 +40,12 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Serves the routes until the process ends.
-pub async fn serve(listener: TcpListener, monitor: Arc<Monitor>) -> std::io::Result<()> {
-    axum::serve(listener, router(monitor)).await
+pub async fn serve(
+    listener: TcpListener,
+    monitor: Arc<Monitor>,
+    health: Arc<Health>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(monitor, health)).await
 }
 
 /// The recent progress reports, oldest first (Spark's `recentProgress`).
@@ -68,12 +77,14 @@ async fn metrics(State(monitor): State<Arc<Monitor>>) -> Response {
         .into_response()
 }
 
-async fn healthz(State(monitor): State<Arc<Monitor>>) -> Response {
-    match monitor.failure() {
-        None => (StatusCode::OK, "ok\n").into_response(),
-        Some(why) => (
+/// 200 `ok`, or 500 with why the query failed or is stalled (the body's
+/// first word: `failed:` or `stalled:`).
+async fn healthz(State(health): State<Arc<Health>>) -> Response {
+    match health.verdict() {
+        Verdict::Healthy => (StatusCode::OK, "ok\n").into_response(),
+        unhealthy => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("failed: {why}\n"),
+            format!("{}\n", unhealthy.describe()),
         )
             .into_response(),
     }

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod dead_letter;
 pub mod fault;
+pub mod health;
 pub mod http;
 pub mod kafka;
 pub mod monitor;

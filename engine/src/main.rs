@@ -2,14 +2,17 @@
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sluice_crds::progress::QueryProgress;
+use sluice_engine::health::{Health, Verdict};
 use sluice_engine::monitor::Monitor;
-use sluice_engine::{RunOptions, http, run_query};
+use sluice_engine::{RunOptions, Stopped, http, run_query};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -69,12 +72,16 @@ fn main() -> ExitCode {
                 http_port,
                 http_address,
             } => {
-                run(
+                let result = run(
                     file,
                     max_batches,
                     http_port.map(|port| SocketAddr::new(http_address, port)),
                 )
-                .await
+                .await;
+                if let Err(err) = &result {
+                    write_termination_message(&format!("error: {err:#}"));
+                }
+                result
             }
             Command::Validate { files } => validate(files).await,
             Command::Crd => {
@@ -101,6 +108,24 @@ async fn run(
     let query = sluice_crds::load_file(&file)?;
     let name = query.metadata.name.clone().unwrap_or_default();
     let monitor = Arc::new(Monitor::new(&name));
+    let stall_timeout = query
+        .spec
+        .stall_timeout
+        .as_deref()
+        .map(sluice_crds::duration::parse_duration)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("spec.stallTimeout: {e}"))?;
+    let health = Arc::new(Health::new(monitor.clone(), stall_timeout));
+    {
+        // A stall is measured from when it began, whoever asks /healthz.
+        let health = health.clone();
+        tokio::spawn(async move {
+            loop {
+                health.sample();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
     if let Some(addr) = http {
         let listener = http::bind(addr).await?;
         let local = listener
@@ -108,15 +133,23 @@ async fn run(
             .context("the HTTP listener has an address")?;
         info!(address = %local, "Serving /progress, /metrics, /healthz and /readyz.");
         let monitor = monitor.clone();
+        let health = health.clone();
         tokio::spawn(async move {
-            if let Err(err) = http::serve(listener, monitor).await {
+            if let Err(err) = http::serve(listener, monitor, health).await {
                 warn!(error = %err, "The HTTP server stopped.");
             }
         });
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stalled = health.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
+        // A stalled query may never reach the batch boundary: say why it
+        // was stopped (Kubernetes' liveness probe) before it is killed.
+        let verdict = stalled.verdict();
+        if matches!(verdict, Verdict::Stalled { .. }) {
+            write_termination_message(&verdict.describe());
+        }
         info!("Stopping at the end of the current batch (interrupt again to stop at once).");
         let _ = stop_tx.send(true);
         wait_for_signal().await;
@@ -132,12 +165,81 @@ async fn run(
     )
     .await
     {
-        Ok(_) => Ok(true),
+        Ok(summary) => {
+            if query.spec.is_available_now() && summary.stopped == Stopped::Requested {
+                // NB: a Job counts a run that exits 0 as complete: an
+                // availableNow run stopped before its input was used up is
+                // not.
+                warn!(
+                    "Stopped before the input was used up: exiting with an error so that a Job runs the query again."
+                );
+                write_termination_message(
+                    "error: stopped (SIGTERM or SIGINT) before the input was used up",
+                );
+                return Ok(false);
+            }
+            if let Some(last) = monitor.last() {
+                write_termination_message(&final_progress(last));
+            }
+            Ok(true)
+        }
         Err(err) => {
             monitor.set_failed(err.to_string());
             Err(err.into())
         }
     }
+}
+
+/// Kubernetes keeps at most this much of a termination message.
+const TERMINATION_MESSAGE_BYTES: usize = 4096;
+
+/// The file Kubernetes reads a container's termination message from:
+/// `SLUICE_TERMINATION_LOG` (empty: none), else `/dev/termination-log`
+/// when it exists (in a pod).
+fn termination_log() -> Option<PathBuf> {
+    match std::env::var_os("SLUICE_TERMINATION_LOG") {
+        Some(path) if path.is_empty() => None,
+        Some(path) => Some(path.into()),
+        None => {
+            let path = Path::new("/dev/termination-log");
+            path.exists().then(|| path.to_owned())
+        }
+    }
+}
+
+/// Writes why the engine stopped where Kubernetes shows it (the pod's
+/// `lastState.terminated.message`, read by the operator): its last error,
+/// or, after a run that ended by itself, its final progress as JSON.
+fn write_termination_message(text: &str) {
+    let Some(path) = termination_log() else {
+        return;
+    };
+    let mut end = text.len().min(TERMINATION_MESSAGE_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    if let Err(err) = std::fs::write(&path, &text[..end]) {
+        warn!(path = %path.display(), error = %err, "Cannot write the termination message.");
+    }
+}
+
+/// The final progress report as one line of JSON that fits a termination
+/// message: the sources' offsets go first, then the per-source and
+/// per-operator details, when it is too long.
+fn final_progress(mut progress: QueryProgress) -> String {
+    let text = |p: &QueryProgress| serde_json::to_string(p).unwrap_or_default();
+    if text(&progress).len() > TERMINATION_MESSAGE_BYTES {
+        for source in &mut progress.sources {
+            source.start_offset = serde_json::Value::Null;
+            source.end_offset = serde_json::Value::Null;
+            source.latest_offset = serde_json::Value::Null;
+        }
+    }
+    if text(&progress).len() > TERMINATION_MESSAGE_BYTES {
+        progress.sources.clear();
+        progress.state_operators.clear();
+    }
+    text(&progress)
 }
 
 async fn wait_for_signal() {

@@ -1,50 +1,88 @@
 //! The controller: reconciles each `StreamingQuery` into its ConfigMap,
-//! headless Service, PodDisruptionBudget and StatefulSet of engine pods, and
-//! writes the status. The decisions are pure functions in [`crate::objects`],
-//! [`crate::status`] and [`crate::changes`]; this module makes the API calls.
+//! headless Service, PodDisruptionBudget and the controller of its engine
+//! pods — a StatefulSet for a continuous query, a Job for an `availableNow`
+//! one — and writes the status. The decisions are pure functions in
+//! [`crate::objects`], [`crate::status`], [`crate::lifecycle`] and
+//! [`crate::changes`]; this module makes the API calls.
 //!
-//! Every write is a server-side apply under one field manager, and only
-//! happens when the object on the server does not already hold what would be
-//! written, so a reconcile with nothing changed writes nothing.
+//! What wakes a reconcile: a new generation of a query, its finalizers or
+//! its restart annotation (not its status: the operator's own status writes
+//! would wake it in a loop); any change of an object it owns or of an engine
+//! pod; and its own timer, which polls the engine pods' progress at most
+//! every [`Settings::progress_interval`].
+//!
+//! Every desired object is written with a plain server-side apply under one
+//! field manager: the API server decides what changed. An apply the server
+//! already answered is not sent again while the object keeps the
+//! `resourceVersion` that answer gave it and the desired body is the same,
+//! so a reconcile with nothing changed makes no write request at all. The
+//! server's refusal of an apply (an immutable field) is reported in the
+//! status and an Event, with the server's message.
 
 use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
 use std::fmt::Debug;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalized, finalizer};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sluice_crds::{API_VERSION, KIND, Phase, StreamingQuery, StreamingQuerySpec};
 
+use crate::events::Events;
+use crate::lifecycle::{self, Run, Seen};
 use crate::metrics::Metrics;
-use crate::objects::{self, Defaults, QUERY_FILE};
-use crate::progress::ProgressReader;
-use crate::status::{self, Observed};
+use crate::objects::{self, Defaults, QUERY_FILE, RESTARTED_AT};
+use crate::progress::{self, ProgressReader};
+use crate::status::{self, Observed, Workload};
 use crate::{Error, Result, changes};
 
 /// The field manager of every write, and the Events' reporting controller.
 pub const MANAGER: &str = "sluice-operator";
 /// The finalizer that stops the engine pods before a query's objects go.
 pub const FINALIZER: &str = "sluice.dev/stop-engine-pods";
-/// The annotation holding a hash of what the operator last applied to an
-/// object: a field the operator stops setting changes it, so the next apply
-/// removes that field.
-pub const APPLIED_HASH: &str = "sluice.dev/applied-hash";
 /// The label every owned object carries; the controller watches only these.
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by=sluice-operator";
+
+/// How often and how long the controller waits.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The engine pods' progress (and health) is read at most this often
+    /// per query, and at least this often while they run.
+    pub progress_interval: Duration,
+    /// How long the cleanup of a deleted query waits for its engine pods to
+    /// stop before it gives up (an Event names the pods that block) and
+    /// lets the query go.
+    pub deletion_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            progress_interval: Duration::from_secs(30),
+            deletion_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The body of an object's last apply and the `resourceVersion` the server
+/// answered it with.
+type Applied = (Value, String);
 
 /// What every reconcile shares.
 pub struct Context {
@@ -55,52 +93,92 @@ pub struct Context {
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
     /// Publishes Events on the StreamingQuery.
-    pub recorder: Recorder,
+    pub events: Events,
     /// Reads the engine pods' progress.
     pub progress: ProgressReader,
-    /// Consecutive failed reconciles per query, for the error backoff.
+    /// Intervals and timeouts.
+    pub settings: Settings,
+    /// Per query: consecutive failed reconciles, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Per query, per object: its last apply.
+    applied: Mutex<HashMap<String, HashMap<String, Applied>>>,
+    /// Per query: when its engine pods' progress was last read.
+    polled: Mutex<HashMap<String, Instant>>,
+    /// Per query being deleted: when its cleanup started waiting.
+    deleting: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
-    /// A context over `client`; `instance` names this operator replica in
-    /// Events (its pod name).
+    /// A context over `client`, with the default [`Settings`]; `instance`
+    /// names this operator replica in Events (its pod name).
     pub fn new(
         client: Client,
         defaults: Defaults,
         metrics: Arc<Metrics>,
         instance: Option<String>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: MANAGER.to_owned(),
-            instance,
-        };
+        let instance = instance.unwrap_or_else(|| MANAGER.to_owned());
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Events::new(client.clone(), MANAGER, &instance),
             client,
             defaults,
             metrics,
             progress: ProgressReader::new(objects::HTTP_PORT as u16),
+            settings: Settings::default(),
             failures: Mutex::default(),
+            applied: Mutex::default(),
+            polled: Mutex::default(),
+            deleting: Mutex::default(),
         }
     }
 
+    /// This context with `settings`.
+    pub fn with_settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
     async fn publish(&self, query: &StreamingQuery, warning: bool, reason: &str, note: String) {
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.to_owned(),
-            note: Some(note),
-            action: "Reconcile".to_owned(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &query.object_ref(&())).await {
+        let regarding = query.object_ref(&());
+        if let Err(e) = self
+            .events
+            .publish(&regarding, warning, reason, &note)
+            .await
+        {
             // An Event is a courtesy: failing to record one fails nothing.
-            tracing::warn!(query = %key(query), error = %e, "cannot publish an Event");
+            tracing::warn!(query = %key(query), error = %e, "Cannot publish an Event.");
         }
+    }
+
+    /// Whether the progress of the query `key` is due to be read; if so,
+    /// notes that it is read now.
+    fn poll_due(&self, key: &str) -> bool {
+        let mut polled = self.polled.lock().expect("not poisoned");
+        let due = polled
+            .get(key)
+            .is_none_or(|at| at.elapsed() >= self.settings.progress_interval);
+        if due {
+            polled.insert(key.to_owned(), Instant::now());
+        }
+        due
+    }
+
+    /// How long until the progress of the query `key` is due (at least 1 s).
+    fn next_poll(&self, key: &str) -> Duration {
+        let polled = self.polled.lock().expect("not poisoned");
+        let since = polled.get(key).map_or(Duration::MAX, Instant::elapsed);
+        self.settings
+            .progress_interval
+            .saturating_sub(since)
+            .max(Duration::from_secs(1))
+    }
+
+    /// Forgets what was kept about the query `key` (it is gone).
+    fn forget(&self, key: &str) {
+        self.applied.lock().expect("not poisoned").remove(key);
+        self.polled.lock().expect("not poisoned").remove(key);
+        self.deleting.lock().expect("not poisoned").remove(key);
+        self.failures.lock().expect("not poisoned").remove(key);
     }
 }
 
@@ -117,6 +195,21 @@ fn key(query: &StreamingQuery) -> String {
         query.namespace().unwrap_or_default(),
         query.name_any()
     )
+}
+
+/// What of a query wakes its reconcile: its generation (its spec and its
+/// deletion), its finalizers and its restart annotation; not its status.
+pub fn wakes(query: &StreamingQuery) -> Option<u64> {
+    let mut hasher = DefaultHasher::new();
+    query.metadata.generation.hash(&mut hasher);
+    query
+        .metadata
+        .deletion_timestamp
+        .is_some()
+        .hash(&mut hasher);
+    query.finalizers().hash(&mut hasher);
+    query.annotations().get(RESTARTED_AT).hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// Reconciles one query: through the finalizer, the apply path while it
@@ -156,7 +249,7 @@ pub fn error_policy(query: Arc<StreamingQuery>, error: &Error, ctx: Arc<Context>
         *n
     };
     let delay = backoff(failures);
-    tracing::warn!(query = %key(&query), error = %error, retry_in = ?delay, "reconcile failed");
+    tracing::warn!(query = %key(&query), error = %error, retry_in = ?delay, "Reconcile failed.");
     Action::requeue(delay)
 }
 
@@ -172,51 +265,169 @@ fn applied_spec(cm: &ConfigMap) -> Option<StreamingQuerySpec> {
     sluice_crds::load(text, "ConfigMap").ok().map(|q| q.spec)
 }
 
+/// Whether `pod` is owned by the `kind` named `name`.
+fn owned_by(pod: &Pod, kind: &str, name: &str) -> bool {
+    pod.owner_references()
+        .iter()
+        .any(|o| o.kind == kind && o.name == name)
+}
+
+/// What one reconcile wrote, and what the server refused.
+#[derive(Default)]
+struct Writes {
+    /// The objects whose apply changed them, `Kind name`.
+    changed: Vec<String>,
+    /// The first apply the server refused: `Kind name: message`.
+    refused: Option<String>,
+}
+
 async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
     let namespace = namespace_of(query)?;
     let name = query.name_any();
+    let query_key = key(query);
     let client = &ctx.client;
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
     let mut observed = Observed::default();
-    let mut applied = Vec::new();
+    let mut writes = Writes::default();
 
-    let desired_cm = objects::config_map(query)?;
-    let existing_cm = config_maps.get_opt(&desired_cm.name_any()).await?;
-    let refused = existing_cm
-        .as_ref()
-        .and_then(applied_spec)
-        .and_then(|before| changes::refused(&before, &query.spec));
-    let stateful_set = if let Err(problems) = sluice_crds::validate(query) {
+    let existing_cm = config_maps.get_opt(&format!("{name}-query")).await?;
+    let running_spec = existing_cm.as_ref().and_then(applied_spec);
+    let existing_sts = stateful_sets.get_opt(&name).await?;
+    let selector = objects::label_selector(query);
+    let existing_jobs = jobs
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
+    let pods = engine_pods(ctx, query).await?;
+    let available_now = query.spec.is_available_now();
+    let desired_job = if available_now {
+        Some(objects::job(query, &ctx.defaults)?)
+    } else {
+        None
+    };
+    // The pods of the workload the spec asks for (a Job's, or the
+    // StatefulSet's): those whose progress and failures count.
+    let workload_pods: Vec<Pod> = pods
+        .iter()
+        .filter(|p| match &desired_job {
+            Some(job) => owned_by(p, "Job", &job.name_any()),
+            None => owned_by(p, "StatefulSet", &name),
+        })
+        .cloned()
+        .collect();
+    if ctx.poll_due(&query_key) {
+        let reports = ctx.progress.read(&workload_pods).await;
+        observed.progress = reports.iter().filter_map(|r| r.progress.clone()).collect();
+        observed.stalled = progress::stalled(&reports);
+    }
+    observed.pod_failure = status::pod_failure(&workload_pods);
+
+    if let Err(problems) = sluice_crds::validate(query) {
         // Nothing is applied: a new query gets no pods, a running one keeps
         // running its last valid spec.
         observed.problems = Some(problems);
-        stateful_sets.get_opt(&name).await?
-    } else if let Some(why) = refused {
+        observed.workload = observe_workload(existing_sts.as_ref(), None, &[]);
+    } else if let Some(why) = running_spec
+        .as_ref()
+        .and_then(|before| changes::refused(before, &query.spec))
+    {
         observed.refused_change = Some(why);
-        stateful_sets.get_opt(&name).await?
-    } else {
-        ensure(&config_maps, desired_cm, existing_cm, &mut applied).await?;
-        let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
-        ensure_current(&services, objects::service(query)?, &mut applied).await?;
-        let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
-        ensure_current(
-            &budgets,
-            objects::pod_disruption_budget(query)?,
-            &mut applied,
+        observed.workload = observe_workload(existing_sts.as_ref(), None, &[]);
+    } else if let Some(desired) = desired_job {
+        // An availableNow query runs as a Job, one per spec: another
+        // spec's Job (and a StatefulSet, when the query was continuous)
+        // goes.
+        let job_name = desired.name_any();
+        if existing_sts.is_some() {
+            remove(&stateful_sets, &name, &mut writes).await?;
+        }
+        for old in existing_jobs.iter().filter(|j| j.name_any() != job_name) {
+            remove(&jobs, &old.name_any(), &mut writes).await?;
+        }
+        ensure(
+            ctx,
+            &config_maps,
+            objects::config_map(query)?,
+            existing_cm,
+            &mut writes,
         )
         .await?;
-        let desired = objects::stateful_set(query, &ctx.defaults)?;
-        Some(ensure_current(&stateful_sets, desired, &mut applied).await?)
-    };
-
-    let pods = match &stateful_set {
-        Some(_) => engine_pods(ctx, query).await?,
-        None => Vec::new(),
-    };
-    observed.stateful_set = stateful_set.and_then(|s| s.status);
-    observed.pod_failure = status::pod_failure(&pods);
-    observed.progress = ctx.progress.read(&pods).await;
+        ensure_current(ctx, &services, objects::service(query)?, &mut writes).await?;
+        ensure_current(
+            ctx,
+            &budgets,
+            objects::pod_disruption_budget(query)?,
+            &mut writes,
+        )
+        .await?;
+        let current = existing_jobs.into_iter().find(|j| j.name_any() == job_name);
+        let job = ensure(ctx, &jobs, desired, current, &mut writes).await?;
+        observed.workload = observe_workload(None, job.as_ref(), &workload_pods);
+    } else {
+        for old in &existing_jobs {
+            remove(&jobs, &old.name_any(), &mut writes).await?;
+        }
+        let sts_status = existing_sts.as_ref().and_then(|s| s.status.clone());
+        let desired = objects::desired_replicas(query);
+        let seen = Seen {
+            restart_count: lifecycle::restart_count(
+                &workload_pods,
+                sts_status
+                    .as_ref()
+                    .and_then(|s| s.update_revision.as_deref()),
+            ),
+            progressed: status::progressed(
+                query.status.as_ref().and_then(|s| s.progress.as_ref()),
+                &observed.progress,
+            ),
+            rolled_out: sts_status.as_ref().is_some_and(|s| {
+                desired > 0
+                    && s.ready_replicas.unwrap_or(0) >= desired
+                    && s.updated_replicas.unwrap_or(0) >= desired
+                    && s.current_revision == s.update_revision
+            }),
+            last_error: observed.pod_failure.clone(),
+        };
+        let decision = lifecycle::decide(query, &seen);
+        let mut target = query.clone();
+        match &decision.run {
+            Run::Current => {}
+            Run::Rollback { spec, .. } => target.spec = (**spec).clone(),
+            // Keep the failed spec, with no pod running it.
+            Run::Stop => target.spec.suspend = Some(true),
+        }
+        ensure(
+            ctx,
+            &config_maps,
+            objects::config_map(&target)?,
+            existing_cm,
+            &mut writes,
+        )
+        .await?;
+        ensure_current(ctx, &services, objects::service(query)?, &mut writes).await?;
+        ensure_current(
+            ctx,
+            &budgets,
+            objects::pod_disruption_budget(query)?,
+            &mut writes,
+        )
+        .await?;
+        let sts = ensure(
+            ctx,
+            &stateful_sets,
+            objects::stateful_set(&target, &ctx.defaults)?,
+            existing_sts,
+            &mut writes,
+        )
+        .await?;
+        observed.workload = observe_workload(sts.as_ref(), None, &[]);
+        observed.decision = Some(decision);
+    }
+    observed.apply_error = writes.refused.clone();
     let new_status = status::compute(query, &observed, Utc::now());
 
     if query.status.as_ref() != Some(&new_status) {
@@ -232,55 +443,92 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
             &Patch::Apply(&patch),
         )
         .await?;
+        ctx.metrics.status_writes.inc();
     }
-    if !applied.is_empty() {
+    if !writes.changed.is_empty() {
         ctx.publish(
             query,
             false,
             "Applied",
-            format!("Applied {}.", applied.join(", ")),
+            format!("Applied {}.", writes.changed.join(", ")),
         )
         .await;
     }
     for t in status::transitions(query.status.as_ref(), &new_status) {
         ctx.publish(query, t.warning, &t.reason, t.note).await;
     }
-    ctx.metrics.set_phase(&key(query), new_status.phase);
+    ctx.metrics.set_phase(&query_key, new_status.phase);
     ctx.failures
         .lock()
         .expect("not poisoned")
-        .remove(&key(query));
+        .remove(&query_key);
 
     let settled = new_status
         .conditions
         .iter()
         .any(|c| c.type_ == "Progressing" && c.status == "False");
+    let pods_run = new_status.replicas.unwrap_or(0) > 0;
     Ok(Action::requeue(match new_status.phase {
-        // Progress moves: refresh it.
-        Some(Phase::Running) if settled => Duration::from_secs(30),
-        // Pods starting, rolling or stopping: look again soon.
+        // Pods starting, rolling or stopping: look again soon (their
+        // changes wake the controller anyway).
         Some(Phase::Running | Phase::Pending | Phase::Suspended) if !settled => {
-            Duration::from_secs(10)
+            Duration::from_secs(10).min(ctx.next_poll(&query_key))
         }
-        // Changes to the query or its objects wake the controller anyway.
+        // Progress moves while pods run: poll it.
+        _ if pods_run => ctx.next_poll(&query_key),
+        // Changes to the query or its objects wake the controller.
         _ => Duration::from_secs(300),
     }))
 }
 
-/// Stops the engine pods (the StatefulSet scaled to zero) and waits until
-/// they are gone; then the finalizer goes, and with it, through the owner
-/// references, the query's objects. The checkpoint is kept: a query created
-/// again with the same `checkpoint.location` resumes from it.
+/// The observed workload: the StatefulSet's status, or the Job's with the
+/// final progress of its pods.
+fn observe_workload(sts: Option<&StatefulSet>, job: Option<&Job>, pods: &[Pod]) -> Workload {
+    match (sts, job) {
+        (_, Some(job)) => Workload::Job {
+            name: job.name_any(),
+            status: job.status.clone().unwrap_or_default(),
+            final_progress: status::final_progress(pods).map(Box::new),
+        },
+        (Some(sts), None) => Workload::StatefulSet(sts.status.clone().unwrap_or_default()),
+        (None, None) => Workload::None,
+    }
+}
+
+/// Stops the engine pods (the StatefulSet scaled to zero, the Jobs deleted)
+/// and waits until they are gone; then the finalizer goes, and with it,
+/// through the owner references, the query's objects. A pod that does not
+/// go within [`Settings::deletion_timeout`] (stuck terminating on a node
+/// that is gone, a finalizer of another controller) is named in a Warning
+/// Event and left behind. The checkpoint is kept: a query created again
+/// with the same `checkpoint.location` resumes from it.
 async fn cleanup(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
     let namespace = namespace_of(query)?;
+    let query_key = key(query);
+    let started = *ctx
+        .deleting
+        .lock()
+        .expect("not poisoned")
+        .entry(query_key.clone())
+        .or_insert_with(Instant::now);
     let stateful_sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut writes = Writes::default();
     if let Some(sts) = stateful_sets.get_opt(&query.name_any()).await?
         && sts.spec.replicas != Some(0)
     {
         let mut stopping = query.clone();
         stopping.spec.suspend = Some(true);
         let desired = objects::stateful_set(&stopping, &ctx.defaults)?;
-        ensure(&stateful_sets, desired, Some(sts), &mut Vec::new()).await?;
+        ensure(ctx, &stateful_sets, desired, Some(sts), &mut writes).await?;
+    }
+    let selector = objects::label_selector(query);
+    for job in jobs.list(&ListParams::default().labels(&selector)).await? {
+        if job.metadata.deletion_timestamp.is_none() {
+            remove(&jobs, &job.name_any(), &mut writes).await?;
+        }
+    }
+    if !writes.changed.is_empty() {
         let kept = query
             .spec
             .checkpoint
@@ -295,15 +543,66 @@ async fn cleanup(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    let running = engine_pods(ctx, query).await?.len();
-    if running > 0 {
+    let running: Vec<Pod> = engine_pods(ctx, query)
+        .await?
+        .into_iter()
+        .filter(|p| {
+            !matches!(
+                p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .collect();
+    if running.is_empty() {
+        ctx.metrics.set_phase(&query_key, None);
+        ctx.forget(&query_key);
+        return Ok(Action::await_change());
+    }
+    let waited = started.elapsed();
+    if waited < ctx.settings.deletion_timeout {
         return Err(Error::Waiting(format!(
-            "{running} engine pod(s) of {} still running",
-            key(query)
+            "{} engine pod(s) of {query_key} still running",
+            running.len()
         )));
     }
-    ctx.metrics.set_phase(&key(query), None);
+    let blocking: Vec<String> = running.iter().map(describe_pod).collect();
+    ctx.publish(
+        query,
+        true,
+        "DeletionTimedOut",
+        format!(
+            "Gave up after {}s waiting for the engine pods to stop: {}. The query and its objects are deleted; delete the pod by hand once its node is back, or force it (kubectl delete pod --force).",
+            waited.as_secs(),
+            blocking.join("; "),
+        ),
+    )
+    .await;
+    tracing::warn!(query = %query_key, pods = %blocking.join("; "), "Gave up waiting for engine pods to stop.");
+    ctx.metrics.set_phase(&query_key, None);
+    ctx.forget(&query_key);
     Ok(Action::await_change())
+}
+
+/// A pod in words, for the Event of a deletion that gave up on it.
+fn describe_pod(pod: &Pod) -> String {
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Unknown".into());
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_else(|| "no node".into());
+    let mut text = format!("pod {} ({phase} on {node}", pod.name_any());
+    if let Some(at) = &pod.metadata.deletion_timestamp {
+        text += &format!(", terminating since {}", at.0);
+    }
+    if !pod.finalizers().is_empty() {
+        text += &format!(", finalizers {}", pod.finalizers().join(", "));
+    }
+    text + ")"
 }
 
 async fn engine_pods(ctx: &Context, query: &StreamingQuery) -> Result<Vec<Pod>> {
@@ -316,61 +615,115 @@ async fn engine_pods(ctx: &Context, query: &StreamingQuery) -> Result<Vec<Pod>> 
         .items)
 }
 
+/// Deletes `name` (its pods go with it, in the background).
+async fn remove<K>(api: &Api<K>, name: &str, writes: &mut Writes) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => {
+            writes
+                .changed
+                .push(format!("deleted {} {name}", K::kind(&())));
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// [`ensure`], reading the object's current state first.
-async fn ensure_current<K>(api: &Api<K>, desired: K, applied: &mut Vec<String>) -> Result<K>
+async fn ensure_current<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    desired: K,
+    writes: &mut Writes,
+) -> Result<Option<K>>
 where
     K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
 {
     let existing = api.get_opt(&desired.name_any()).await?;
-    ensure(api, desired, existing, applied).await
+    ensure(ctx, api, desired, existing, writes).await
 }
 
-/// Applies `desired` (server-side, under [`MANAGER`]) unless `existing`
-/// already holds every field of it, including the [`APPLIED_HASH`] of what
-/// would be applied; returns the object as it now is on the server.
+/// Applies `desired` (server-side, under [`MANAGER`]) and returns the object
+/// as it now is on the server. The apply is not sent again when `existing`
+/// still has the `resourceVersion` the last identical apply got. An apply
+/// the server refuses as invalid or forbidden is noted in `writes` (and
+/// `existing` returned); other errors fail the reconcile.
 async fn ensure<K>(
+    ctx: &Context,
     api: &Api<K>,
-    mut desired: K,
+    desired: K,
     existing: Option<K>,
-    applied: &mut Vec<String>,
-) -> Result<K>
+    writes: &mut Writes,
+) -> Result<Option<K>>
 where
     K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
 {
-    let hash = objects::fnv1a(&serde_json::to_string(&desired)?);
-    desired
-        .annotations_mut()
-        .insert(APPLIED_HASH.to_owned(), hash);
-    let body = serde_json::to_value(&desired)?;
-    if let Some(existing) = existing
-        && covers(&serde_json::to_value(&existing)?, &body)
-    {
-        return Ok(existing);
-    }
+    let kind = K::kind(&()).into_owned();
     let name = desired.name_any();
-    let out = api
+    let query_key = format!(
+        "{}/{}",
+        desired.namespace().unwrap_or_default(),
+        owner(&desired)
+    );
+    let object_key = format!("{kind}/{name}");
+    let body = serde_json::to_value(&desired)?;
+    let existing_version = existing.as_ref().and_then(|e| e.resource_version());
+    if let Some(version) = &existing_version {
+        let applied = ctx.applied.lock().expect("not poisoned");
+        if applied
+            .get(&query_key)
+            .and_then(|objects| objects.get(&object_key))
+            .is_some_and(|(last, answered)| *last == body && answered == version)
+        {
+            return Ok(existing);
+        }
+    }
+    match api
         .patch(
             &name,
             &PatchParams::apply(MANAGER).force(),
             &Patch::Apply(&body),
         )
-        .await?;
-    applied.push(format!("{} {name}", K::kind(&())));
-    Ok(out)
+        .await
+    {
+        Ok(object) => {
+            let version = object.resource_version().unwrap_or_default();
+            if existing_version.as_deref() != Some(version.as_str()) {
+                writes.changed.push(format!("{kind} {name}"));
+                ctx.metrics.object_writes.with_label_values(&[&kind]).inc();
+            }
+            ctx.applied
+                .lock()
+                .expect("not poisoned")
+                .entry(query_key)
+                .or_default()
+                .insert(object_key, (body, version));
+            Ok(Some(object))
+        }
+        Err(kube::Error::Api(status)) if matches!(status.code, 400 | 403 | 422) => {
+            tracing::warn!(%kind, %name, message = %status.message, "The API server refused an apply.");
+            writes
+                .refused
+                .get_or_insert(format!("{kind} {name}: {}", status.message));
+            Ok(existing)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
-/// Whether `existing` holds every field `desired` sets, with the same value
-/// (fields the API server defaulted are ignored).
-pub fn covers(existing: &Value, desired: &Value) -> bool {
-    match (existing, desired) {
-        (Value::Object(e), Value::Object(d)) => d
-            .iter()
-            .all(|(k, v)| e.get(k).is_some_and(|ev| covers(ev, v))),
-        (Value::Array(e), Value::Array(d)) => {
-            e.len() == d.len() && e.iter().zip(d).all(|(ev, dv)| covers(ev, dv))
-        }
-        (e, d) => e == d,
-    }
+/// The name of the query that owns `object` (its controller owner).
+fn owner<K: Resource>(object: &K) -> String {
+    object
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.name.clone())
+        .unwrap_or_default()
 }
 
 /// Runs the controller over the StreamingQueries of `namespace` (all
@@ -400,18 +753,34 @@ pub async fn run(
                 "cannot list StreamingQueries ({e}); is the CRD installed (`sluice-operator crd | kubectl apply -f -`) and may the operator's ServiceAccount list them?"
             ))
         })?;
+    let (reader, writer) = reflector::store();
+    let triggers = watcher(queries, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(wakes, Default::default());
     let owned = watcher::Config::default().labels(MANAGED_BY);
-    Controller::new(queries, watcher::Config::default().any_semantic())
+    Controller::for_stream(triggers, reader)
         .owns(api::<StatefulSet>(&client, &namespace), owned.clone())
+        .owns(api::<Job>(&client, &namespace), owned.clone())
         .owns(api::<ConfigMap>(&client, &namespace), owned.clone())
         .owns(api::<Service>(&client, &namespace), owned.clone())
-        .owns(api::<PodDisruptionBudget>(&client, &namespace), owned)
+        .owns(
+            api::<PodDisruptionBudget>(&client, &namespace),
+            owned.clone(),
+        )
+        // Engine pods belong to the StatefulSet or Job, not to the query:
+        // their label names it.
+        .watches(api::<Pod>(&client, &namespace), owned, |pod: Pod| {
+            let query = pod.labels().get("app.kubernetes.io/instance")?;
+            Some(ObjectRef::new(query).within(&pod.namespace()?))
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
-                Ok((object, _)) => tracing::debug!(query = %object, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+                Ok((object, _)) => tracing::debug!(query = %object, "Reconciled."),
+                Err(e) => tracing::debug!(error = %e, "Reconcile error."),
             }
         })
         .await;
@@ -430,16 +799,43 @@ mod tests {
     }
 
     #[test]
-    fn server_defaults_do_not_count_as_a_difference() {
-        let desired = serde_json::json!({"spec": {"ports": [{"port": 9464}], "clusterIP": "None"}});
-        let existing = serde_json::json!({
-            "spec": {"ports": [{"port": 9464, "protocol": "TCP"}], "clusterIP": "None", "type": "ClusterIP"},
-            "status": {},
+    fn only_the_generation_finalizers_and_restart_annotation_wake_a_reconcile() {
+        let query = |extra: &str| -> StreamingQuery {
+            sluice_crds::parse(
+                &format!(
+                    "apiVersion: sluice.dev/v1alpha1\nkind: StreamingQuery\nmetadata: {{name: q, generation: 2{extra}}}\nspec:\n  sources: [{{name: t, generator: {{kind: rate, rowsPerSecond: 1}}}}]\n  query: SELECT * FROM t\n  sink: {{console: {{}}}}\n"
+                ),
+                "test",
+            )
+            .unwrap()
+        };
+        let base = wakes(&query(""));
+        let mut with_status = query("");
+        with_status.status = Some(sluice_crds::StreamingQueryStatus {
+            phase: Some(Phase::Running),
+            ..Default::default()
         });
-        assert!(covers(&existing, &desired));
-        let changed = serde_json::json!({"spec": {"ports": [{"port": 9465}], "clusterIP": "None"}});
-        assert!(!covers(&existing, &changed));
-        let more = serde_json::json!({"spec": {"ports": [{"port": 9464}, {"port": 1}]}});
-        assert!(!covers(&existing, &more));
+        assert_eq!(wakes(&with_status), base, "a status write does not wake it");
+        assert_eq!(
+            wakes(&query(", labels: {team: a}, resourceVersion: \"9\"")),
+            base
+        );
+        assert_ne!(wakes(&query("").tap_generation(3)), base);
+        assert_ne!(wakes(&query(", finalizers: [x]")), base);
+        assert_ne!(
+            wakes(&query(", annotations: {sluice.dev/restartedAt: now}")),
+            base
+        );
+    }
+
+    trait TapGeneration {
+        fn tap_generation(self, generation: i64) -> Self;
+    }
+
+    impl TapGeneration for StreamingQuery {
+        fn tap_generation(mut self, generation: i64) -> Self {
+            self.metadata.generation = Some(generation);
+            self
+        }
     }
 }

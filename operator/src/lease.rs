@@ -1,33 +1,39 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, as client-go's
-//! leaderelection does it: the leader renews the Lease every few seconds; a
-//! replica takes it over only when it was not renewed for its whole
-//! duration. Writes carry the `resourceVersion` read, so two replicas racing
-//! for the same Lease cannot both win: the API server refuses the second
-//! write with 409 Conflict.
+//! leaderelection does it: the leader renews the Lease every retry period;
+//! a replica takes it over only when the Lease's record has not changed for
+//! its whole duration, timed on this replica's own clock from when it first
+//! saw that record — never by comparing the holder's `renewTime` with this
+//! replica's clock, which may be set differently. Writes carry the
+//! `resourceVersion` read, so two replicas racing for the same Lease cannot
+//! both win: the API server refuses the second write with 409 Conflict.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
+use tokio::time::Instant;
 
 use crate::{Error, Result};
 
-/// How one replica takes part in the election.
+/// How one replica takes part in the election (client-go's defaults).
 #[derive(Clone, Debug)]
 pub struct LeaseConfig {
     /// The Lease's name.
     pub name: String,
     /// This replica's identity (its pod name).
     pub identity: String,
-    /// How long a Lease holds without renewal (client-go's default: 15 s).
+    /// How long a Lease holds without renewal: 15 s.
     pub duration: Duration,
-    /// How often the leader renews, and a follower retries (client-go's
-    /// retry period: 2 s; renewing every 5 s leaves three tries per
-    /// duration).
-    pub renew_every: Duration,
+    /// How long the leader keeps leading without a successful renewal
+    /// before it stops, less than `duration` so that it stops before
+    /// another replica may take over: 10 s.
+    pub renew_deadline: Duration,
+    /// How often the leader renews, and a follower looks again: 2 s.
+    pub retry_period: Duration,
 }
 
 impl LeaseConfig {
@@ -37,7 +43,8 @@ impl LeaseConfig {
             name: name.into(),
             identity: identity.into(),
             duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(5),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
         }
     }
 }
@@ -58,8 +65,9 @@ pub enum Claim {
     },
 }
 
-/// What `identity` may do with `lease` at `now`.
-pub fn claim(lease: Option<&Lease>, identity: &str, now: Timestamp) -> Claim {
+/// What `identity` may do with `lease`, whose record (holder and times) has
+/// been seen unchanged for `unchanged_for` on this replica's clock.
+pub fn claim(lease: Option<&Lease>, identity: &str, unchanged_for: Duration) -> Claim {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
         return if lease.is_some() {
             Claim::Take
@@ -74,17 +82,17 @@ pub fn claim(lease: Option<&Lease>, identity: &str, now: Timestamp) -> Claim {
     if holder == identity {
         return Claim::Renew;
     }
-    let seconds = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    match &spec.renew_time {
-        Some(MicroTime(renewed)) if *renewed + SignedDuration::from_secs(seconds) > now => {
-            Claim::Wait { holder }
-        }
-        _ => Claim::Take,
+    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
+    if unchanged_for >= duration {
+        Claim::Take
+    } else {
+        Claim::Wait { holder }
     }
 }
 
 /// `lease` as `config.identity` writes it when it creates, takes or renews
-/// it at `now`.
+/// it at `now` (the times are for people; no replica compares them with its
+/// own clock).
 pub fn claimed(lease: Option<Lease>, config: &LeaseConfig, now: Timestamp) -> Lease {
     let mut lease = lease.unwrap_or_else(|| Lease {
         metadata: ObjectMeta {
@@ -119,21 +127,44 @@ pub fn claimed(lease: Option<Lease>, config: &LeaseConfig, now: Timestamp) -> Le
 pub struct Elector {
     api: Api<Lease>,
     config: LeaseConfig,
+    /// The Lease's record last read, and when (this replica's clock) it was
+    /// first seen as it is.
+    observed: Mutex<Option<(LeaseSpec, Instant)>>,
 }
 
 impl Elector {
     /// An elector over the Leases of `api` (namespaced: the operator's own
     /// namespace).
     pub fn new(api: Api<Lease>, config: LeaseConfig) -> Self {
-        Elector { api, config }
+        Elector {
+            api,
+            config,
+            observed: Mutex::new(None),
+        }
+    }
+
+    /// How long the Lease's record `spec` has been seen unchanged, noting it
+    /// when it changed.
+    fn unchanged_for(&self, spec: Option<&LeaseSpec>) -> Duration {
+        let now = Instant::now();
+        let mut observed = self.observed.lock().expect("not poisoned");
+        let record = spec.cloned().unwrap_or_default();
+        match &*observed {
+            Some((seen, since)) if *seen == record => now.duration_since(*since),
+            _ => {
+                *observed = Some((record, now));
+                Duration::ZERO
+            }
+        }
     }
 
     /// Creates, takes or renews the Lease when this replica may; `Ok(true)`
     /// when it holds the Lease afterwards.
     pub async fn try_lead(&self) -> Result<bool> {
-        let now = Timestamp::now();
         let current = self.api.get_opt(&self.config.name).await?;
-        let write = match claim(current.as_ref(), &self.config.identity, now) {
+        let unchanged_for = self.unchanged_for(current.as_ref().and_then(|l| l.spec.as_ref()));
+        let now = Timestamp::now();
+        let write = match claim(current.as_ref(), &self.config.identity, unchanged_for) {
             Claim::Wait { .. } => return Ok(false),
             Claim::Create => {
                 self.api
@@ -151,7 +182,11 @@ impl Elector {
             }
         };
         match write {
-            Ok(_) => Ok(true),
+            Ok(written) => {
+                // What we wrote is the record now seen.
+                self.unchanged_for(written.spec.as_ref());
+                Ok(true)
+            }
             // Another replica wrote first.
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(e) => Err(e.into()),
@@ -166,34 +201,33 @@ impl Elector {
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot claim the leader Lease"),
             }
-            tokio::time::sleep(self.config.renew_every).await;
+            tokio::time::sleep(self.config.retry_period).await;
         }
     }
 
-    /// Renews the Lease until leadership is lost or cannot be proven (no
-    /// successful renewal for the Lease's duration less one renewal period,
-    /// so this replica stops before another may start), and says why.
+    /// Renews the Lease every retry period until leadership is lost or
+    /// cannot be proven (no successful renewal for the renew deadline, so
+    /// that this replica stops before another may take over), and says why.
     pub async fn hold(&self) -> Error {
-        let deadline = self.config.duration.saturating_sub(self.config.renew_every);
-        let mut renewed = tokio::time::Instant::now();
+        let mut renewed = Instant::now();
         loop {
-            tokio::time::sleep(self.config.renew_every).await;
+            tokio::time::sleep(self.config.retry_period).await;
             match self.try_lead().await {
-                Ok(true) => renewed = tokio::time::Instant::now(),
+                Ok(true) => renewed = Instant::now(),
                 Ok(false) => {
                     return Error::Lease(format!(
                         "the Lease {} is held by another replica",
                         self.config.name
                     ));
                 }
-                Err(e) if renewed.elapsed() >= deadline => {
+                Err(e) if renewed.elapsed() >= self.config.renew_deadline => {
                     return Error::Lease(format!(
                         "could not renew the Lease {} for {:?}: {e}",
                         self.config.name,
                         renewed.elapsed()
                     ));
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot renew the leader Lease; retrying"),
+                Err(e) => tracing::warn!(error = %e, "Cannot renew the leader Lease; retrying."),
             }
         }
     }
@@ -235,23 +269,37 @@ mod tests {
         )
     }
 
-    #[test]
-    fn a_missing_lease_is_created_and_a_free_one_taken() {
-        assert_eq!(claim(None, "a", at(0)), Claim::Create);
-        let mut free = held("a", 0);
-        free.spec.as_mut().unwrap().holder_identity = None;
-        assert_eq!(claim(Some(&free), "b", at(1)), Claim::Take);
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
     }
 
     #[test]
-    fn a_renewed_lease_is_waited_for_until_it_expires() {
+    fn a_missing_lease_is_created_and_a_free_one_taken() {
+        assert_eq!(claim(None, "a", secs(0)), Claim::Create);
+        let mut free = held("a", 0);
+        free.spec.as_mut().unwrap().holder_identity = None;
+        assert_eq!(claim(Some(&free), "b", secs(0)), Claim::Take);
+    }
+
+    #[test]
+    fn a_lease_is_waited_for_until_seen_unchanged_for_its_duration() {
         let lease = held("a", 0);
-        assert_eq!(claim(Some(&lease), "a", at(5)), Claim::Renew);
+        assert_eq!(claim(Some(&lease), "a", secs(5)), Claim::Renew);
         assert_eq!(
-            claim(Some(&lease), "b", at(14)),
+            claim(Some(&lease), "b", secs(14)),
             Claim::Wait { holder: "a".into() }
         );
-        assert_eq!(claim(Some(&lease), "b", at(15)), Claim::Take);
+        assert_eq!(claim(Some(&lease), "b", secs(15)), Claim::Take);
+    }
+
+    #[test]
+    fn the_holders_clock_does_not_matter() {
+        // Renewed, by the holder's clock, a day ago: just seen, so held.
+        let lease = held("a", -86_400);
+        assert_eq!(
+            claim(Some(&lease), "b", secs(0)),
+            Claim::Wait { holder: "a".into() }
+        );
     }
 
     #[test]

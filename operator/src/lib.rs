@@ -3,14 +3,17 @@
 //!
 //! Most of it is pure: [`objects`] builds the desired objects, [`status`]
 //! computes the status from what was observed, [`changes`] decides which
-//! spec changes the checkpoint can take. [`controller`] makes the API calls,
+//! spec changes the checkpoint can take, [`lifecycle`] what runs when the
+//! engine keeps failing. [`controller`] makes the API calls,
 //! [`lease`] elects one leader among the operator's replicas, [`metrics`]
 //! counts what the controller does, [`progress`] reads the engine pods'
 //! `/progress`.
 
 pub mod changes;
 pub mod controller;
+pub mod events;
 pub mod lease;
+pub mod lifecycle;
 pub mod metrics;
 pub mod objects;
 pub mod progress;

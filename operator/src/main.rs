@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -14,7 +15,7 @@ use axum::routing::get;
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
-use sluice_operator::controller::{self, Context};
+use sluice_operator::controller::{self, Context, Settings};
 use sluice_operator::lease::{Elector, LeaseConfig};
 use sluice_operator::metrics::Metrics;
 use sluice_operator::objects::Defaults;
@@ -60,6 +61,19 @@ struct RunArgs {
     /// This replica's identity in the election and in Events (its pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How often the engine pods' progress and health are read into each
+    /// query's status, e.g. `30s`.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    progress_interval: Duration,
+    /// How long the deletion of a query waits for its engine pods to stop
+    /// before it gives up, names them in an Event and lets the query go.
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    deletion_timeout: Duration,
+}
+
+/// A duration as specs write them: `30s`, `5m`.
+fn duration(text: &str) -> Result<Duration, String> {
+    sluice_crds::duration::parse_duration(text)
 }
 
 #[derive(Clone)]
@@ -143,20 +157,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         std::env::var("HOSTNAME")
             .unwrap_or_else(|_| format!("sluice-operator-{}", std::process::id()))
     });
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Defaults {
-            engine_image: args.engine_image.clone(),
-        },
-        metrics.clone(),
-        Some(identity.clone()),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Defaults {
+                engine_image: args.engine_image.clone(),
+            },
+            metrics.clone(),
+            Some(identity.clone()),
+        )
+        .with_settings(Settings {
+            progress_interval: args.progress_interval,
+            deletion_timeout: args.deletion_timeout,
+        }),
+    );
     let namespace = Some(args.namespace.clone()).filter(|ns| !ns.is_empty());
 
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         terminated().await;
-        tracing::info!("stopping at the end of the running reconciles");
+        tracing::info!("Stopping at the end of the running reconciles.");
         let _ = stop.send(true);
     });
     let shutdown = {
@@ -168,7 +188,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ready.store(true, Ordering::Relaxed);
 
     if !args.leader_election {
-        tracing::info!(namespace = ?namespace, "reconciling (leader election off)");
+        tracing::info!(namespace = ?namespace, "Reconciling (leader election off).");
         controller::run(ctx, namespace, shutdown).await?;
         return Ok(());
     }
@@ -176,18 +196,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Api::<Lease>::namespaced(client, &args.lease_namespace),
         LeaseConfig::new(&args.lease_name, &identity),
     );
-    tracing::info!(lease = %args.lease_name, %identity, "waiting to lead");
+    tracing::info!(lease = %args.lease_name, %identity, "Waiting to lead.");
     let mut before_leading = stopped.clone();
     tokio::select! {
         _ = elector.acquire() => {}
         _ = before_leading.wait_for(|s| *s) => return Ok(()),
     }
     metrics.leader.set(1);
-    tracing::info!(namespace = ?namespace, "leading: reconciling");
+    tracing::info!(namespace = ?namespace, %identity, "Leading: reconciling.");
     tokio::select! {
         result = controller::run(ctx, namespace, shutdown) => {
             if let Err(e) = elector.release().await {
-                tracing::warn!(error = %e, "cannot release the Lease; it expires on its own");
+                tracing::warn!(error = %e, "Cannot release the Lease; it expires on its own.");
             }
             metrics.leader.set(0);
             result?;

@@ -29,6 +29,11 @@ pub struct Metrics {
     pub duration: Histogram,
     /// 1 while this replica holds the leader Lease.
     pub leader: IntGauge,
+    /// Objects an apply changed (the server answered a new
+    /// resourceVersion), by kind.
+    pub object_writes: IntCounterVec,
+    /// Status writes.
+    pub status_writes: IntCounter,
     queries: IntGaugeVec,
     phases: Mutex<BTreeMap<String, Phase>>,
 }
@@ -62,6 +67,19 @@ impl Default for Metrics {
             "1 while this operator replica holds the leader Lease.",
         )
         .expect("valid metric");
+        let object_writes = IntCounterVec::new(
+            Opts::new(
+                "sluice_operator_object_writes_total",
+                "Objects the operator's applies changed, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let status_writes = IntCounter::new(
+            "sluice_operator_status_writes_total",
+            "Writes of a StreamingQuery's status.",
+        )
+        .expect("valid metric");
         let queries = IntGaugeVec::new(
             Opts::new(
                 "sluice_operator_queries",
@@ -78,6 +96,8 @@ impl Default for Metrics {
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(leader.clone()),
+            Box::new(object_writes.clone()),
+            Box::new(status_writes.clone()),
             Box::new(queries.clone()),
         ] {
             registry.register(metric).expect("metric registered once");
@@ -88,6 +108,8 @@ impl Default for Metrics {
             errors,
             duration,
             leader,
+            object_writes,
+            status_writes,
             queries,
             phases: Mutex::default(),
         }

@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    EnvVar, EnvVarSource, EphemeralVolumeSource, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -223,23 +224,30 @@ pub fn pod_disruption_budget(query: &StreamingQuery) -> Result<PodDisruptionBudg
     })
 }
 
-/// The StatefulSet of engine pods: `spec.replicas` of them (0 when
-/// suspended), each running the query from the mounted ConfigMap, non-root
-/// with a read-only root filesystem and no capabilities, probed on
-/// `/healthz` and `/readyz`, scraped by Prometheus on `/metrics`.
-pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<StatefulSet> {
+/// The annotation on a StreamingQuery that restarts its engine when it
+/// changes (Argo CD's restart action sets it to the time, as `kubectl
+/// rollout restart` does for a Deployment): copied onto the pod template, it
+/// rolls the pods, starts a new run of an `availableNow` query, and gives a
+/// query stopped after too many failures a new chance.
+pub const RESTARTED_AT: &str = "sluice.dev/restartedAt";
+
+/// The engine pods' template: `spec.engine`'s image, resources and
+/// environment, the query mounted from its ConfigMap, non-root with a
+/// read-only root filesystem and no capabilities, probed on `/healthz` and
+/// `/readyz`, scraped by Prometheus on `/metrics`; its last error (or its
+/// log's tail) as the termination message.
+fn pod_template(
+    query: &StreamingQuery,
+    defaults: &Defaults,
+    restart_policy: &str,
+    state: Option<Volume>,
+) -> Result<PodTemplateSpec> {
     let name = query
         .metadata
         .name
         .clone()
         .ok_or(Error::Missing("metadata.name"))?;
-    let spec = &query.spec;
-    let engine = spec.engine.clone().unwrap_or_default();
-    let replicas = if spec.is_suspended() {
-        0
-    } else {
-        spec.replicas.unwrap_or(1)
-    };
+    let engine = query.spec.engine.clone().unwrap_or_default();
     let manifest = config_map(query)?
         .data
         .and_then(|mut d| d.remove(QUERY_FILE))
@@ -277,7 +285,7 @@ pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<State
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.to_owned(),
         mount_path: path.to_owned(),
-        read_only: Some(read_only),
+        read_only: read_only.then_some(true),
         ..VolumeMount::default()
     };
     let container = Container {
@@ -305,6 +313,9 @@ pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<State
         resources: engine.resources.clone(),
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 5)),
+        // The engine writes its last error to /dev/termination-log; a crash
+        // that cannot (a panic, the OOM killer) leaves its log's tail there.
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -339,75 +350,156 @@ pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<State
         },
         empty_dir("tmp"),
     ];
-    let claims = match &engine.state_volume {
-        Some(volume) => Some(vec![PersistentVolumeClaim {
-            metadata: ObjectMeta {
-                name: Some("state".to_owned()),
-                labels: Some(labels(query)),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PersistentVolumeClaimSpec {
-                access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
-                storage_class_name: volume.storage_class_name.clone(),
-                resources: Some(VolumeResourceRequirements {
-                    requests: Some(BTreeMap::from([(
-                        "storage".to_owned(),
-                        volume.size.clone(),
-                    )])),
-                    ..VolumeResourceRequirements::default()
-                }),
-                ..PersistentVolumeClaimSpec::default()
-            }),
-            ..PersistentVolumeClaim::default()
-        }]),
-        None => {
-            volumes.push(empty_dir("state"));
-            None
-        }
-    };
-    let annotations = BTreeMap::from([
+    volumes.extend(state);
+    let mut annotations = BTreeMap::from([
         ("prometheus.io/scrape".to_owned(), "true".to_owned()),
         ("prometheus.io/port".to_owned(), HTTP_PORT.to_string()),
         ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
         (SPEC_HASH_ANNOTATION.to_owned(), fnv1a(&manifest)),
     ]);
+    if let Some(at) = query.annotations().get(RESTARTED_AT) {
+        annotations.insert(RESTARTED_AT.to_owned(), at.clone());
+    }
+    Ok(PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(query)),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(volumes),
+            restart_policy: Some(restart_policy.to_owned()),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(ENGINE_UID),
+                run_as_group: Some(ENGINE_UID),
+                fs_group: Some(ENGINE_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_owned(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            // Let a batch under way finish (SIGTERM stops at a batch boundary).
+            termination_grace_period_seconds: Some(60),
+            ..PodSpec::default()
+        }),
+    })
+}
+
+/// The claim of `spec.engine.stateVolume`.
+fn state_claim(query: &StreamingQuery) -> Option<PersistentVolumeClaimSpec> {
+    let volume = query.spec.engine.as_ref()?.state_volume.as_ref()?;
+    Some(PersistentVolumeClaimSpec {
+        access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+        storage_class_name: volume.storage_class_name.clone(),
+        resources: Some(VolumeResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                volume.size.clone(),
+            )])),
+            ..VolumeResourceRequirements::default()
+        }),
+        ..PersistentVolumeClaimSpec::default()
+    })
+}
+
+/// The number of engine pods the spec asks for: `spec.replicas` (default
+/// 1), 0 when suspended.
+pub fn desired_replicas(query: &StreamingQuery) -> i32 {
+    if query.spec.is_suspended() {
+        0
+    } else {
+        query.spec.replicas.unwrap_or(1)
+    }
+}
+
+/// The StatefulSet of engine pods of a continuous query: `spec.replicas` of
+/// them (0 when suspended), each with its state volume (a claim of
+/// `spec.engine.stateVolume`, or an emptyDir).
+pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<StatefulSet> {
+    let name = query
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::Missing("metadata.name"))?;
+    let claim = state_claim(query);
+    let state = claim.is_none().then(|| Volume {
+        name: "state".to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    });
+    let claims = claim.map(|spec| {
+        vec![PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some("state".to_owned()),
+                labels: Some(labels(query)),
+                ..ObjectMeta::default()
+            },
+            spec: Some(spec),
+            ..PersistentVolumeClaim::default()
+        }]
+    });
     Ok(StatefulSet {
         metadata: metadata(query, name.clone())?,
         spec: StatefulSetSpec {
-            replicas: Some(replicas),
+            replicas: Some(desired_replicas(query)),
             service_name: Some(name),
             // Engine pods share nothing at start-up: start and stop them together.
             pod_management_policy: Some("Parallel".to_owned()),
             selector: selector(query),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels(query)),
-                    annotations: Some(annotations),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(ENGINE_UID),
-                        run_as_group: Some(ENGINE_UID),
-                        fs_group: Some(ENGINE_UID),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_owned(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    // Let a batch under way finish (SIGTERM stops at a batch boundary).
-                    termination_grace_period_seconds: Some(60),
-                    ..PodSpec::default()
-                }),
-            },
+            template: pod_template(query, defaults, "Always", state)?,
             volume_claim_templates: claims,
             ..StatefulSetSpec::default()
         },
         ..StatefulSet::default()
+    })
+}
+
+/// The Job that runs an `availableNow` query to the end of its input once.
+/// Its name carries a hash of its pod template, so that a new spec (or a
+/// restart) is a new Job, a new run, while the Job of an unchanged spec is
+/// left as it ended. Failed runs are retried with the Job controller's
+/// backoff up to `spec.restartPolicy.maxRestarts` (its `backoffLimit`); the
+/// state volume is an ephemeral claim per pod (state is restored from the
+/// checkpoint).
+pub fn job(query: &StreamingQuery, defaults: &Defaults) -> Result<Job> {
+    let name = query
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::Missing("metadata.name"))?;
+    let state = Volume {
+        name: "state".to_owned(),
+        ephemeral: state_claim(query).map(|spec| EphemeralVolumeSource {
+            volume_claim_template: Some(PersistentVolumeClaimTemplate {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(query)),
+                    ..ObjectMeta::default()
+                }),
+                spec,
+            }),
+        }),
+        empty_dir: state_claim(query)
+            .is_none()
+            .then(EmptyDirVolumeSource::default),
+        ..Volume::default()
+    };
+    let template = pod_template(query, defaults, "Never", Some(state))?;
+    let run = fnv1a(&serde_json::to_string(&template)?);
+    Ok(Job {
+        metadata: metadata(query, format!("{name}-{}", &run[..8]))?,
+        spec: Some(JobSpec {
+            // Both may change on a Job that exists (its template may not).
+            parallelism: Some(query.spec.replicas.unwrap_or(1).min(1)),
+            suspend: Some(query.spec.is_suspended()),
+            completions: Some(1),
+            backoff_limit: Some(query.spec.max_restarts()),
+            template,
+            ..JobSpec::default()
+        }),
+        ..Job::default()
     })
 }
 
@@ -605,5 +697,82 @@ spec:
         assert_eq!(spec.selector, Some(labels(&q)));
         let pdb = pod_disruption_budget(&q).unwrap();
         assert_eq!(pdb.spec.unwrap().max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn the_engine_reports_its_last_error_and_a_restart_rolls_the_pods() {
+        let sts = stateful_set(&query(""), &defaults()).unwrap();
+        assert_eq!(
+            container(&sts).termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        let mut restarted = query("");
+        restarted.metadata.annotations = Some(BTreeMap::from([(
+            RESTARTED_AT.to_owned(),
+            "2026-11-21T10:00:00Z".to_owned(),
+        )]));
+        let again = stateful_set(&restarted, &defaults()).unwrap();
+        let annotations = again.spec.template.metadata.unwrap().annotations.unwrap();
+        assert_eq!(annotations[RESTARTED_AT], "2026-11-21T10:00:00Z");
+    }
+
+    #[test]
+    fn an_available_now_query_is_a_job_named_after_its_pod_template() {
+        let batch = |extra: &str| {
+            sluice_crds::load(
+                &format!(
+                    "{}  trigger: {{availableNow: true}}\n  restartPolicy: {{maxRestarts: 2}}\n{extra}",
+                    QUERY.replace("rowsPerSecond: 100", "rowsPerSecond: 100, totalRows: 1000")
+                ),
+                "test",
+            )
+            .unwrap()
+        };
+        let job = job(&batch(""), &defaults()).unwrap();
+        let name = job.metadata.name.clone().unwrap();
+        assert!(name.starts_with("fraud-") && name.len() == 14, "{name}");
+        let spec = job.spec.unwrap();
+        assert_eq!(spec.backoff_limit, Some(2));
+        assert_eq!((spec.completions, spec.parallelism), (Some(1), Some(1)));
+        assert_eq!(spec.suspend, Some(false));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert!(
+            pod.volumes
+                .unwrap()
+                .iter()
+                .any(|v| v.name == "state" && v.empty_dir.is_some())
+        );
+        // The same spec is the same Job; another spec, or a restart, another.
+        let same = super::job(&batch(""), &defaults()).unwrap();
+        assert_eq!(same.metadata.name.as_deref(), Some(name.as_str()));
+        let other = super::job(&batch("  statePartitions: 4\n"), &defaults()).unwrap();
+        assert_ne!(other.metadata.name.as_deref(), Some(name.as_str()));
+        // Suspending or scaling to zero keeps the Job and stops its pod.
+        let suspended = super::job(&batch("  suspend: true\n"), &defaults()).unwrap();
+        assert_eq!(suspended.metadata.name.as_deref(), Some(name.as_str()));
+        assert_eq!(suspended.spec.unwrap().suspend, Some(true));
+        let stopped = super::job(&batch("  replicas: 0\n"), &defaults()).unwrap();
+        assert_eq!(stopped.spec.unwrap().parallelism, Some(0));
+    }
+
+    #[test]
+    fn a_jobs_state_volume_is_an_ephemeral_claim() {
+        let text = format!(
+            "{}  trigger: {{availableNow: true}}\n  engine:\n    stateVolume: {{size: 5Gi, storageClassName: fast}}\n",
+            QUERY.replace("rowsPerSecond: 100", "rowsPerSecond: 100, totalRows: 1000")
+        );
+        let job = job(&sluice_crds::load(&text, "test").unwrap(), &defaults()).unwrap();
+        let volumes = job.spec.unwrap().template.spec.unwrap().volumes.unwrap();
+        let state = volumes.iter().find(|v| v.name == "state").unwrap();
+        assert!(state.empty_dir.is_none());
+        let claim = state
+            .ephemeral
+            .as_ref()
+            .unwrap()
+            .volume_claim_template
+            .as_ref()
+            .unwrap();
+        assert_eq!(claim.spec.storage_class_name.as_deref(), Some("fast"));
     }
 }

@@ -1,5 +1,6 @@
 //! Reads each running engine pod's latest progress report from its
-//! `/progress/latest` (the engine's HTTP port), for the status summary.
+//! `/progress/latest`, and its health from `/healthz` (the engine's HTTP
+//! port), for the status.
 
 use std::time::Duration;
 
@@ -33,10 +34,11 @@ impl ProgressReader {
         }
     }
 
-    /// The latest progress of every running pod that has an IP and has
-    /// finished a batch. A pod that does not answer is left out (and
-    /// logged): progress is a summary, and the pod's probes tell its health.
-    pub async fn read(&self, pods: &[Pod]) -> Vec<QueryProgress> {
+    /// What every running pod that has an IP says: its latest progress
+    /// (once it finished a batch) and, when `/healthz` says it is not
+    /// healthy, why. A pod that does not answer is left out (and logged):
+    /// progress is a summary, and the pod's probes tell its health.
+    pub async fn read(&self, pods: &[Pod]) -> Vec<PodReport> {
         let reads = pods.iter().filter_map(|pod| {
             let status = pod.status.as_ref()?;
             if status.phase.as_deref() != Some("Running") {
@@ -44,14 +46,23 @@ impl ProgressReader {
             }
             let ip = status.pod_ip.clone()?;
             Some(async move {
-                match tokio::time::timeout(self.timeout, self.latest(&ip)).await {
-                    Ok(Ok(progress)) => progress,
+                let ask = async {
+                    let progress = self.latest(&ip).await?;
+                    let unhealthy = self.unhealthy(&ip).await?;
+                    Ok::<_, String>((progress, unhealthy))
+                };
+                match tokio::time::timeout(self.timeout, ask).await {
+                    Ok(Ok((progress, unhealthy))) => Some(PodReport {
+                        pod: pod.name_any(),
+                        progress,
+                        unhealthy,
+                    }),
                     Ok(Err(why)) => {
-                        tracing::debug!(pod = %pod.name_any(), %why, "no progress");
+                        tracing::debug!(pod = %pod.name_any(), %why, "No progress.");
                         None
                     }
                     Err(_) => {
-                        tracing::debug!(pod = %pod.name_any(), "progress timed out");
+                        tracing::debug!(pod = %pod.name_any(), "Reading progress timed out.");
                         None
                     }
                 }
@@ -64,32 +75,69 @@ impl ProgressReader {
             .collect()
     }
 
+    /// Why one pod's `/healthz` says it is unhealthy (its body), or `None`
+    /// when it answers 200.
+    async fn unhealthy(&self, ip: &str) -> Result<Option<String>, String> {
+        let (status, body) = self.get(ip, "/healthz").await?;
+        Ok((!status.is_success()).then(|| String::from_utf8_lossy(&body).trim().to_owned()))
+    }
+
     /// One pod's latest report; `None` before its first batch (HTTP 204).
     async fn latest(&self, ip: &str) -> Result<Option<QueryProgress>, String> {
-        let host = if ip.contains(':') {
-            format!("[{ip}]")
-        } else {
-            ip.to_owned()
-        };
-        let uri: hyper::Uri = format!("http://{host}:{}/progress/latest", self.port)
-            .parse()
-            .map_err(|e| format!("{e}"))?;
-        let response = self.client.get(uri).await.map_err(|e| e.to_string())?;
-        let status = response.status();
+        let (status, body) = self.get(ip, "/progress/latest").await?;
         if status == hyper::StatusCode::NO_CONTENT {
             return Ok(None);
         }
         if !status.is_success() {
             return Err(format!("HTTP {status}"));
         }
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| format!("not a progress report: {e}"))
+    }
+
+    async fn get(&self, ip: &str, path: &str) -> Result<(hyper::StatusCode, Bytes), String> {
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_owned()
+        };
+        let uri: hyper::Uri = format!("http://{host}:{}{path}", self.port)
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let response = self.client.get(uri).await.map_err(|e| e.to_string())?;
+        let status = response.status();
         let body = response
             .into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|e| format!("not a progress report: {e}"))
+        Ok((status, body))
     }
+}
+
+/// What one engine pod said.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodReport {
+    /// The pod's name.
+    pub pod: String,
+    /// Its latest progress report, once it finished a batch.
+    pub progress: Option<QueryProgress>,
+    /// Why its `/healthz` says it is not healthy (`stalled: ...`,
+    /// `failed: ...`), when it does.
+    pub unhealthy: Option<String>,
+}
+
+/// The stalled pods among `reports`, in words, or `None`.
+pub fn stalled(reports: &[PodReport]) -> Option<String> {
+    let stalled: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            let why = r.unhealthy.as_deref()?;
+            why.starts_with("stalled")
+                .then(|| format!("pod {}: {why}", r.pod))
+        })
+        .collect();
+    (!stalled.is_empty()).then(|| stalled.join("; "))
 }

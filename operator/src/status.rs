@@ -6,14 +6,16 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use k8s_openapi::api::apps::v1::StatefulSetStatus;
+use k8s_openapi::api::batch::v1::JobStatus;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use sluice_crds::progress::QueryProgress;
 use sluice_crds::{
-    Condition, Phase, Problems, ProgressSummary, StreamingQuery, StreamingQueryStatus,
+    Condition, Failures, Phase, Problems, ProgressSummary, StreamingQuery, StreamingQueryStatus,
 };
 
-use crate::objects::label_selector;
+use crate::lifecycle::{self, Decision, Run};
+use crate::objects::{desired_replicas, label_selector};
 
 /// What the operator saw of a query, for [`compute`].
 #[derive(Clone, Debug, Default)]
@@ -22,13 +24,42 @@ pub struct Observed {
     pub problems: Option<Problems>,
     /// A change the checkpoint cannot take (e.g. `statePartitions`), refused.
     pub refused_change: Option<String>,
-    /// The engine StatefulSet's status, once it exists.
-    pub stateful_set: Option<StatefulSetStatus>,
+    /// The API server's refusal of an object the operator applied (an
+    /// immutable field changed, an admission webhook said no), with the
+    /// object's kind and name.
+    pub apply_error: Option<String>,
+    /// The engine pods' controller and its status.
+    pub workload: Workload,
     /// The latest progress report of each engine pod that answered.
     pub progress: Vec<QueryProgress>,
     /// Why engine pods are failing (e.g. a container's last termination
     /// message), when they are.
     pub pod_failure: Option<String>,
+    /// Engine pods whose `/healthz` says they are stalled, and why.
+    pub stalled: Option<String>,
+    /// What a continuous query runs, given its failures (see
+    /// [`crate::lifecycle`]).
+    pub decision: Option<Decision>,
+}
+
+/// The controller of a query's engine pods, as observed.
+#[derive(Clone, Debug, Default)]
+pub enum Workload {
+    /// None (yet).
+    #[default]
+    None,
+    /// A continuous query's StatefulSet.
+    StatefulSet(StatefulSetStatus),
+    /// An `availableNow` query's Job for its current spec.
+    Job {
+        /// The Job's name.
+        name: String,
+        /// Its status (default before the Job controller wrote one).
+        status: JobStatus,
+        /// The final progress of its run that succeeded, from the engine's
+        /// termination message.
+        final_progress: Option<Box<QueryProgress>>,
+    },
 }
 
 fn condition(
@@ -49,6 +80,18 @@ fn condition(
     }
 }
 
+/// The condition of `type_` on a Job status that is `True`, if any.
+fn job_condition<'a>(
+    status: &'a JobStatus,
+    type_: &str,
+) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == type_ && c.status == "True")
+}
+
 /// The status of `query` given what was observed, at `now`. Conditions whose
 /// status is unchanged from `query.status` keep their transition time.
 pub fn compute(
@@ -58,14 +101,20 @@ pub fn compute(
 ) -> StreamingQueryStatus {
     let now_text = now.to_rfc3339_opts(SecondsFormat::Secs, true);
     let generation = query.metadata.generation;
-    let desired = if query.spec.is_suspended() {
-        0
-    } else {
-        query.spec.replicas.unwrap_or(1)
+    let previous_status = query.status.clone().unwrap_or_default();
+    let desired = desired_replicas(query);
+    let (ready, updated, replicas) = match &observed.workload {
+        Workload::StatefulSet(s) => (
+            s.ready_replicas.unwrap_or(0),
+            s.updated_replicas.unwrap_or(0),
+            s.replicas,
+        ),
+        Workload::Job { status, .. } => {
+            let active = status.active.unwrap_or(0);
+            (status.ready.unwrap_or(0), active, active)
+        }
+        Workload::None => (0, 0, 0),
     };
-    let sts = observed.stateful_set.as_ref();
-    let ready = sts.and_then(|s| s.ready_replicas).unwrap_or(0);
-    let updated = sts.and_then(|s| s.updated_replicas).unwrap_or(0);
     // Running once a pod is ready, Pending until then.
     let live = if ready > 0 {
         Phase::Running
@@ -75,6 +124,77 @@ pub fn compute(
     let c = |type_: &str, status: bool, reason: &str, message: String| {
         condition(type_, status, reason, message, generation, &now_text)
     };
+    let ready_message = format!("{ready}/{desired} engine pods ready.");
+    // Failed with `reason`: the pods (if any) keep running what they ran.
+    let failed = |reason: &str, message: &str, hold: &str| {
+        (
+            Phase::Failed,
+            vec![
+                c("Ready", ready > 0, reason, hold.to_owned()),
+                c("Progressing", false, reason, message.to_owned()),
+                c("Degraded", true, reason, message.to_owned()),
+            ],
+            Some(message.to_owned()),
+        )
+    };
+    // Running (or starting) but degraded for `reason`.
+    let degraded = |reason: &str, message: &str| {
+        (
+            live,
+            vec![
+                c(
+                    "Ready",
+                    ready >= desired && desired > 0,
+                    reason,
+                    ready_message.clone(),
+                ),
+                c(
+                    "Progressing",
+                    ready < desired || updated < desired,
+                    reason,
+                    ready_message.clone(),
+                ),
+                c("Degraded", true, reason, message.to_owned()),
+            ],
+            Some(message.to_owned()),
+        )
+    };
+    let job = match &observed.workload {
+        Workload::Job {
+            name,
+            status,
+            final_progress,
+        } => Some((name, status, final_progress)),
+        _ => None,
+    };
+    let stop = observed.decision.as_ref().filter(|d| d.run == Run::Stop);
+    let rollback = observed.decision.as_ref().and_then(|d| match &d.run {
+        Run::Rollback { generation, .. } => Some((*generation, d.failures.restarts)),
+        _ => None,
+    });
+    let failures = match (&observed.decision, job) {
+        (Some(decision), _) => Some(decision.failures.clone()),
+        (None, Some((_, status, _))) => {
+            let revision = lifecycle::revision(query);
+            let before = previous_status
+                .failures
+                .as_ref()
+                .filter(|f| f.revision == revision);
+            Some(Failures {
+                revision,
+                restarts: status.failed.unwrap_or(0),
+                restart_count_base: 0,
+                gave_up: job_condition(status, "Failed").is_some(),
+                last_error: observed
+                    .pod_failure
+                    .clone()
+                    .or_else(|| before.and_then(|f| f.last_error.clone())),
+            })
+        }
+        (None, None) => previous_status.failures.clone(),
+    };
+    // The engine's last error, kept while its pods come and go.
+    let last_error = failures.as_ref().and_then(|f| f.last_error.clone());
 
     let (phase, conditions, last_error) = if let Some(problems) = &observed.problems {
         let message = problems
@@ -83,88 +203,122 @@ pub fn compute(
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
-        (
-            Phase::Failed,
-            vec![
-                c(
-                    "Ready",
-                    false,
-                    "InvalidSpec",
-                    "The spec is invalid and was not applied; engine pods, if any, keep running the last valid spec.".into(),
-                ),
-                c(
-                    "Progressing",
-                    false,
-                    "InvalidSpec",
-                    "Waiting for a valid spec.".into(),
-                ),
-                c("Degraded", true, "InvalidSpec", message.clone()),
-            ],
-            Some(message),
+        failed(
+            "InvalidSpec",
+            &message,
+            "The spec is invalid and was not applied; engine pods, if any, keep running the last valid spec.",
         )
     } else if let Some(refused) = &observed.refused_change {
-        (
-            Phase::Failed,
-            vec![
-                c(
-                    "Ready",
-                    ready > 0,
-                    "ChangeRefused",
-                    "Engine pods keep running the previous spec.".into(),
-                ),
-                c("Progressing", false, "ChangeRefused", refused.clone()),
-                c("Degraded", true, "ChangeRefused", refused.clone()),
-            ],
-            Some(refused.clone()),
+        failed(
+            "ChangeRefused",
+            refused,
+            "Engine pods keep running the previous spec.",
         )
-    } else if query.spec.is_suspended() {
-        let stopped = sts.is_none_or(|s| s.replicas == 0);
+    } else if let Some(refusal) = &observed.apply_error {
+        failed(
+            "ApplyFailed",
+            &format!("The API server refused the change: {refusal}"),
+            "Engine pods keep running the previous spec.",
+        )
+    } else if query.spec.is_suspended() || desired == 0 {
+        let (reason, why) = if query.spec.is_suspended() {
+            ("Suspended", "The query is suspended")
+        } else {
+            ("ScaledToZero", "spec.replicas is 0")
+        };
+        let stopped = replicas == 0;
         (
             Phase::Suspended,
             vec![
                 c(
                     "Ready",
                     false,
-                    "Suspended",
-                    "The query is suspended; its checkpoint is kept.".into(),
+                    reason,
+                    format!("{why}; its checkpoint is kept."),
                 ),
                 c(
                     "Progressing",
                     !stopped,
-                    "Suspended",
+                    reason,
                     if stopped {
                         "Engine pods are stopped.".into()
                     } else {
                         "Stopping the engine pods.".into()
                     },
                 ),
-                c("Degraded", false, "Suspended", String::new()),
+                c("Degraded", false, reason, String::new()),
             ],
             None,
         )
-    } else if let Some(failure) = &observed.pod_failure {
+    } else if let Some((_, _, final_progress)) =
+        job.filter(|(_, s, _)| job_condition(s, "Complete").is_some())
+    {
+        let batches = final_progress
+            .as_ref()
+            .map(|p| format!(" (last batch {})", p.batch_id))
+            .unwrap_or_default();
+        let message = format!("The query processed all its input{batches} and stopped.");
         (
-            live,
+            Phase::Completed,
             vec![
-                c(
-                    "Ready",
-                    ready >= desired && desired > 0,
-                    "PodsFailing",
-                    format!("{ready}/{desired} engine pods ready."),
-                ),
-                c(
-                    "Progressing",
-                    true,
-                    "PodsFailing",
-                    "Engine pods are restarting with backoff.".into(),
-                ),
-                c("Degraded", true, "PodsFailing", failure.clone()),
+                c("Ready", false, "Completed", message.clone()),
+                c("Progressing", false, "Completed", message),
+                c("Degraded", false, "Completed", String::new()),
             ],
-            Some(failure.clone()),
+            None,
         )
+    } else if let Some((name, status, _)) =
+        job.filter(|(_, s, _)| job_condition(s, "Failed").is_some())
+    {
+        let failed_runs = status.failed.unwrap_or(0);
+        let why = job_condition(status, "Failed")
+            .and_then(|c| c.message.clone())
+            .unwrap_or_default();
+        let message = format!(
+            "The Job {name} failed ({failed_runs} failed runs, spec.restartPolicy.maxRestarts {}: {why}); last error: {}. Change the spec, or restart the query (annotate it {}), to run it again.",
+            query.spec.max_restarts(),
+            last_error.as_deref().unwrap_or("none reported"),
+            crate::objects::RESTARTED_AT,
+        );
+        failed(
+            "RestartLimitExceeded",
+            &message,
+            "The query's Job failed; no engine pod runs.",
+        )
+    } else if let Some(decision) = stop {
+        let message = format!(
+            "The engine failed {} times in a row, more than spec.restartPolicy.maxRestarts ({}), and its pods are stopped; last error: {}. Change the spec, or restart the query (annotate it {}), to run it again.",
+            decision.failures.restarts,
+            query.spec.max_restarts(),
+            last_error.as_deref().unwrap_or("none reported"),
+            crate::objects::RESTARTED_AT,
+        );
+        failed(
+            "RestartLimitExceeded",
+            &message,
+            "The engine pods are stopped.",
+        )
+    } else if let Some((stable_generation, restarts)) = rollback {
+        let message = format!(
+            "Generation {} failed {restarts} times in a row (last error: {}); rolled back to generation {stable_generation}, the last spec that ran. Change the spec to try again.",
+            generation.unwrap_or(0),
+            last_error.as_deref().unwrap_or("none reported"),
+        );
+        degraded("RolledBack", &message)
+    } else if let Some(stalled) = &observed.stalled {
+        degraded("Stalled", stalled)
+    } else if let Some(failure) = &observed.pod_failure {
+        let mut out = degraded("PodsFailing", failure);
+        // Kubernetes restarts them with backoff.
+        out.1[1] = c(
+            "Progressing",
+            true,
+            "PodsFailing",
+            "Engine pods are restarting with backoff.".into(),
+        );
+        out
     } else {
         let rolled_out = ready >= desired && updated >= desired;
-        let message = format!("{ready}/{desired} engine pods ready.");
         (
             live,
             vec![
@@ -172,7 +326,7 @@ pub fn compute(
                     "Ready",
                     rolled_out,
                     if rolled_out { "Running" } else { "Starting" },
-                    message.clone(),
+                    ready_message.clone(),
                 ),
                 c(
                     "Progressing",
@@ -182,7 +336,7 @@ pub fn compute(
                     } else {
                         "RollingOut"
                     },
-                    message,
+                    ready_message,
                 ),
                 c("Degraded", false, "Healthy", String::new()),
             ],
@@ -190,11 +344,7 @@ pub fn compute(
         )
     };
 
-    let previous = query
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let previous = previous_status.conditions.as_slice();
     let conditions = conditions
         .into_iter()
         .map(|mut new| {
@@ -207,17 +357,57 @@ pub fn compute(
             new
         })
         .collect();
-    let selector = label_selector(query);
+    let final_progress = job.and_then(|(_, _, p)| p.clone());
+    let progress = summarize(&observed.progress)
+        .or_else(|| final_progress.map(|p| summarize(&[*p]).expect("one report")))
+        .or_else(|| previous_status.progress.clone());
+    let last_stable = match &observed.decision {
+        Some(decision) => decision.last_stable.clone(),
+        None => previous_status
+            .last_stable_spec
+            .clone()
+            .zip(previous_status.last_stable_generation),
+    };
     StreamingQueryStatus {
         phase: Some(phase),
         observed_generation: generation,
         conditions,
-        replicas: Some(sts.map_or(0, |s| s.replicas)),
-        selector: Some(selector),
-        progress: summarize(&observed.progress)
-            .or_else(|| query.status.as_ref().and_then(|s| s.progress.clone())),
+        replicas: Some(replicas),
+        selector: Some(label_selector(query)),
+        progress,
         last_error,
+        failures,
+        last_stable_spec: last_stable.as_ref().map(|s| s.0.clone()),
+        last_stable_generation: last_stable.map(|s| s.1),
+        running_generation: rollback.map(|r| r.0),
+        job: job.map(|(name, _, _)| name.clone()),
     }
+}
+
+/// Whether `fresh` progress shows a batch newer than `previous` status
+/// progress: the query made progress since the status was written.
+pub fn progressed(previous: Option<&ProgressSummary>, fresh: &[QueryProgress]) -> bool {
+    let Some(latest) = fresh.iter().map(|r| r.timestamp.as_str()).max() else {
+        return false;
+    };
+    previous
+        .and_then(|p| p.last_commit_time.as_deref())
+        .is_none_or(|before| latest > before)
+}
+
+/// The final progress report of a run that ended by itself (an
+/// `availableNow` Job's pod that succeeded): the engine writes it as JSON
+/// to its termination message.
+pub fn final_progress(pods: &[Pod]) -> Option<QueryProgress> {
+    pods.iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+        .filter_map(|p| p.status.as_ref())
+        .flat_map(|s| s.container_statuses.iter().flatten())
+        .filter(|c| c.name == "engine")
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
+        .filter(|t| t.exit_code == 0)
+        .filter_map(|t| serde_json::from_str::<QueryProgress>(t.message.as_deref()?).ok())
+        .max_by(|a, b| a.timestamp.cmp(&b.timestamp))
 }
 
 /// The progress of a query over its engine pods: rates and lag add up, the
@@ -255,19 +445,43 @@ pub fn summarize(reports: &[QueryProgress]) -> Option<ProgressSummary> {
 /// Why the engine pods are failing, in words, or `None` when none is: a
 /// container waiting to restart (`CrashLoopBackOff`, with its last exit code
 /// and termination message) or unable to start (`ImagePullBackOff`,
-/// `CreateContainerConfigError` for a missing Secret, ...), a pod that failed,
-/// or one that cannot be scheduled. The kubelet restarts crashed containers
-/// with exponential backoff; this says why it has to.
+/// `CreateContainerConfigError` for a missing Secret, ...), the latest pod
+/// that failed (a Job's run: its exit code and termination message), or one
+/// that cannot be scheduled. Kubernetes restarts crashed containers (and
+/// Jobs their failed runs) with exponential backoff; this says why it has
+/// to.
 pub fn pod_failure(pods: &[Pod]) -> Option<String> {
     let mut reasons = Vec::new();
+    let latest_failed = pods
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed"))
+        .max_by_key(|p| p.creation_timestamp().map(|t| t.0));
     for pod in pods {
         let name = pod.name_any();
         let Some(status) = &pod.status else { continue };
         if status.phase.as_deref() == Some("Failed") {
-            reasons.push(format!(
-                "pod {name} failed: {}",
-                status.message.as_deref().unwrap_or("no message")
-            ));
+            if std::ptr::eq(pod, latest_failed.expect("a failed pod")) {
+                let exited = status
+                    .container_statuses
+                    .iter()
+                    .flatten()
+                    .filter(|c| c.name == "engine")
+                    .find_map(|c| c.state.as_ref()?.terminated.as_ref());
+                let why = match exited {
+                    Some(t) => {
+                        let mut text = format!("exit code {}", t.exit_code);
+                        if let Some(m) = t.message.as_deref().filter(|m| !m.trim().is_empty()) {
+                            text += &format!(": {}", last_line(m));
+                        }
+                        text
+                    }
+                    None => status
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "no message".into()),
+                };
+                reasons.push(format!("pod {name} failed: {why}"));
+            }
             continue;
         }
         for c in status.container_statuses.iter().flatten() {
@@ -411,8 +625,8 @@ spec:
         sluice_crds::parse(&format!("{QUERY}{extra}"), "test").unwrap()
     }
 
-    fn sts(replicas: i32, ready: i32) -> Option<StatefulSetStatus> {
-        Some(StatefulSetStatus {
+    fn sts(replicas: i32, ready: i32) -> Workload {
+        Workload::StatefulSet(StatefulSetStatus {
             replicas,
             ready_replicas: Some(ready),
             updated_replicas: Some(replicas),
@@ -435,7 +649,7 @@ spec:
         minute: u32,
     ) -> StreamingQueryStatus {
         let observed = Observed {
-            stateful_set: sts(replicas, ready),
+            workload: sts(replicas, ready),
             ..Observed::default()
         };
         compute(q, &observed, at(minute))
@@ -552,7 +766,7 @@ spec:
         let failing = compute(
             &q,
             &Observed {
-                stateful_set: sts(2, 1),
+                workload: sts(2, 1),
                 pod_failure: Some("fraud-1: CrashLoopBackOff: checkpoint s3://ck/fraud/metadata: belongs to the query \"orders\"".into()),
                 ..Observed::default()
             },
@@ -569,7 +783,7 @@ spec:
         let refused = compute(
             &q,
             &Observed {
-                stateful_set: sts(2, 2),
+                workload: sts(2, 2),
                 refused_change: Some(
                     "spec.statePartitions: cannot change from 16 to 32 once the query has started"
                         .into(),
@@ -606,18 +820,15 @@ spec:
             duration_ms: BTreeMap::new(),
             event_time: BTreeMap::from([("watermark".to_owned(), watermark.to_owned())]),
             state_operators: Vec::new(),
-            sources: vec![SourceProgress {
-                description: "s".into(),
-                start_offset: serde_json::Value::Null,
-                end_offset: serde_json::Value::Null,
-                latest_offset: serde_json::Value::Null,
-                num_input_rows: 10,
-                input_rows_per_second: rate,
-                processed_rows_per_second: rate,
-                records_behind_latest: lag,
-                num_dead_letter_records: 0,
-                metrics: BTreeMap::new(),
-            }],
+            sources: vec![
+                serde_json::from_value::<SourceProgress>(serde_json::json!({
+                    "description": "s", "startOffset": null, "endOffset": null,
+                    "latestOffset": null, "numInputRows": 10,
+                    "inputRowsPerSecond": rate, "processedRowsPerSecond": rate,
+                    "recordsBehindLatest": lag,
+                }))
+                .unwrap(),
+            ],
             sink: SinkProgress {
                 description: "k".into(),
                 num_output_rows: 1,
@@ -749,7 +960,7 @@ spec:
         let failing = compute(
             &q,
             &Observed {
-                stateful_set: sts(2, 1),
+                workload: sts(2, 1),
                 pod_failure: Some("pod fraud-1 container engine: CrashLoopBackOff".into()),
                 ..Observed::default()
             },
@@ -775,5 +986,184 @@ spec:
         let events = transitions(Some(&running), &invalid);
         assert_eq!(events.len(), 1);
         assert!(events[0].warning && events[0].reason == "Failed");
+    }
+
+    fn job(conditions: serde_json::Value, failed: i32) -> Workload {
+        Workload::Job {
+            name: "fraud-1a2b3c4d".into(),
+            status: serde_json::from_value(serde_json::json!({
+                "failed": failed, "conditions": conditions,
+            }))
+            .unwrap(),
+            final_progress: None,
+        }
+    }
+
+    #[test]
+    fn a_job_that_completed_is_completed_with_its_final_progress() {
+        let q = query("");
+        let mut done = job(
+            serde_json::json!([{"type": "Complete", "status": "True"}]),
+            0,
+        );
+        if let Workload::Job { final_progress, .. } = &mut done {
+            *final_progress = Some(Box::new(report(
+                4,
+                10.0,
+                0,
+                "2026-11-21T09:00:00.000Z",
+                "2026-11-21T10:00:02.000Z",
+            )));
+        }
+        let status = compute(
+            &q,
+            &Observed {
+                workload: done,
+                ..Observed::default()
+            },
+            at(0),
+        );
+        assert_eq!(status.phase, Some(Phase::Completed));
+        assert_eq!(status.job.as_deref(), Some("fraud-1a2b3c4d"));
+        assert_eq!(status.progress.as_ref().unwrap().batch_id, Some(4));
+        assert_eq!(get(&status, "Degraded").status, "False");
+    }
+
+    #[test]
+    fn a_job_past_its_backoff_limit_failed_with_the_last_error() {
+        let q = query("");
+        let status = compute(
+            &q,
+            &Observed {
+                workload: job(
+                    serde_json::json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                        "message": "Job has reached the specified backoff limit"}]),
+                    7,
+                ),
+                pod_failure: Some("pod fraud-x failed: exit code 1: error: boom".into()),
+                ..Observed::default()
+            },
+            at(0),
+        );
+        assert_eq!(status.phase, Some(Phase::Failed));
+        let degraded = get(&status, "Degraded");
+        assert_eq!(degraded.reason, "RestartLimitExceeded");
+        assert!(
+            degraded.message.starts_with("The Job fraud-1a2b3c4d failed (7 failed runs, spec.restartPolicy.maxRestarts 6: Job has reached the specified backoff limit); last error: pod fraud-x failed: exit code 1: error: boom."),
+            "{}",
+            degraded.message
+        );
+        let failures = status.failures.unwrap();
+        assert_eq!((failures.restarts, failures.gave_up), (7, true));
+    }
+
+    #[test]
+    fn a_stalled_engine_and_a_refused_apply_are_degraded_with_why() {
+        let q = query("");
+        let stalled = compute(
+            &q,
+            &Observed {
+                workload: sts(2, 2),
+                stalled: Some("pod fraud-0: stalled: no batch completed for 600s".into()),
+                ..Observed::default()
+            },
+            at(0),
+        );
+        assert_eq!(stalled.phase, Some(Phase::Running));
+        assert_eq!(get(&stalled, "Degraded").reason, "Stalled");
+        assert_eq!(
+            stalled.last_error.as_deref(),
+            Some("pod fraud-0: stalled: no batch completed for 600s")
+        );
+        let refused = compute(
+            &q,
+            &Observed {
+                workload: sts(2, 2),
+                apply_error: Some("StatefulSet fraud: field is immutable".into()),
+                ..Observed::default()
+            },
+            at(0),
+        );
+        assert_eq!(refused.phase, Some(Phase::Failed));
+        assert_eq!(
+            get(&refused, "Degraded").message,
+            "The API server refused the change: StatefulSet fraud: field is immutable"
+        );
+        assert_eq!(get(&refused, "Ready").status, "True");
+    }
+
+    #[test]
+    fn zero_replicas_is_suspended_and_says_why() {
+        let q = sluice_crds::parse(&QUERY.replace("replicas: 2", "replicas: 0"), "test").unwrap();
+        let status = compute(
+            &q,
+            &Observed {
+                workload: sts(0, 0),
+                ..Observed::default()
+            },
+            at(0),
+        );
+        assert_eq!(status.phase, Some(Phase::Suspended));
+        let ready = get(&status, "Ready");
+        assert_eq!(
+            (ready.reason.as_str(), ready.message.as_str()),
+            (
+                "ScaledToZero",
+                "spec.replicas is 0; its checkpoint is kept."
+            )
+        );
+    }
+
+    #[test]
+    fn the_final_progress_is_read_from_a_succeeded_pods_termination_message() {
+        let progress = serde_json::to_string(&report(
+            3,
+            1.0,
+            0,
+            "2026-11-21T09:00:00.000Z",
+            "2026-11-21T10:00:00.000Z",
+        ))
+        .unwrap();
+        let done = pod(
+            "q-1",
+            serde_json::json!({"phase": "Succeeded", "containerStatuses": [{
+                "name": "engine", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "message": progress}}}]}),
+        );
+        let failed = pod(
+            "q-0",
+            serde_json::json!({"phase": "Failed", "containerStatuses": [{
+                "name": "engine", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 1, "message": "INFO x\nerror: boom\n"}}}]}),
+        );
+        let pods = [failed, done];
+        assert_eq!(final_progress(&pods).unwrap().batch_id, 3);
+        assert_eq!(
+            pod_failure(&pods).unwrap(),
+            "pod q-0 failed: exit code 1: error: boom"
+        );
+    }
+
+    #[test]
+    fn progress_is_new_when_its_latest_batch_is() {
+        let fresh = [report(
+            3,
+            1.0,
+            0,
+            "2026-11-21T09:00:00.000Z",
+            "2026-11-21T10:00:05.000Z",
+        )];
+        assert!(progressed(None, &fresh));
+        let before = summarize(&fresh).unwrap();
+        assert!(!progressed(Some(&before), &fresh));
+        assert!(!progressed(Some(&before), &[]));
+        let later = [report(
+            4,
+            1.0,
+            0,
+            "2026-11-21T09:00:00.000Z",
+            "2026-11-21T10:00:06.000Z",
+        )];
+        assert!(progressed(Some(&before), &later));
     }
 }

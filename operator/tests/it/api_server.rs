@@ -106,11 +106,23 @@ impl ApiServer {
         let bytes = request.into_body().collect_bytes().await.unwrap();
         let body: Value = serde_json::from_slice(&bytes).unwrap();
         // The API server returns the whole object (a status apply sends
-        // only `status`).
+        // only `status`), with a new resourceVersion: 17 for a new object,
+        // one more than the stored one's for a change.
+        let version = match stored["metadata"]["resourceVersion"].as_str() {
+            Some(v) => (v.parse::<u64>().unwrap() + 1).to_string(),
+            None => "17".to_owned(),
+        };
         let mut returned = if stored.is_null() { json!({}) } else { stored };
         for (k, v) in body.as_object().unwrap() {
-            returned[k] = v.clone();
+            if k == "metadata" {
+                for (mk, mv) in v.as_object().unwrap() {
+                    returned["metadata"][mk] = mv.clone();
+                }
+            } else {
+                returned[k] = v.clone();
+            }
         }
+        returned["metadata"]["resourceVersion"] = json!(version);
         send.send_response(
             Response::builder()
                 .status(200)
@@ -138,10 +150,14 @@ impl ApiServer {
         let (request, send) = next
             .unwrap_or_else(|_| panic!("expected an Event, but no further call came"))
             .expect("the client is gone");
-        assert_eq!(
-            format!("{} {}", request.method(), request.uri().path()),
-            format!("POST /apis/events.k8s.io/v1/namespaces/{namespace}/events"),
-            "unexpected call"
+        // A new Event is created; one the recorder published before is
+        // patched (its series counted).
+        let events = format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events");
+        let call = format!("{} {}", request.method(), request.uri().path());
+        let patched = call.starts_with(&format!("PATCH {events}/"));
+        assert!(
+            call == format!("POST {events}") || patched,
+            "unexpected call {call}, expected an Event"
         );
         let bytes = request.into_body().collect_bytes().await.unwrap();
         let event: Value = serde_json::from_slice(&bytes).unwrap();
@@ -160,8 +176,18 @@ impl ApiServer {
         (text("type"), text("reason"), text("note"))
     }
 
+    /// Answers a server-side apply `PATCH path` with the API server's
+    /// refusal: 422 Invalid with `message`.
+    pub async fn refuse_apply(&mut self, path: &str, message: &str) -> Call {
+        let refusal = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": "Invalid", "code": 422,
+        });
+        self.answer("PATCH", path, 422, refusal).await
+    }
+
     /// Fails when the reconciler makes any further call.
-    pub async fn done(mut self) {
+    pub async fn done(&mut self) {
         if let Ok(Some((request, _))) =
             tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await
         {

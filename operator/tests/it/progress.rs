@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
-use sluice_operator::progress::ProgressReader;
+use sluice_operator::progress::{PodReport, ProgressReader, stalled};
 use sluice_operator::status::summarize;
 
 fn report(batch: u64) -> serde_json::Value {
@@ -35,10 +35,12 @@ fn pod(name: &str, ip: Option<&str>, phase: &str) -> Pod {
 async fn progress_is_read_from_running_pods_that_answer() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let router = Router::new().route(
-        "/progress/latest",
-        get(|| async { axum::Json(report(41)).into_response() }),
-    );
+    let router = Router::new()
+        .route(
+            "/progress/latest",
+            get(|| async { axum::Json(report(41)).into_response() }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
     tokio::spawn(async move { axum::serve(listener, router).await });
 
     let reader = ProgressReader::new(port);
@@ -50,7 +52,12 @@ async fn progress_is_read_from_running_pods_that_answer() {
     ];
     let reports = reader.read(&pods).await;
     assert_eq!(reports.len(), 1);
-    let summary = summarize(&reports).unwrap();
+    assert_eq!(
+        (reports[0].pod.as_str(), &reports[0].unhealthy),
+        ("q-0", &None)
+    );
+    let progress: Vec<_> = reports.into_iter().filter_map(|r| r.progress).collect();
+    let summary = summarize(&progress).unwrap();
     assert_eq!(summary.batch_id, Some(41));
     assert_eq!(summary.lag, Some(7));
     assert_eq!(
@@ -59,17 +66,57 @@ async fn progress_is_read_from_running_pods_that_answer() {
     );
 }
 
+/// The engine's `/healthz` answers 500 with why once a batch has not moved
+/// on for `spec.stallTimeout`: the operator names the pod.
 #[tokio::test]
-async fn a_pod_before_its_first_batch_or_not_answering_is_left_out() {
+async fn a_stalled_pod_is_reported_with_what_its_healthz_says() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let router = Router::new().route("/progress/latest", get(|| async { StatusCode::NO_CONTENT }));
+    let router = Router::new()
+        .route(
+            "/progress/latest",
+            get(|| async { axum::Json(report(7)).into_response() }),
+        )
+        .route(
+            "/healthz",
+            get(|| async {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "stalled: no batch completed for 65s while \"Processing new data\" (spec.stallTimeout)\n",
+                )
+            }),
+        );
     tokio::spawn(async move { axum::serve(listener, router).await });
-    assert!(
-        ProgressReader::new(port)
-            .read(&[pod("q-0", Some("127.0.0.1"), "Running")])
-            .await
-            .is_empty()
+    let reports = ProgressReader::new(port)
+        .read(&[pod("q-0", Some("127.0.0.1"), "Running")])
+        .await;
+    assert_eq!(reports.len(), 1);
+    assert_eq!(
+        stalled(&reports).unwrap(),
+        "pod q-0: stalled: no batch completed for 65s while \"Processing new data\" (spec.stallTimeout)"
+    );
+    let healthy = PodReport {
+        unhealthy: None,
+        ..reports[0].clone()
+    };
+    assert_eq!(stalled(&[healthy]), None);
+}
+
+#[tokio::test]
+async fn a_pod_before_its_first_batch_has_no_progress_and_one_not_answering_is_left_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = Router::new()
+        .route("/progress/latest", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/healthz", get(|| async { "ok\n" }));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let reports = ProgressReader::new(port)
+        .read(&[pod("q-0", Some("127.0.0.1"), "Running")])
+        .await;
+    assert_eq!(reports.len(), 1);
+    assert_eq!(
+        (&reports[0].progress, &reports[0].unhealthy),
+        (&None, &None)
     );
 
     // Nothing listens on this port.

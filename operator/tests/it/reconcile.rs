@@ -1,8 +1,10 @@
 //! The reconciler against a scripted API server: one scenario per expected
 //! call sequence (create, no-op, spec change, suspend and resume, invalid
-//! spec, refused change, deletion through the finalizer). Each scenario
-//! fails on a call it did not expect and on an expected call that never
-//! comes.
+//! spec, refused change, an apply the server refuses, too many restarts,
+//! rollback, an `availableNow` Job to completion, deletion through the
+//! finalizer and its timeout). Each scenario fails on a call it did not
+//! expect and on an expected call that never comes. One operator (one
+//! `Context`) runs the reconciles of a scenario, as it would in a cluster.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,9 +14,9 @@ use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 use sluice_crds::StreamingQuery;
 use sluice_operator::Error;
-use sluice_operator::controller::{APPLIED_HASH, Context, FINALIZER, reconcile};
+use sluice_operator::controller::{Context, FINALIZER, Settings, reconcile};
 use sluice_operator::metrics::Metrics;
-use sluice_operator::objects::{Defaults, SPEC_HASH_ANNOTATION};
+use sluice_operator::objects::{self, Defaults, SPEC_HASH_ANNOTATION};
 
 use crate::api_server::{ApiServer, pair};
 
@@ -25,6 +27,7 @@ const CM: &str = "/api/v1/namespaces/risk/configmaps/fraud-query";
 const SVC: &str = "/api/v1/namespaces/risk/services/fraud";
 const PDB: &str = "/apis/policy/v1/namespaces/risk/poddisruptionbudgets/fraud";
 const STS: &str = "/apis/apps/v1/namespaces/risk/statefulsets/fraud";
+const JOBS: &str = "/apis/batch/v1/namespaces/risk/jobs";
 const PODS: &str = "/api/v1/namespaces/risk/pods";
 
 /// The query of every scenario, with the operator's finalizer already on.
@@ -59,40 +62,69 @@ fn query_with(change: impl FnOnce(&mut StreamingQuery)) -> StreamingQuery {
     q
 }
 
-/// Runs `reconcile` on `query` against the scripted API server `scenario`,
-/// which must see every call it expects and no other.
-async fn reconcile_with<T, F, Fut>(query: StreamingQuery, scenario: F) -> (Result<Action, Error>, T)
-where
-    T: Send + 'static,
-    F: FnOnce(ApiServer) -> Fut,
-    Fut: Future<Output = (ApiServer, T)> + Send + 'static,
-{
-    let (client, api) = pair();
-    let ctx = Arc::new(Context::new(
-        client,
-        Defaults {
-            engine_image: "sluice:test".into(),
-        },
-        Arc::new(Metrics::default()),
-        Some("sluice-operator-0".into()),
-    ));
-    let scenario = scenario(api);
-    let server = tokio::spawn(async move {
-        let (api, out) = scenario.await;
-        api.done().await;
-        out
-    });
-    let result = tokio::time::timeout(Duration::from_secs(20), reconcile(Arc::new(query), ctx))
+/// One operator replica against a scripted API server.
+struct Operator {
+    ctx: Arc<Context>,
+    api: Option<ApiServer>,
+}
+
+impl Operator {
+    fn new() -> Self {
+        Self::with_settings(Settings::default())
+    }
+
+    fn with_settings(settings: Settings) -> Self {
+        let (client, api) = pair();
+        let ctx = Context::new(
+            client,
+            Defaults {
+                engine_image: "sluice:test".into(),
+            },
+            Arc::new(Metrics::default()),
+            Some("sluice-operator-0".into()),
+        )
+        .with_settings(settings);
+        Operator {
+            ctx: Arc::new(ctx),
+            api: Some(api),
+        }
+    }
+
+    /// Runs `reconcile` on `query` against `scenario`, which must see every
+    /// call it expects and no other.
+    async fn reconcile<T, F, Fut>(
+        &mut self,
+        query: StreamingQuery,
+        scenario: F,
+    ) -> (Result<Action, Error>, T)
+    where
+        T: Send + 'static,
+        F: FnOnce(ApiServer) -> Fut,
+        Fut: Future<Output = (ApiServer, T)> + Send + 'static,
+    {
+        let scenario = scenario(self.api.take().expect("one scenario at a time"));
+        let server = tokio::spawn(async move {
+            let (mut api, out) = scenario.await;
+            api.done().await;
+            (api, out)
+        });
+        let result = tokio::time::timeout(
+            Duration::from_secs(20),
+            reconcile(Arc::new(query), self.ctx.clone()),
+        )
         .await
         .expect("reconcile finished");
-    let out = match server.await {
-        Ok(out) => out,
-        Err(e) => {
-            eprintln!("the reconcile ended with {result:?}");
-            std::panic::resume_unwind(e.into_panic())
+        match server.await {
+            Ok((api, out)) => {
+                self.api = Some(api);
+                (result, out)
+            }
+            Err(e) => {
+                eprintln!("the reconcile ended with {result:?}");
+                std::panic::resume_unwind(e.into_panic())
+            }
         }
-    };
-    (result, out)
+    }
 }
 
 /// What the operator applied, as the API server keeps it.
@@ -106,14 +138,19 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Answers the reads of a reconcile that does not rewrite the ConfigMap:
-    /// the ConfigMap, Service and PDB as applied, then the StatefulSet `sts`
-    /// with `status`.
-    async fn serve_reads(&self, api: &mut ApiServer, sts: &Value, status: Value) {
+    /// Answers the reads every reconcile of a continuous query starts with:
+    /// the ConfigMap, the StatefulSet `sts` with `status`, no Job, `pods`.
+    async fn serve_reads(&self, api: &mut ApiServer, sts: &Value, status: Value, pods: Vec<Value>) {
         api.get(CM, Some(&stored(&self.cm, None))).await;
+        api.get(STS, Some(&stored(sts, Some(status)))).await;
+        api.list(JOBS, vec![]).await;
+        api.list(PODS, pods).await;
+    }
+
+    /// Answers the reads of the Service and the PDB, as applied.
+    async fn serve_svc_pdb(&self, api: &mut ApiServer) {
         api.get(SVC, Some(&stored(&self.svc, None))).await;
         api.get(PDB, Some(&stored(&self.pdb, None))).await;
-        api.get(STS, Some(&stored(sts, Some(status)))).await;
     }
 }
 
@@ -121,7 +158,9 @@ impl Cluster {
 /// defaulted fields and, for the StatefulSet, `status`.
 fn stored(applied: &Value, status: Option<Value>) -> Value {
     let mut object = applied.clone();
-    object["metadata"]["resourceVersion"] = json!("17");
+    if object["metadata"]["resourceVersion"].is_null() {
+        object["metadata"]["resourceVersion"] = json!("17");
+    }
     object["metadata"]["uid"] = json!("0000-1111");
     object["metadata"]["managedFields"] =
         json!([{"manager": "sluice-operator", "operation": "Apply"}]);
@@ -140,7 +179,25 @@ fn stored(applied: &Value, status: Option<Value>) -> Value {
 
 fn sts_status(replicas: i32, ready: i32, updated: i32) -> Value {
     json!({"replicas": replicas, "readyReplicas": ready, "updatedReplicas": updated,
-           "availableReplicas": ready, "currentReplicas": replicas})
+           "availableReplicas": ready, "currentReplicas": replicas,
+           "currentRevision": "fraud-1", "updateRevision": "fraud-1"})
+}
+
+/// An engine pod of the StatefulSet whose container restarted `restarts`
+/// times and now waits in CrashLoopBackOff after `message`.
+fn crashing_pod(restarts: i32, message: &str) -> Value {
+    json!({
+        "metadata": {"name": "fraud-0", "namespace": NS,
+                     "labels": {"controller-revision-hash": "fraud-1"},
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "fraud",
+                                          "uid": "s-1", "controller": true}]},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": "engine", "image": "sluice:test", "imageID": "", "ready": false,
+            "restartCount": restarts,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": message}},
+        }]},
+    })
 }
 
 /// `query` carrying the status the operator last wrote.
@@ -159,6 +216,20 @@ fn requeue(seconds: u64) -> Action {
     Action::requeue(Duration::from_secs(seconds))
 }
 
+/// Whether `action` requeues for the next progress poll, due within the
+/// 30 s interval since the last one (Action keeps its delay private: read
+/// from its Debug form, `Action { requeue_after: Some(29.7s) }`).
+fn polls(action: &Action) -> bool {
+    let text = format!("{action:?}");
+    let seconds: f64 = text
+        .split("Some(")
+        .nth(1)
+        .and_then(|rest| rest.split('s').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(-1.0);
+    (20.0..=30.0).contains(&seconds)
+}
+
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -170,57 +241,62 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
 
 /// The first reconcile of a new query: every object is created, the status
 /// says Pending. Returns what was applied and the Events.
-async fn create() -> (Cluster, Vec<(String, String, String)>) {
-    let (result, out) = reconcile_with(query(), |mut api| async move {
-        api.get(CM, None).await;
-        let cm = api.apply(CM).await.body;
-        api.get(SVC, None).await;
-        let svc = api.apply(SVC).await.body;
-        api.get(PDB, None).await;
-        let pdb = api.apply(PDB).await.body;
-        api.get(STS, None).await;
-        let sts = api.apply(STS).await.body;
-        let pods = api.list(PODS, vec![]).await;
-        assert!(
-            pods.query
-                .contains("labelSelector=app.kubernetes.io%2Finstance%3Dfraud"),
-            "{}",
-            pods.query
-        );
-        let status = apply_status(&mut api).await;
-        let events = vec![api.event(NS).await, api.event(NS).await];
-        let cluster = Cluster {
-            cm,
-            svc,
-            pdb,
-            sts,
-            status,
-        };
-        (api, (cluster, events))
-    })
-    .await;
+async fn create(operator: &mut Operator) -> (Cluster, Vec<(String, String, String)>) {
+    let (result, out) = operator
+        .reconcile(query(), |mut api| async move {
+            api.get(CM, None).await;
+            api.get(STS, None).await;
+            let jobs = api.list(JOBS, vec![]).await;
+            assert!(
+                jobs.query
+                    .contains("labelSelector=app.kubernetes.io%2Finstance%3Dfraud"),
+                "{}",
+                jobs.query
+            );
+            api.list(PODS, vec![]).await;
+            let cm = api.apply(CM).await.body;
+            api.get(SVC, None).await;
+            let svc = api.apply(SVC).await.body;
+            api.get(PDB, None).await;
+            let pdb = api.apply(PDB).await.body;
+            let sts = api.apply(STS).await.body;
+            let status = apply_status(&mut api).await;
+            let events = vec![api.event(NS).await, api.event(NS).await];
+            let cluster = Cluster {
+                cm,
+                svc,
+                pdb,
+                sts,
+                status,
+            };
+            (api, (cluster, events))
+        })
+        .await;
     assert_eq!(result.unwrap(), requeue(10));
     out
 }
 
 /// A query whose pods came up: created, then reconciled once more with its
 /// StatefulSet ready (the status turns Running).
-async fn running() -> Cluster {
-    let (mut cluster, _) = create().await;
+async fn running(operator: &mut Operator) -> Cluster {
+    let (mut cluster, _) = create(operator).await;
     let before = cluster.clone();
-    let (result, status) =
-        reconcile_with(with_status(query(), &before.status), |mut api| async move {
+    let (result, status) = operator
+        .reconcile(with_status(query(), &before.status), |mut api| async move {
             before
-                .serve_reads(&mut api, &before.sts, sts_status(1, 1, 1))
+                .serve_reads(&mut api, &before.sts, sts_status(1, 1, 1), vec![])
                 .await;
-            api.list(PODS, vec![]).await;
+            // What this operator applied is unchanged on the server: no
+            // apply is sent again.
+            before.serve_svc_pdb(&mut api).await;
             let status = apply_status(&mut api).await;
             let event = api.event(NS).await;
             assert_eq!(event.1, "Running");
             (api, status)
         })
         .await;
-    assert_eq!(result.unwrap(), requeue(30));
+    let action = result.unwrap();
+    assert!(polls(&action), "{action:?}");
     cluster.status = status;
     cluster
 }
@@ -228,13 +304,14 @@ async fn running() -> Cluster {
 #[tokio::test]
 async fn create_adds_the_finalizer_first() {
     let new = query_with(|q| q.metadata.finalizers = None);
-    let (result, patch) = reconcile_with(new, |mut api| async move {
-        let mut stored = serde_json::to_value(query()).unwrap();
-        stored["metadata"]["resourceVersion"] = json!("2");
-        let call = api.answer("PATCH", QUERY, 200, stored).await;
-        (api, call.body)
-    })
-    .await;
+    let (result, patch) = Operator::new()
+        .reconcile(new, |mut api| async move {
+            let mut stored = serde_json::to_value(query()).unwrap();
+            stored["metadata"]["resourceVersion"] = json!("2");
+            let call = api.answer("PATCH", QUERY, 200, stored).await;
+            (api, call.body)
+        })
+        .await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert!(
         patch
@@ -248,20 +325,26 @@ async fn create_adds_the_finalizer_first() {
 
 #[tokio::test]
 async fn create_applies_every_object_and_reports_pending() {
-    let (cluster, events) = create().await;
+    let (cluster, events) = create(&mut Operator::new()).await;
     // The ConfigMap holds the query the engine runs.
     let manifest = cluster.cm["data"]["query.yaml"].as_str().unwrap();
     assert!(manifest.contains("SELECT user_id, amount FROM transactions WHERE amount > 100"));
-    // Every object is owned by the query and carries the applied hash.
+    // Every object is owned by the query, and is a plain apply: no hash of
+    // our own on it.
     for object in [&cluster.cm, &cluster.svc, &cluster.pdb, &cluster.sts] {
         let owner = &object["metadata"]["ownerReferences"][0];
         assert_eq!(
             (&owner["kind"], &owner["name"]),
             (&json!("StreamingQuery"), &json!("fraud"))
         );
-        assert!(object["metadata"]["annotations"][APPLIED_HASH].is_string());
+        assert_eq!(object["metadata"]["annotations"], Value::Null, "{object}");
     }
     assert_eq!(cluster.sts["spec"]["replicas"], 1);
+    let container = &cluster.sts["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["terminationMessagePolicy"],
+        "FallbackToLogsOnError"
+    );
     assert_eq!(cluster.status["phase"], "Pending");
     assert_eq!(cluster.status["observedGeneration"], 1);
     assert_eq!(condition(&cluster.status, "Ready")["reason"], "Starting");
@@ -280,26 +363,74 @@ async fn create_applies_every_object_and_reports_pending() {
 
 #[tokio::test]
 async fn a_reconcile_with_nothing_changed_writes_nothing() {
-    let cluster = running().await;
+    let mut operator = Operator::new();
+    let cluster = running(&mut operator).await;
     assert_eq!(cluster.status["phase"], "Running");
-    let (result, ()) = reconcile_with(
-        with_status(query(), &cluster.status),
-        |mut api| async move {
-            cluster
-                .serve_reads(&mut api, &cluster.sts, sts_status(1, 1, 1))
-                .await;
-            api.list(PODS, vec![]).await;
-            // No apply, no status write, no Event: `done` fails on any call.
-            (api, ())
-        },
-    )
-    .await;
-    assert_eq!(result.unwrap(), requeue(30));
+    let (result, ()) = operator
+        .reconcile(
+            with_status(query(), &cluster.status),
+            |mut api| async move {
+                cluster
+                    .serve_reads(&mut api, &cluster.sts, sts_status(1, 1, 1), vec![])
+                    .await;
+                cluster.serve_svc_pdb(&mut api).await;
+                // No apply, no status write, no Event: `done` fails on any call.
+                (api, ())
+            },
+        )
+        .await;
+    // The next poll of progress is due within the interval.
+    let action = result.unwrap();
+    assert!(polls(&action), "{action:?}");
+    let metrics = operator.ctx.metrics.render();
+    assert!(
+        metrics.contains("sluice_operator_object_writes_total{kind=\"StatefulSet\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_operator_status_writes_total 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_object_changed_by_someone_else_is_applied_again() {
+    let mut operator = Operator::new();
+    let cluster = running(&mut operator).await;
+    let (result, sts) = operator
+        .reconcile(
+            with_status(query(), &cluster.status),
+            |mut api| async move {
+                // Someone scaled the StatefulSet by hand: a new resourceVersion.
+                let mut edited = cluster.sts.clone();
+                edited["spec"]["replicas"] = json!(3);
+                edited["metadata"]["resourceVersion"] = json!("40");
+                cluster
+                    .serve_reads(&mut api, &edited, sts_status(3, 3, 3), vec![])
+                    .await;
+                cluster.serve_svc_pdb(&mut api).await;
+                let sts = api
+                    .apply_onto(STS, stored(&edited, Some(sts_status(3, 3, 3))))
+                    .await
+                    .body;
+                api.apply_onto(STATUS, serde_json::to_value(query()).unwrap())
+                    .await;
+                assert_eq!(api.event(NS).await.2, "Applied StatefulSet fraud.");
+                (api, sts)
+            },
+        )
+        .await;
+    assert!(result.is_ok());
+    assert_eq!(
+        sts["spec"]["replicas"], 1,
+        "the spec's replicas are put back"
+    );
 }
 
 #[tokio::test]
 async fn a_spec_change_rolls_the_pods_and_keeps_the_checkpoint() {
-    let cluster = running().await;
+    let mut operator = Operator::new();
+    let cluster = running(&mut operator).await;
     let changed = with_status(
         query_with(|q| {
             q.spec.query = "SELECT user_id, amount FROM transactions WHERE amount > 500".into();
@@ -308,24 +439,23 @@ async fn a_spec_change_rolls_the_pods_and_keeps_the_checkpoint() {
         &cluster.status,
     );
     let before = cluster.clone();
-    let (result, (cm, sts, status, event)) = reconcile_with(changed, |mut api| async move {
-        let cluster = before;
-        api.get(CM, Some(&stored(&cluster.cm, None))).await;
-        let cm = api.apply(CM).await.body;
-        api.get(SVC, Some(&stored(&cluster.svc, None))).await;
-        api.get(PDB, Some(&stored(&cluster.pdb, None))).await;
-        api.get(STS, Some(&stored(&cluster.sts, Some(sts_status(1, 1, 1)))))
-            .await;
-        let sts = api
-            .apply_onto(STS, stored(&cluster.sts, Some(sts_status(1, 1, 0))))
-            .await
-            .body;
-        api.list(PODS, vec![]).await;
-        let status = apply_status(&mut api).await;
-        let event = api.event(NS).await;
-        (api, (cm, sts, status, event))
-    })
-    .await;
+    let (result, (cm, sts, status, event)) = operator
+        .reconcile(changed, |mut api| async move {
+            let cluster = before;
+            cluster
+                .serve_reads(&mut api, &cluster.sts, sts_status(1, 1, 1), vec![])
+                .await;
+            let cm = api.apply_onto(CM, stored(&cluster.cm, None)).await.body;
+            cluster.serve_svc_pdb(&mut api).await;
+            let sts = api
+                .apply_onto(STS, stored(&cluster.sts, Some(sts_status(1, 1, 0))))
+                .await
+                .body;
+            let status = apply_status(&mut api).await;
+            let event = api.event(NS).await;
+            (api, (cm, sts, status, event))
+        })
+        .await;
     assert!(result.is_ok());
     assert!(
         cm["data"]["query.yaml"]
@@ -352,30 +482,31 @@ async fn a_spec_change_rolls_the_pods_and_keeps_the_checkpoint() {
             .contains("s3://checkpoints/fraud")
     );
     assert_eq!(status["observedGeneration"], 2);
-    assert_eq!(condition(&status, "Progressing")["reason"], "RollingOut");
     assert_eq!(event.2, "Applied ConfigMap fraud-query, StatefulSet fraud.");
 }
 
 #[tokio::test]
 async fn suspend_stops_the_pods_and_resume_starts_them_without_a_roll() {
-    let cluster = running().await;
+    let mut operator = Operator::new();
+    let cluster = running(&mut operator).await;
     let suspended = with_status(query_with(|q| q.spec.suspend = Some(true)), &cluster.status);
     let before = cluster.clone();
-    let (result, (sts, status, events)) = reconcile_with(suspended, |mut api| async move {
-        // The ConfigMap does not hold `suspend`: it is not rewritten.
-        before
-            .serve_reads(&mut api, &before.sts, sts_status(1, 1, 1))
-            .await;
-        let sts = api
-            .apply_onto(STS, stored(&before.sts, Some(sts_status(1, 1, 1))))
-            .await
-            .body;
-        api.list(PODS, vec![]).await;
-        let status = apply_status(&mut api).await;
-        let events = vec![api.event(NS).await, api.event(NS).await];
-        (api, (sts, status, events))
-    })
-    .await;
+    let (result, (sts, status, events)) = operator
+        .reconcile(suspended, |mut api| async move {
+            // The ConfigMap does not hold `suspend`: it is not rewritten.
+            before
+                .serve_reads(&mut api, &before.sts, sts_status(1, 1, 1), vec![])
+                .await;
+            before.serve_svc_pdb(&mut api).await;
+            let sts = api
+                .apply_onto(STS, stored(&before.sts, Some(sts_status(1, 1, 1))))
+                .await
+                .body;
+            let status = apply_status(&mut api).await;
+            let events = vec![api.event(NS).await, api.event(NS).await];
+            (api, (sts, status, events))
+        })
+        .await;
     assert_eq!(result.unwrap(), requeue(10));
     assert_eq!(sts["spec"]["replicas"], 0);
     assert_eq!(sts["spec"]["template"], cluster.sts["spec"]["template"]);
@@ -385,22 +516,25 @@ async fn suspend_stops_the_pods_and_resume_starts_them_without_a_roll() {
     // Resume: the pods come back, with the same template (no roll).
     let resumed = with_status(query(), &status);
     let stopped = cluster.clone();
-    let (result, sts) = reconcile_with(resumed, |mut api| async move {
-        stopped
-            .serve_reads(&mut api, &sts, sts_status(0, 0, 0))
-            .await;
-        let sts = api
-            .apply_onto(STS, stored(&sts, Some(sts_status(0, 0, 0))))
-            .await
-            .body;
-        api.list(PODS, vec![]).await;
-        let status = apply_status(&mut api).await;
-        assert_eq!(status["phase"], "Pending");
-        api.event(NS).await;
-        assert_eq!(api.event(NS).await.1, "Pending");
-        (api, sts)
-    })
-    .await;
+    let (result, sts) = operator
+        .reconcile(resumed, |mut api| async move {
+            let mut sts = stored(&sts, None);
+            sts["metadata"]["resourceVersion"] = json!("18");
+            stopped
+                .serve_reads(&mut api, &sts, sts_status(0, 0, 0), vec![])
+                .await;
+            stopped.serve_svc_pdb(&mut api).await;
+            let sts = api
+                .apply_onto(STS, stored(&sts, Some(sts_status(0, 0, 0))))
+                .await
+                .body;
+            let status = apply_status(&mut api).await;
+            assert_eq!(status["phase"], "Pending");
+            api.event(NS).await;
+            assert_eq!(api.event(NS).await.1, "Pending");
+            (api, sts)
+        })
+        .await;
     assert!(result.is_ok());
     assert_eq!(sts["spec"]["replicas"], 1);
     assert_eq!(sts["spec"]["template"], cluster.sts["spec"]["template"]);
@@ -412,15 +546,18 @@ async fn an_invalid_spec_is_degraded_with_every_field_path_and_gets_no_pods() {
         q.spec.query = "SELECT * FROM payments".into();
         q.spec.state_partitions = Some(0);
     });
-    let (result, (status, event)) = reconcile_with(invalid, |mut api| async move {
-        api.get(CM, None).await;
-        api.get(STS, None).await;
-        // No object is applied and no pods are listed: there are none.
-        let status = apply_status(&mut api).await;
-        let event = api.event(NS).await;
-        (api, (status, event))
-    })
-    .await;
+    let (result, (status, event)) = Operator::new()
+        .reconcile(invalid, |mut api| async move {
+            api.get(CM, None).await;
+            api.get(STS, None).await;
+            api.list(JOBS, vec![]).await;
+            api.list(PODS, vec![]).await;
+            // No object is applied.
+            let status = apply_status(&mut api).await;
+            let event = api.event(NS).await;
+            (api, (status, event))
+        })
+        .await;
     assert_eq!(result.unwrap(), requeue(300));
     assert_eq!(status["phase"], "Failed");
     let degraded = condition(&status, "Degraded");
@@ -438,7 +575,8 @@ async fn an_invalid_spec_is_degraded_with_every_field_path_and_gets_no_pods() {
 
 #[tokio::test]
 async fn a_change_the_checkpoint_cannot_take_is_refused_and_nothing_is_applied() {
-    let cluster = running().await;
+    let mut operator = Operator::new();
+    let cluster = running(&mut operator).await;
     let breaking = with_status(
         query_with(|q| {
             q.spec.state_partitions = Some(32);
@@ -446,16 +584,16 @@ async fn a_change_the_checkpoint_cannot_take_is_refused_and_nothing_is_applied()
         }),
         &cluster.status,
     );
-    let (result, (status, event)) = reconcile_with(breaking, |mut api| async move {
-        api.get(CM, Some(&stored(&cluster.cm, None))).await;
-        api.get(STS, Some(&stored(&cluster.sts, Some(sts_status(1, 1, 1)))))
-            .await;
-        api.list(PODS, vec![]).await;
-        let status = apply_status(&mut api).await;
-        let event = api.event(NS).await;
-        (api, (status, event))
-    })
-    .await;
+    let (result, (status, event)) = operator
+        .reconcile(breaking, |mut api| async move {
+            cluster
+                .serve_reads(&mut api, &cluster.sts, sts_status(1, 1, 1), vec![])
+                .await;
+            let status = apply_status(&mut api).await;
+            let event = api.event(NS).await;
+            (api, (status, event))
+        })
+        .await;
     assert!(result.is_ok());
     let degraded = condition(&status, "Degraded");
     assert_eq!(degraded["reason"], "ChangeRefused");
@@ -471,9 +609,312 @@ async fn a_change_the_checkpoint_cannot_take_is_refused_and_nothing_is_applied()
     assert_eq!((event.0.as_str(), event.1.as_str()), ("Warning", "Failed"));
 }
 
+/// A change the API server refuses (a StatefulSet's volumeClaimTemplates
+/// are immutable) is Degraded with the server's own message, in the status
+/// and in an Event; the pods keep running.
+#[tokio::test]
+async fn an_apply_the_server_refuses_is_degraded_with_its_message() {
+    let mut operator = Operator::new();
+    let cluster = running(&mut operator).await;
+    let bigger = with_status(
+        query_with(|q| {
+            q.spec.engine =
+                Some(serde_json::from_value(json!({"stateVolume": {"size": "20Gi"}})).unwrap());
+            q.metadata.generation = Some(2);
+        }),
+        &cluster.status,
+    );
+    let refusal = "StatefulSet.apps \"fraud\" is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden";
+    let (result, (status, event)) = operator
+        .reconcile(bigger, move |mut api| async move {
+            cluster
+                .serve_reads(&mut api, &cluster.sts, sts_status(1, 1, 1), vec![])
+                .await;
+            cluster.serve_svc_pdb(&mut api).await;
+            api.refuse_apply(STS, refusal).await;
+            let status = apply_status(&mut api).await;
+            let event = api.event(NS).await;
+            (api, (status, event))
+        })
+        .await;
+    assert!(result.is_ok(), "{result:?}");
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["reason"], "ApplyFailed");
+    let expected = format!("The API server refused the change: StatefulSet fraud: {refusal}");
+    assert_eq!(degraded["message"], expected.as_str());
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(
+        (event.0.as_str(), event.1.as_str(), event.2.as_str()),
+        ("Warning", "Failed", expected.as_str())
+    );
+}
+
+/// The objects of `query` as the operator builds them.
+fn cm_of(query: &StreamingQuery) -> Value {
+    serde_json::to_value(objects::config_map(query).unwrap()).unwrap()
+}
+
+fn sts_of(query: &StreamingQuery) -> Value {
+    serde_json::to_value(objects::stateful_set(query, &defaults()).unwrap()).unwrap()
+}
+
+fn defaults() -> Defaults {
+    Defaults {
+        engine_image: "sluice:test".into(),
+    }
+}
+
+/// The engine keeps crashing: past `maxRestarts` (6 by default) the pods
+/// are stopped and the query is Failed with the engine's last error, and it
+/// stays so once the pods are gone.
+#[tokio::test]
+async fn past_the_restart_limit_the_pods_stop_and_the_query_fails_with_the_last_error() {
+    let mut operator = Operator::new();
+    let cluster = running(&mut operator).await;
+    let error = "INFO Query started.\nerror: sink files /out: permission denied";
+    let before = cluster.clone();
+    let (result, (sts, status, events)) = operator
+        .reconcile(
+            with_status(query(), &cluster.status),
+            move |mut api| async move {
+                before
+                    .serve_reads(
+                        &mut api,
+                        &before.sts,
+                        sts_status(1, 0, 1),
+                        vec![crashing_pod(7, error)],
+                    )
+                    .await;
+                // The ConfigMap keeps the failed spec (memo: not sent again).
+                before.serve_svc_pdb(&mut api).await;
+                let sts = api
+                    .apply_onto(STS, stored(&before.sts, Some(sts_status(1, 0, 1))))
+                    .await
+                    .body;
+                let status = apply_status(&mut api).await;
+                let events = vec![api.event(NS).await, api.event(NS).await];
+                (api, (sts, status, events))
+            },
+        )
+        .await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(sts["spec"]["replicas"], 0, "the pods are stopped");
+    assert_eq!(status["phase"], "Failed");
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["reason"], "RestartLimitExceeded");
+    let message = degraded["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("The engine failed 7 times in a row, more than spec.restartPolicy.maxRestarts (6), and its pods are stopped; last error: pod fraud-0 container engine: CrashLoopBackOff (restarted 7 times; last exit code 1: error: sink files /out: permission denied)."),
+        "{message}"
+    );
+    assert_eq!(status["lastError"], message);
+    assert_eq!(status["failures"]["gaveUp"], true);
+    assert_eq!(events[0].2, "Applied StatefulSet fraud.");
+    assert_eq!(
+        (events[1].1.as_str(), events[1].2.as_str()),
+        ("Failed", message)
+    );
+
+    // The pods are gone: the decision holds, the message too (no Event).
+    let mut stopped = stored(&sts, Some(sts_status(0, 0, 0)));
+    stopped["metadata"]["resourceVersion"] = json!("18"); // as the apply answered
+    let (again, after) = (cluster.clone(), stopped.clone());
+    let (result, later) = operator
+        .reconcile(with_status(query(), &status), move |mut api| async move {
+            again
+                .serve_reads(&mut api, &after, sts_status(0, 0, 0), vec![])
+                .await;
+            again.serve_svc_pdb(&mut api).await;
+            let later = apply_status(&mut api).await;
+            (api, later)
+        })
+        .await;
+    assert_eq!(result.unwrap(), requeue(300));
+    assert_eq!(
+        (&later["phase"], &later["replicas"]),
+        (&json!("Failed"), &json!(0))
+    );
+    assert_eq!(condition(&later, "Degraded")["message"], message);
+    // And then nothing is written at all.
+    let (result, ()) = operator
+        .reconcile(with_status(query(), &later), move |mut api| async move {
+            cluster
+                .serve_reads(&mut api, &stopped, sts_status(0, 0, 0), vec![])
+                .await;
+            cluster.serve_svc_pdb(&mut api).await;
+            (api, ())
+        })
+        .await;
+    assert_eq!(result.unwrap(), requeue(300));
+}
+
+/// A spec change whose engine keeps failing goes back to the last spec that
+/// ran, when `restartPolicy.rollback` asks for it.
+#[tokio::test]
+async fn a_failed_change_is_rolled_back_to_the_last_spec_that_ran() {
+    let stable = query();
+    let changed = query_with(|q| {
+        q.metadata.generation = Some(2);
+        q.spec.query = "SELECT user_id, amount / 0 AS x FROM transactions".into();
+        q.spec.restart_policy =
+            Some(serde_json::from_value(json!({"maxRestarts": 2, "rollback": true})).unwrap());
+        q.status = Some(
+            serde_json::from_value(json!({
+                "phase": "Running",
+                "lastStableSpec": serde_json::to_string(&stable.spec).unwrap(),
+                "lastStableGeneration": 1,
+                "failures": {"revision": "2", "restarts": 0, "restartCountBase": 0},
+            }))
+            .unwrap(),
+        );
+    });
+    let (cm, sts) = (cm_of(&changed), sts_of(&changed));
+    let (result, (cm, sts, status)) = Operator::new()
+        .reconcile(changed, |mut api| async move {
+            api.get(CM, Some(&stored(&cm, None))).await;
+            api.get(STS, Some(&stored(&sts, Some(sts_status(1, 0, 1)))))
+                .await;
+            api.list(JOBS, vec![]).await;
+            api.list(PODS, vec![crashing_pod(3, "error: division by zero")])
+                .await;
+            let cm = api.apply_onto(CM, stored(&cm, None)).await.body;
+            api.get(SVC, None).await;
+            api.apply(SVC).await;
+            api.get(PDB, None).await;
+            api.apply(PDB).await;
+            let sts = api
+                .apply_onto(STS, stored(&sts, Some(sts_status(1, 0, 1))))
+                .await
+                .body;
+            let status = apply_status(&mut api).await;
+            assert_eq!(api.event(NS).await.1, "Applied");
+            assert_eq!(api.event(NS).await.1, "Pending");
+            assert_eq!(api.event(NS).await.1, "RolledBack");
+            (api, (cm, sts, status))
+        })
+        .await;
+    assert!(result.is_ok(), "{result:?}");
+    let manifest = cm["data"]["query.yaml"].as_str().unwrap();
+    assert!(manifest.contains("amount > 100"), "{manifest}");
+    let hash = |sts: &Value| {
+        sts["spec"]["template"]["metadata"]["annotations"][SPEC_HASH_ANNOTATION].clone()
+    };
+    assert_eq!(hash(&sts), hash(&sts_of(&stable)));
+    assert_eq!(sts["spec"]["replicas"], 1);
+    assert_eq!(status["runningGeneration"], 1);
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["reason"], "RolledBack");
+    assert!(
+        degraded["message"].as_str().unwrap().starts_with(
+            "Generation 2 failed 3 times in a row (last error: pod fraud-0 container engine: CrashLoopBackOff (restarted 3 times; last exit code 1: error: division by zero)); rolled back to generation 1, the last spec that ran."
+        ),
+        "{degraded}"
+    );
+}
+
+/// An `availableNow` query runs as a Job, and ends Completed with its final
+/// progress (the engine's termination message) in the status.
+#[tokio::test]
+async fn an_available_now_query_runs_as_a_job_and_completes_with_its_final_progress() {
+    let batch = query_with(|q| {
+        q.spec.trigger = Some(serde_json::from_value(json!({"availableNow": true})).unwrap());
+        q.spec.sources[0].generator.as_mut().unwrap().total_rows = Some(1000);
+    });
+    let job = serde_json::to_value(objects::job(&batch, &defaults()).unwrap()).unwrap();
+    let job_name = job["metadata"]["name"].as_str().unwrap().to_owned();
+    assert!(job_name.starts_with("fraud-") && job_name.len() == "fraud-".len() + 8);
+    let job_path = format!("{JOBS}/{job_name}");
+    let mut operator = Operator::new();
+    let path = job_path.clone();
+    let (result, (cluster, applied_job, status)) = operator
+        .reconcile(batch.clone(), |mut api| async move {
+            api.get(CM, None).await;
+            api.get(STS, None).await;
+            api.list(JOBS, vec![]).await;
+            api.list(PODS, vec![]).await;
+            let cm = api.apply(CM).await.body;
+            api.get(SVC, None).await;
+            let svc = api.apply(SVC).await.body;
+            api.get(PDB, None).await;
+            let pdb = api.apply(PDB).await.body;
+            let applied_job = api.apply(&path).await.body;
+            let status = apply_status(&mut api).await;
+            let applied = api.event(NS).await;
+            assert_eq!(
+                applied.2,
+                format!("Applied ConfigMap fraud-query, Service fraud, PodDisruptionBudget fraud, Job {}.", applied_job["metadata"]["name"].as_str().unwrap())
+            );
+            assert_eq!(api.event(NS).await.1, "Pending");
+            let cluster = Cluster {
+                cm,
+                svc,
+                pdb,
+                sts: Value::Null,
+                status: status.clone(),
+            };
+            (api, (cluster, applied_job, status))
+        })
+        .await;
+    assert!(result.is_ok());
+    assert_eq!(applied_job["spec"]["backoffLimit"], 6);
+    assert_eq!(
+        applied_job["spec"]["template"]["spec"]["restartPolicy"],
+        "Never"
+    );
+    assert_eq!(status["job"], job_name.as_str());
+
+    // The run ends: the Job is Complete, its pod wrote its final progress.
+    let progress = json!({
+        "id": "q", "runId": "r", "name": "fraud", "timestamp": "2026-11-21T10:00:02.000Z",
+        "batchId": 4, "numInputRows": 200, "inputRowsPerSecond": 100.0,
+        "processedRowsPerSecond": 2000.0, "durationMs": {}, "eventTime": {},
+        "stateOperators": [], "sources": [], "sink": {"description": "console", "numOutputRows": 3},
+    });
+    let pod = json!({
+        "metadata": {"name": format!("{job_name}-x7k2p"), "namespace": NS,
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
+                                          "uid": "j-1", "controller": true}]},
+        "status": {"phase": "Succeeded", "containerStatuses": [{
+            "name": "engine", "image": "sluice:test", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": progress.to_string()}},
+        }]},
+    });
+    let mut done = stored(&applied_job, None);
+    done["status"] = json!({"succeeded": 1, "conditions": [
+        {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]});
+    let (result, (status, event)) = operator
+        .reconcile(with_status(batch, &status), move |mut api| async move {
+            api.get(CM, Some(&stored(&cluster.cm, None))).await;
+            api.get(STS, None).await;
+            api.list(JOBS, vec![done]).await;
+            api.list(PODS, vec![pod]).await;
+            cluster.serve_svc_pdb(&mut api).await;
+            let status = apply_status(&mut api).await;
+            let event = api.event(NS).await;
+            (api, (status, event))
+        })
+        .await;
+    assert_eq!(result.unwrap(), requeue(300));
+    assert_eq!(status["phase"], "Completed");
+    assert_eq!(status["progress"]["batchId"], 4);
+    assert_eq!(
+        status["progress"]["lastCommitTime"],
+        "2026-11-21T10:00:02.000Z"
+    );
+    assert_eq!(
+        condition(&status, "Ready")["message"],
+        "The query processed all its input (last batch 4) and stopped."
+    );
+    assert_eq!(
+        (event.0.as_str(), event.1.as_str()),
+        ("Normal", "Completed")
+    );
+}
+
 #[tokio::test]
 async fn deletion_stops_the_pods_before_the_finalizer_goes() {
-    let cluster = running().await;
+    let mut operator = Operator::new();
+    let cluster = running(&mut operator).await;
     let deleting = with_status(
         query_with(|q| {
             q.metadata.deletion_timestamp =
@@ -486,34 +927,38 @@ async fn deletion_stops_the_pods_before_the_finalizer_goes() {
     let pod =
         json!({"metadata": {"name": "fraud-0", "namespace": NS}, "status": {"phase": "Running"}});
     let running_sts = stored(&cluster.sts, Some(sts_status(1, 1, 1)));
-    let (result, stopped) = reconcile_with(deleting.clone(), |mut api| async move {
-        api.get(STS, Some(&running_sts)).await;
-        let stopped = api.apply(STS).await.body;
-        let event = api.event(NS).await;
-        assert_eq!(
-            event.2,
-            "Stopping the engine pods before the query is deleted; the checkpoint at s3://checkpoints/fraud is kept."
-        );
-        api.list(PODS, vec![pod]).await;
-        (api, stopped)
-    })
-    .await;
+    let (result, stopped) = operator
+        .reconcile(deleting.clone(), |mut api| async move {
+            api.get(STS, Some(&running_sts)).await;
+            let stopped = api.apply_onto(STS, running_sts).await.body;
+            api.list(JOBS, vec![]).await;
+            let event = api.event(NS).await;
+            assert_eq!(
+                event.2,
+                "Stopping the engine pods before the query is deleted; the checkpoint at s3://checkpoints/fraud is kept."
+            );
+            api.list(PODS, vec![pod]).await;
+            (api, stopped)
+        })
+        .await;
     assert_eq!(stopped["spec"]["replicas"], 0);
     let error = result.unwrap_err();
     assert!(error.is_waiting(), "{error}");
 
     // The pods are gone: the finalizer is removed, and the owner references
     // let Kubernetes delete the objects.
-    let (result, patch) = reconcile_with(deleting, |mut api| async move {
-        api.get(STS, Some(&stored(&stopped, Some(sts_status(0, 0, 0)))))
-            .await;
-        api.list(PODS, vec![]).await;
-        let mut gone = serde_json::to_value(query()).unwrap();
-        gone["metadata"]["finalizers"] = json!([]);
-        let call = api.answer("PATCH", QUERY, 200, gone).await;
-        (api, call.body)
-    })
-    .await;
+    let (result, patch) = operator
+        .reconcile(deleting, |mut api| async move {
+            api.get(STS, Some(&stored(&stopped, Some(sts_status(0, 0, 0)))))
+                .await;
+            api.list(JOBS, vec![]).await;
+            api.list(PODS, vec![]).await;
+            let mut gone = serde_json::to_value(query()).unwrap();
+            gone["metadata"]["finalizers"] = json!([]);
+            let call = api.answer("PATCH", QUERY, 200, gone).await;
+            (api, call.body)
+        })
+        .await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert!(
         patch
@@ -522,5 +967,50 @@ async fn deletion_stops_the_pods_before_the_finalizer_goes() {
             .iter()
             .any(|op| op["op"] == "remove"),
         "{patch}"
+    );
+}
+
+/// A pod stuck terminating does not hold the query forever: after the
+/// deletion timeout an Event names it and the finalizer goes.
+#[tokio::test]
+async fn deletion_gives_up_after_its_timeout_and_names_the_pod_that_blocks() {
+    let mut operator = Operator::with_settings(Settings {
+        deletion_timeout: Duration::ZERO,
+        ..Settings::default()
+    });
+    let deleting = query_with(|q| {
+        q.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-11-21T10:00:00Z".parse().unwrap(),
+        ));
+    });
+    let mut stopped = sts_of(&query_with(|q| q.spec.suspend = Some(true)));
+    stopped = stored(&stopped, Some(sts_status(0, 0, 0)));
+    let stuck = json!({
+        "metadata": {"name": "fraud-0", "namespace": NS, "finalizers": ["example.com/backup"],
+                     "deletionTimestamp": "2026-11-21T10:00:05Z"},
+        "spec": {"nodeName": "node-7", "containers": [{"name": "engine"}]},
+        "status": {"phase": "Running"},
+    });
+    let (result, event) = operator
+        .reconcile(deleting, |mut api| async move {
+            api.get(STS, Some(&stopped)).await;
+            api.list(JOBS, vec![]).await;
+            api.list(PODS, vec![stuck]).await;
+            let event = api.event(NS).await;
+            let mut gone = serde_json::to_value(query()).unwrap();
+            gone["metadata"]["finalizers"] = json!([]);
+            api.answer("PATCH", QUERY, 200, gone).await;
+            (api, event)
+        })
+        .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(
+        (event.0.as_str(), event.1.as_str()),
+        ("Warning", "DeletionTimedOut")
+    );
+    assert!(
+        event.2.contains("pod fraud-0 (Running on node-7, terminating since 2026-11-21T10:00:05Z, finalizers example.com/backup)"),
+        "{}",
+        event.2
     );
 }
