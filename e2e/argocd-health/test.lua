@@ -197,6 +197,32 @@ local cases = {
     exact = "Waiting for the Job to start",
   },
   {
+    -- spec.replicas: 0 (kubectl scale --replicas 0): the operator says Suspended.
+    name = "scaled to zero",
+    obj = query(2, { sql = "SELECT 1", replicas = 0 }, {
+      phase = "Suspended",
+      observedGeneration = 2,
+      conditions = { condition("Ready", "False", "spec.replicas is 0; its checkpoint is kept.", "ScaledToZero") },
+    }),
+    status = "Suspended",
+    exact = "The query is suspended",
+  },
+  {
+    -- A failed change rolled back: pods run, but not the spec in Git.
+    name = "rolled back to the last spec that ran",
+    obj = query(5, nil, {
+      phase = "Running",
+      observedGeneration = 5,
+      runningGeneration = 4,
+      conditions = {
+        condition("Ready", "True", "1/1 engine pods ready.", "RolledBack"),
+        condition("Degraded", "True", "Generation 5 failed 3 times in a row (last error: x); rolled back to generation 4, the last spec that ran. Change the spec to try again.", "RolledBack"),
+      },
+    }),
+    status = "Degraded",
+    contains = "rolled back to generation 4",
+  },
+  {
     name = "Pending without conditions",
     obj = query(1, nil, { phase = "Pending", observedGeneration = 1 }),
     status = "Progressing",
