@@ -20,6 +20,9 @@ kafka_fetch
 work=$(mktemp -d)
 trap 'kafka_kill "$work/broker" 2>/dev/null || true; rm -rf "$work"' EXIT
 kafka_start "$work/broker"
+kafka_topic_create alerts 2
+SLUICE_TEST_KAFKA="$KAFKA_BOOTSTRAP" cargo test --locked --workspace --test it -- --ignored --exact \
+  kafka::the_sink_knows_which_batches_it_committed_on_a_real_broker
 python3 e2e/kafka/e2e.py --sluice "$CARGO_TARGET_DIR/debug/sluice" --bootstrap "$KAFKA_BOOTSTRAP" \
   --broker-dir "$work/broker" --work "$work" --records "${KAFKA_E2E_RECORDS:-1000000}"
 echo "e2e kafka: passed"

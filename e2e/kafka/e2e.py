@@ -22,6 +22,8 @@
 7. The broker stopped for 30 s in the middle of a run: the engine says in
    its log and /status that the brokers are unavailable, resumes, and the
    output equals the reference.
+8. Partitions added to a topic while a query reads it are read, from their
+   first record.
 """
 
 import argparse
@@ -252,7 +254,11 @@ def main():
     parser.add_argument("--broker-dir", required=True)
     parser.add_argument("--work", required=True)
     parser.add_argument("--records", type=int, default=1_000_000)
-    env = Env(parser.parse_args())
+    parser.add_argument("--growing-only", action="store_true", help="only the check of added partitions")
+    args = parser.parse_args()
+    env = Env(args)
+    if args.growing_only:
+        return growing(env)
     for topic in ["transactions"] + [f"alerts-{n}" for n in ("clean", "killed", "open", "outage")]:
         env.topic(topic, 4)
 
@@ -428,6 +434,62 @@ spec:
         fail("the log never said the brokers were unavailable")
     ok(f"broker stopped for 30 s: /status said {said[:140]!r}")
     same(env, "alerts-outage", expected, "after the broker came back")
+
+    growing(env)
+
+
+def growing(env):
+    """8. Partitions added while the query runs."""
+    env.topic("growing", 1)
+    producer = Producer({"bootstrap.servers": env.bootstrap})
+    for i in range(100):
+        producer.produce("growing", value=json.dumps({"transaction_id": f"a{i}", "amount": i}).encode())
+    producer.flush()
+    growing = os.path.join(env.work, "growing.yaml")
+    out = os.path.join(env.work, "growing-out")
+    with open(growing, "w") as f:
+        f.write(f"""apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: growing}}
+spec:
+  sources:
+    - name: records
+      kafka: {{bootstrapServers: "{env.bootstrap}", topic: growing, startingOffsets: earliest}}
+      schema: [{{name: transaction_id, type: string}}, {{name: amount, type: double}}]
+  query: SELECT transaction_id, partition FROM records
+  sink: {{files: {{path: "{out}"}}}}
+  checkpoint: {{location: "{env.work}/growing-checkpoint"}}
+  trigger: {{processingTime: 500ms}}
+""")
+    p = env.start(growing)
+    deadline = time.time() + 60
+    while time.time() < deadline and not os.path.exists(os.path.join(out, "_sluice_metadata", "0")):
+        time.sleep(0.2)
+    sh(f"source {env.broker_dir}/kafka.env; kafka_java org.apache.kafka.tools.TopicCommand "
+       f"--bootstrap-server {env.bootstrap} --alter --topic growing --partitions 3")
+    del producer
+    producer = Producer({"bootstrap.servers": env.bootstrap})
+    deadline = time.time() + 30
+    while len(producer.list_topics("growing", timeout=10).topics["growing"].partitions) < 3:
+        if time.time() > deadline:
+            fail("the topic never showed its 3 partitions")
+        time.sleep(0.5)
+    for i in range(99):
+        producer.produce("growing", value=json.dumps({"transaction_id": f"b{i}", "amount": i}).encode(),
+                         partition=i % 3)
+    producer.flush()
+    del producer
+    rows = []
+    deadline = time.time() + 120
+    while time.time() < deadline and len(rows) < 199:
+        time.sleep(0.5)
+        rows = rows_of_files(out) if os.path.isdir(os.path.join(out, "_sluice_metadata")) else []
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    partitions = sorted({dict(r.exact)["partition"] for r in rows})
+    if len(rows) != 199 or partitions != [0, 1, 2]:
+        fail(f"after adding partitions: {len(rows)} rows from partitions {partitions}, expected 199 from [0, 1, 2]")
+    ok("partitions added to the topic while the query ran: read from their first record")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@
 #   KAFKA_START_TIMEOUT     seconds to wait for the broker (default 90)
 #   KAFKA_STOP_TIMEOUT      seconds to wait for a clean stop (default 60)
 #   KAFKA_DETACH            1: the broker outlives the shell that started it
+#   KAFKA_LISTEN_PORT       the clients' port (default: a free one)
 #   KAFKA_TOOLS_CDS         0: no class-data-sharing archive for the tools
 #
 # State, set by kafka_start and kafka_restart (also written to DIR/kafka.env):
@@ -176,7 +177,9 @@ kafka_start() {
   fi
   KAFKA_DIR="$dir"
   KAFKA_LOG="$dir/kafka.log"
-  KAFKA_PORT="$(kafka_free_port)"
+  # KAFKA_LISTEN_PORT: a fixed port for the clients (e.g. 9092, for the
+  # examples); otherwise a free one.
+  KAFKA_PORT="${KAFKA_LISTEN_PORT:-$(kafka_free_port)}"
   KAFKA_CONTROLLER_PORT="$(kafka_free_port)"
   while [[ "$KAFKA_CONTROLLER_PORT" == "$KAFKA_PORT" ]]; do KAFKA_CONTROLLER_PORT="$(kafka_free_port)"; done
   KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"

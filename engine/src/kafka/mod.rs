@@ -119,6 +119,12 @@ fn transient(code: RDKafkaErrorCode) -> bool {
             | CoordinatorNotAvailable
             | NotCoordinator
             | ConcurrentTransactions
+            | QueueFull
+            // librdkafka's own, while it has no leader for the partition
+            // (a broker down): the next metadata fetch tells whether the
+            // partition is really gone.
+            | UnknownPartition
+            | UnknownTopic
     )
 }
 

@@ -42,8 +42,15 @@ use crate::sink::{Sink, SinkContext};
 use crate::{Error, Result};
 
 /// How long flushing a batch's records or committing its transaction may
-/// take before the brokers count as unavailable.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// take before the brokers count as unavailable (the query then restarts
+/// from its checkpoint; the next run's `initTransactions` settles the
+/// transaction either way, and the marker says which).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long the brokers may take no record at all, while records wait to
+/// be sent, before they count as unavailable. A large batch that goes on
+/// slowly is not a stall.
+const SEND_STALL: Duration = Duration::from_secs(10);
 
 /// Remembers the first record the brokers refused.
 #[derive(Default)]
@@ -363,10 +370,14 @@ fn produce(
         if let Some(p) = r.partition {
             record = record.partition(p);
         }
+        let mut progress = Progress::new(producer);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                // The queue drains as the brokers take records.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if !progress.stalled(producer) =>
+                {
                     record = back;
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -374,7 +385,41 @@ fn produce(
             }
         }
     }
-    producer.flush(COMMIT_TIMEOUT)
+    let mut progress = Progress::new(producer);
+    loop {
+        match producer.flush(Duration::from_secs(1)) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                if !progress.stalled(producer) => {}
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Whether the brokers are taking records: the producer's records in
+/// flight go down.
+struct Progress {
+    in_flight: i32,
+    since: std::time::Instant,
+}
+
+impl Progress {
+    fn new(producer: &ThreadedProducer<Deliveries>) -> Self {
+        Self {
+            in_flight: producer.in_flight_count(),
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether no record left for [`SEND_STALL`].
+    fn stalled(&mut self, producer: &ThreadedProducer<Deliveries>) -> bool {
+        let now = producer.in_flight_count();
+        if now < self.in_flight {
+            self.since = std::time::Instant::now();
+        }
+        self.in_flight = now;
+        self.since.elapsed() > SEND_STALL
+    }
 }
 
 #[async_trait]
@@ -446,12 +491,34 @@ impl Sink for KafkaSink {
         );
         let description = self.description();
         let committed = blocking(move || {
-            marker.committed_offsets(tpl, CALL_TIMEOUT).map_err(|e| {
-                classify(what, &e, |message| Error::Sink {
-                    sink: description,
-                    message,
-                })
-            })
+            // NB: a group's coordinator takes a moment to load after the
+            // group first appears: retried, as clients retry it.
+            let mut attempt = 0;
+            loop {
+                match marker.committed_offsets(tpl.clone(), CALL_TIMEOUT) {
+                    Ok(found) => return Ok(found),
+                    Err(e)
+                        if attempt < 40
+                            && matches!(
+                                e.rdkafka_error_code(),
+                                Some(
+                                    RDKafkaErrorCode::NotCoordinator
+                                        | RDKafkaErrorCode::CoordinatorLoadInProgress
+                                        | RDKafkaErrorCode::CoordinatorNotAvailable
+                                )
+                            ) =>
+                    {
+                        attempt += 1;
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    Err(e) => {
+                        return Err(classify(what, &e, |message| Error::Sink {
+                            sink: description,
+                            message,
+                        }));
+                    }
+                }
+            }
         })
         .await?;
         Ok(committed.elements().iter().any(|e| match e.offset() {

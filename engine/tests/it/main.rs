@@ -4,6 +4,7 @@ mod cli;
 mod crash;
 mod examples;
 mod faults;
+mod kafka;
 mod pipeline;
 mod replay;
 mod sql;
