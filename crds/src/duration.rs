@@ -140,3 +140,49 @@ mod tests {
         }
     }
 }
+
+/// Parses a size in bytes such as `"128MiB"`, `"1GiB"`, `"500MB"` or a
+/// plain number of bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let digits = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(digits);
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" | "Ki" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" | "Mi" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" | "Gi" => 1 << 30,
+        _ => 0,
+    };
+    match number.parse::<u64>() {
+        Ok(n) if scale > 0 && n > 0 => n
+            .checked_mul(scale)
+            .ok_or_else(|| format!("{text:?} is too large")),
+        _ => Err(format!(
+            "{text:?} is not a size: write a number and a unit, B, KiB, MiB or GiB, e.g. \"128MiB\""
+        )),
+    }
+}
+
+#[cfg(test)]
+mod byte_tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_are_read_with_their_units() {
+        assert_eq!(parse_bytes("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(
+            parse_bytes("lots")
+                .unwrap_err()
+                .contains("\"lots\" is not a size")
+        );
+        assert!(parse_bytes("0MiB").is_err());
+    }
+}

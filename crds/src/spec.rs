@@ -402,15 +402,40 @@ pub struct SecretOption {
     pub file: Option<String>,
 }
 
-/// A directory of data files.
+/// A directory of data files (its files, not its subdirectories').
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileSource {
-    /// The directory: a local path, `file://...` or `s3://bucket/prefix`.
+    /// The directory: a local path, `file://...` or `s3://bucket/prefix`
+    /// (credentials from the environment, as the AWS tools read them).
     pub path: String,
     /// The most new files one batch reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_files_per_trigger: Option<u64>,
+    /// The most bytes one batch reads, e.g. `256MiB` (a batch takes at
+    /// least one file), as Spark's `maxBytesPerTrigger`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes_per_trigger: Option<String>,
+    /// The order files are taken in: `name` (the default) or
+    /// `modificationTime` (then name), as Spark takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<FileOrder>,
+    /// Files older than this (by modification time) when the query first
+    /// starts are left out, e.g. `7d` (Spark's `maxFileAge`). Default: none
+    /// is left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_age: Option<String>,
+}
+
+/// The order a file source takes files in.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FileOrder {
+    /// By name: name new files to sort last (a timestamp, a sequence).
+    #[default]
+    Name,
+    /// By modification time, then name.
+    ModificationTime,
 }
 
 /// A record encoding.
@@ -488,12 +513,13 @@ pub struct Watermark {
     pub idle_timeout: Option<String>,
 }
 
-/// Where results are written. Set exactly one of `console`, `files` or `kafka`.
+/// Where results are written. Set exactly one of `console`, `files`,
+/// `kafka` or `delta`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.console), has(self.files), has(self.kafka)].filter(x, x).size() == 1",
-    "message": "set exactly one of console, files or kafka",
+    "rule": "[has(self.console), has(self.files), has(self.kafka), has(self.delta)].filter(x, x).size() == 1",
+    "message": "set exactly one of console, files, kafka or delta",
 }]))]
 pub struct Sink {
     /// Print each batch as a table on standard output, as Spark's console sink.
@@ -505,6 +531,9 @@ pub struct Sink {
     /// Write each row as a record to a Kafka topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<KafkaSink>,
+    /// Write each batch as one commit of a Delta Lake table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaSink>,
     /// How rows are encoded (file and Kafka sinks): `json` (the default) or
     /// `parquet` (files only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -527,8 +556,37 @@ pub struct ConsoleSink {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileSink {
-    /// The output directory: a local path or `file://...`.
+    /// The output directory: a local path, `file://...` or
+    /// `s3://bucket/prefix` (credentials from the environment).
     pub path: String,
+    /// Columns whose values make directories, `col=value/`, as Spark writes
+    /// partitioned output; the files hold the other columns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partition_by: Vec<String>,
+    /// The size a data file is closed at, e.g. `128MiB` (the default); a
+    /// batch bigger than that writes several files per partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_file_size: Option<String>,
+}
+
+/// A Delta Lake table to write.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeltaSink {
+    /// The table: a local path, `file://...` or `s3://bucket/prefix`
+    /// (created at the first batch when missing).
+    pub path: String,
+    /// Add to the table the columns a result has and the table has not
+    /// (Delta's `mergeSchema`). Default false: such a result is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_schema: Option<bool>,
+    /// Update mode: the columns a result row is merged on: it replaces the
+    /// table's row with the same values there, or is inserted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merge_keys: Vec<String>,
+    /// The table's partition columns, when the sink creates it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partition_by: Vec<String>,
 }
 
 /// The Kafka sink's options. As Spark's Kafka sink, the result's columns
@@ -638,10 +696,11 @@ impl Sink {
     /// Which kind of sink this is, by the field that is set; `None` when none
     /// or several are.
     pub fn kind(&self) -> Option<&'static str> {
-        match (&self.console, &self.files, &self.kafka) {
-            (Some(_), None, None) => Some("console"),
-            (None, Some(_), None) => Some("files"),
-            (None, None, Some(_)) => Some("kafka"),
+        match (&self.console, &self.files, &self.kafka, &self.delta) {
+            (Some(_), None, None, None) => Some("console"),
+            (None, Some(_), None, None) => Some("files"),
+            (None, None, Some(_), None) => Some("kafka"),
+            (None, None, None, Some(_)) => Some("delta"),
             _ => None,
         }
     }

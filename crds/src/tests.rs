@@ -228,10 +228,9 @@ fn sources_and_sinks_need_exactly_one_kind() {
         problems.contains(&"spec.sources[0]: sets generator and files: set only one".to_owned()),
         "{problems:#?}"
     );
-    assert!(
-        problems
-            .contains(&"spec.sink: names no output: set one of console, files or kafka".to_owned())
-    );
+    assert!(problems.contains(
+        &"spec.sink: names no output: set one of console, files, kafka or delta".to_owned()
+    ));
 }
 
 #[test]
@@ -319,7 +318,7 @@ fn the_crds_cel_rules_refuse_what_validate_refuses() {
         "sink: {files: {path: /tmp/out}, format: parquet}",
         "sink: {}",
     );
-    assert!(cel_errors(&no_sink)[0].contains("set exactly one of console, files or kafka"));
+    assert!(cel_errors(&no_sink)[0].contains("set exactly one of console, files, kafka or delta"));
     let both_triggers = VALID.replace(
         "trigger: {processingTime: 5s}",
         "trigger: {processingTime: 5s, availableNow: true}",

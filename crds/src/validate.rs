@@ -10,7 +10,7 @@ use sqlparser::ast::{Statement, TableFactor, Visit, Visitor};
 use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
 
-use crate::duration::parse_duration;
+use crate::duration::{parse_bytes, parse_duration};
 use crate::spec::{
     ColumnType, Format, GeneratorKind, GeneratorSource, KafkaSource, OutputMode, SecretOption,
     Source, StreamingQuery, StreamingQuerySpec,
@@ -278,6 +278,22 @@ fn check_source(problems: &mut Problems, path: &str, source: &Source) {
     }
     if let Some(files) = &source.files {
         check_location(problems, &format!("{path}.files.path"), &files.path);
+        if let Some(size) = &files.max_bytes_per_trigger
+            && let Err(message) = parse_bytes(size)
+        {
+            problems.push(format!("{path}.files.maxBytesPerTrigger"), message);
+        }
+        if let Some(age) = &files.max_file_age
+            && let Err(message) = parse_duration(age)
+        {
+            problems.push(format!("{path}.files.maxFileAge"), message);
+        }
+        if files.max_files_per_trigger == Some(0) {
+            problems.push(
+                format!("{path}.files.maxFilesPerTrigger"),
+                "must be at least 1",
+            );
+        }
     }
     if source.kafka.is_some() || source.files.is_some() {
         match &source.schema {
@@ -830,18 +846,34 @@ pub fn parse_starting_offsets(text: &str) -> Result<StartingOffsets, String> {
     Ok(StartingOffsets::Partitions(out))
 }
 
+/// A list of column names: none empty, none twice.
+fn check_column_list(problems: &mut Problems, path: &str, columns: &[String]) {
+    let mut seen = HashSet::new();
+    for (i, column) in columns.iter().enumerate() {
+        if column.trim().is_empty() {
+            problems.push(
+                format!("{path}[{i}]"),
+                "is empty: name a column of the result",
+            );
+        } else if !seen.insert(column.as_str()) {
+            problems.push(format!("{path}[{i}]"), format!("{column:?} appears twice"));
+        }
+    }
+}
+
 fn check_sink(problems: &mut Problems, spec: &StreamingQuerySpec) {
     let sink = &spec.sink;
     let set = [
         sink.console.is_some().then_some("console"),
         sink.files.is_some().then_some("files"),
         sink.kafka.is_some().then_some("kafka"),
+        sink.delta.is_some().then_some("delta"),
     ];
     let set: Vec<&str> = set.into_iter().flatten().collect();
     match set.len() {
         0 => problems.push(
             "spec.sink",
-            "names no output: set one of console, files or kafka",
+            "names no output: set one of console, files, kafka or delta",
         ),
         1 => {}
         _ => problems.push(
@@ -853,6 +885,34 @@ fn check_sink(problems: &mut Problems, spec: &StreamingQuerySpec) {
         check_location(problems, "spec.sink.files.path", &files.path);
         if matches!(sink.format, Some(Format::Csv | Format::Avro)) {
             problems.push("spec.sink.format", "the file sink writes json or parquet");
+        }
+        if let Some(size) = &files.target_file_size
+            && let Err(message) = parse_bytes(size)
+        {
+            problems.push("spec.sink.files.targetFileSize", message);
+        }
+        check_column_list(problems, "spec.sink.files.partitionBy", &files.partition_by);
+    }
+    if let Some(delta) = &sink.delta {
+        check_location(problems, "spec.sink.delta.path", &delta.path);
+        if sink.format.is_some_and(|f| f != Format::Parquet) {
+            problems.push(
+                "spec.sink.format",
+                "a Delta table holds parquet files: remove it",
+            );
+        }
+        check_column_list(problems, "spec.sink.delta.partitionBy", &delta.partition_by);
+        check_column_list(problems, "spec.sink.delta.mergeKeys", &delta.merge_keys);
+        match spec.output_mode {
+            OutputMode::Update if delta.merge_keys.is_empty() => problems.push(
+                "spec.sink.delta.mergeKeys",
+                "is required in update mode: name the columns a changed row replaces the table's row on (e.g. [window_start, user_id])",
+            ),
+            OutputMode::Append | OutputMode::Complete if !delta.merge_keys.is_empty() => problems.push(
+                "spec.sink.delta.mergeKeys",
+                format!("applies to update mode only; {} mode {}: remove it", spec.output_mode, if spec.output_mode == OutputMode::Append { "appends" } else { "overwrites the table" }),
+            ),
+            _ => {}
         }
     }
     if let Some(kafka) = &sink.kafka {

@@ -397,7 +397,7 @@ impl Runner {
             spec.output_mode,
         )
         .await?;
-        let mut sink = sink::build(&spec.sink)?;
+        let mut sink = sink::build(&spec.sink, spec.output_mode)?;
         let interval = spec
             .trigger
             .as_ref()

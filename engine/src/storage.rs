@@ -91,7 +91,7 @@ pub fn check_location(location: &str, field: &str) -> Result<()> {
         return Err(Error::Unsupported {
             path: field.to_owned(),
             message: format!(
-                "{location:?} uses the scheme {scheme:?}: use a local path, file://... or s3://bucket/prefix"
+                "{location:?} uses the scheme {scheme:?}: use a local path, file://... or s3://bucket/prefix (gs:// and az:// are not built into this engine yet)"
             ),
         });
     }
@@ -167,7 +167,7 @@ impl Storage {
 
     /// The object at `path`, or `None` when there is none.
     pub async fn get(&self, path: &str) -> Result<Option<Bytes>> {
-        match self.store.get(&Path::from(path)).await {
+        match self.store.get(&object_path(path)).await {
             Ok(result) => result
                 .bytes()
                 .await
@@ -180,7 +180,7 @@ impl Storage {
 
     /// Whether an object is at `path`.
     pub async fn exists(&self, path: &str) -> Result<bool> {
-        match self.store.head(&Path::from(path)).await {
+        match self.store.head(&object_path(path)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(err) => Err(self.error(path, "look up", err)),
@@ -191,7 +191,7 @@ impl Storage {
     /// returns.
     pub async fn put(&self, path: &str, bytes: impl Into<Bytes>) -> Result<()> {
         self.store
-            .put(&Path::from(path), PutPayload::from(bytes.into()))
+            .put(&object_path(path), PutPayload::from(bytes.into()))
             .await
             .map_err(|e| self.error(path, "write", e))?;
         self.sync(path).await
@@ -207,7 +207,7 @@ impl Storage {
         };
         match self
             .store
-            .put_opts(&Path::from(path), PutPayload::from(bytes.clone()), options)
+            .put_opts(&object_path(path), PutPayload::from(bytes.clone()), options)
             .await
         {
             Ok(_) => {
@@ -232,7 +232,7 @@ impl Storage {
 
     /// Every object under `prefix` (recursively).
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        let prefix_path = Path::from(prefix);
+        let prefix_path = object_path(prefix);
         match self
             .store
             .list(Some(&prefix_path))
@@ -247,7 +247,11 @@ impl Storage {
 
     /// The names of the objects directly under `dir`.
     pub async fn list_names(&self, dir: &str) -> Result<Vec<String>> {
-        let listing = match self.store.list_with_delimiter(Some(&Path::from(dir))).await {
+        let listing = match self
+            .store
+            .list_with_delimiter(Some(&object_path(dir)))
+            .await
+        {
             Ok(listing) => listing,
             Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
             Err(err) => return Err(self.error(dir, "list", err)),
@@ -259,9 +263,18 @@ impl Storage {
             .collect())
     }
 
+    /// The objects directly under the location (not in its folders).
+    pub async fn list_dir(&self) -> Result<Vec<ObjectMeta>> {
+        match self.store.list_with_delimiter(None).await {
+            Ok(listing) => Ok(listing.objects),
+            Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+            Err(err) => Err(self.error("", "list", err)),
+        }
+    }
+
     /// Deletes the object at `path`; one that is not there is no error.
     pub async fn delete(&self, path: &str) -> Result<()> {
-        match self.store.delete(&Path::from(path)).await {
+        match self.store.delete(&object_path(path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(err) => Err(self.error(path, "delete", err)),
         }
@@ -283,6 +296,13 @@ impl Storage {
                 message: format!("cannot make it durable (fsync): {e}"),
             })
     }
+}
+
+/// The object store's path for a key, taken as it is: a key listed from the
+/// store, or a partition directory Spark-escaped (`country=de%2Fx`), names
+/// the same object when written back. (`Path::from` would escape `%` again.)
+fn object_path(key: &str) -> Path {
+    Path::parse(key).unwrap_or_else(|_| Path::from(key))
 }
 
 fn sync_local(
@@ -333,6 +353,30 @@ pub fn write_local_atomically(path: &LocalPath, bytes: &[u8]) -> std::io::Result
         fsync_dir(dir)?;
     }
     Ok(())
+}
+
+/// For libraries that want a store rooted at the top of its bucket (or
+/// filesystem) and the location as a URL (delta-rs): the store, and the URL.
+pub fn root_store(location: &str, field: &str) -> Result<(Arc<dyn ObjectStore>, url::Url)> {
+    check_location(location, field)?;
+    let error = |message: String| Error::Storage {
+        file: location.to_owned(),
+        message,
+    };
+    if let Some(rest) = location.strip_prefix("s3://") {
+        let bucket = rest.split('/').next().unwrap_or_default();
+        let store = s3_store(&format!("s3://{bucket}"))?;
+        let url = url::Url::parse(location.trim_end_matches('/'))
+            .map_err(|e| error(format!("is not a URL: {e}")))?;
+        return Ok((store, url));
+    }
+    let dir = location.strip_prefix("file://").unwrap_or(location);
+    std::fs::create_dir_all(dir).map_err(|e| error(format!("cannot create the directory: {e}")))?;
+    let dir =
+        std::fs::canonicalize(dir).map_err(|e| error(format!("cannot open the directory: {e}")))?;
+    let url = url::Url::from_directory_path(&dir)
+        .map_err(|()| error("is not an absolute path".into()))?;
+    Ok((Arc::new(LocalFileSystem::new()), url))
 }
 
 /// An S3 store rooted at `s3://bucket/prefix`.

@@ -18,14 +18,16 @@
 //! A connector is a module here implementing [`Sink`], built by [`build`].
 
 mod console;
+mod delta;
 mod files;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use sluice_crds::Sink as SinkSpec;
+use sluice_crds::{OutputMode, Sink as SinkSpec};
 
 pub use console::ConsoleSink;
+pub use delta::DeltaSink;
 pub use files::{FileSink, METADATA_DIR, committed_files};
 
 use crate::{Error, Result};
@@ -75,8 +77,8 @@ pub trait Sink: Send + Sync {
     }
 }
 
-/// Builds the sink a spec describes.
-pub fn build(spec: &SinkSpec) -> Result<Box<dyn Sink>> {
+/// Builds the sink a spec describes, for a query in `mode`.
+pub fn build(spec: &SinkSpec, mode: OutputMode) -> Result<Box<dyn Sink>> {
     check(spec)?;
     if let Some(console) = &spec.console {
         return Ok(Box::new(ConsoleSink::new(console, std::io::stdout())));
@@ -84,10 +86,13 @@ pub fn build(spec: &SinkSpec) -> Result<Box<dyn Sink>> {
     if let Some(kafka) = &spec.kafka {
         return Ok(Box::new(crate::kafka::sink::KafkaSink::new(kafka)?));
     }
+    if let Some(delta) = &spec.delta {
+        return Ok(Box::new(DeltaSink::new(delta, mode)?));
+    }
     let files = spec
         .files
         .as_ref()
-        .expect("check() accepts console, files or kafka");
+        .expect("check() accepts console, files, kafka or delta");
     Ok(Box::new(FileSink::new(files, spec.format)?))
 }
 
@@ -95,6 +100,9 @@ pub fn build(spec: &SinkSpec) -> Result<Box<dyn Sink>> {
 pub fn check(spec: &SinkSpec) -> Result<()> {
     if let Some(files) = &spec.files {
         return crate::storage::check_location(&files.path, "spec.sink.files.path");
+    }
+    if let Some(delta) = &spec.delta {
+        return crate::storage::check_location(&delta.path, "spec.sink.delta.path");
     }
     if spec.console.is_some() || spec.kafka.is_some() {
         return Ok(());

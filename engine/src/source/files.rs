@@ -1,20 +1,21 @@
 //! The file source: a directory of JSON-lines, CSV or Parquet files with a
-//! declared schema. Files are taken in name order, at most
-//! `maxFilesPerTrigger` a batch; files added later are picked up by later
-//! batches. The offset is the name of the last file taken, so each file is
-//! read once; the batch's exact file list goes to the offset log too, so a
-//! batch replayed after a crash reads the same files, whatever arrived since.
-//! With `availableNow` the files present at the start are the query's input:
-//! files that arrive later are left for the next run.
+//! declared schema, on a local disk or an object store (`s3://...`). Files
+//! are taken in order, by name (the default) or by modification time then
+//! name, at most `maxFilesPerTrigger` and `maxBytesPerTrigger` a batch;
+//! files added later are picked up by later batches. The offset is the last
+//! file taken (its name, and its modification time when files are taken by
+//! it), so each file is read once; the batch's exact file list goes to the
+//! offset log too, so a batch replayed after a crash reads the same files,
+//! whatever arrived since. With `availableNow` the files present at the
+//! start are the query's input: files that arrive later are left for the
+//! next run.
 //!
-//! NB: a file whose name sorts before one already taken is never read: name
-//! new files so that they sort last (a timestamp or a sequence number), as
-//! most writers do. Hidden files (`.name`) and files starting with `_` (such
-//! as `_SUCCESS`) are ignored. Local directories only so far.
+//! NB: a file whose place in the order is before one already taken is
+//! never read: name new files so that they sort last (a timestamp or a
+//! sequence number), or take files by modification time. Hidden files
+//! (`.name`) and files starting with `_` (such as `_SUCCESS`) are ignored.
 
-use std::fs::File;
-use std::io::{BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::io::BufReader;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -25,9 +26,11 @@ use datafusion::arrow::json::ReaderBuilder as JsonReaderBuilder;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
-use sluice_crds::{ColumnType, FileSource as FileSpec, Format, Source as SourceSpec};
+use sluice_crds::duration::{parse_bytes, parse_duration};
+use sluice_crds::{ColumnType, FileOrder, FileSource as FileSpec, Format, Source as SourceSpec};
 
 use super::{BadRecord, BatchRange, ReadMode, Source};
+use crate::storage::Storage;
 use crate::{Error, Result};
 
 /// Rows per Arrow batch when decoding text formats.
@@ -36,7 +39,10 @@ const BATCH_ROWS: usize = 8192;
 /// A directory of data files.
 pub struct FileSource {
     name: String,
-    dir: PathBuf,
+    storage: Storage,
+    order: FileOrder,
+    max_bytes: Option<u64>,
+    max_file_age: Option<std::time::Duration>,
     format: Format,
     schema: SchemaRef,
     max_files: Option<u64>,
@@ -46,7 +52,23 @@ pub struct FileSource {
     mode: ReadMode,
     /// With `availableNow`: the last file present when the run started
     /// (`Some(None)`: there was none), set by the first plan.
-    limit: Option<Option<String>>,
+    limit: Option<Option<Key>>,
+}
+
+/// A file as listed.
+#[derive(Clone, Debug)]
+struct Listed {
+    name: String,
+    size: u64,
+    modified_ms: i64,
+}
+
+/// A file's place in the order the source takes files in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    /// With `order: modificationTime`; 0 otherwise.
+    modified_ms: i64,
+    name: String,
 }
 
 /// The Arrow type of a spec column type.
@@ -70,12 +92,6 @@ impl FileSource {
             path: format!("{path}.{field}"),
             message,
         };
-        if spec.path.starts_with("s3://") {
-            return Err(unsupported(
-                "files.path",
-                "file sources on S3 are not implemented in this version of the engine yet: use a local directory".into(),
-            ));
-        }
         let format = source.format.unwrap_or(Format::Json);
         if format == Format::Avro {
             return Err(unsupported(
@@ -89,9 +105,24 @@ impl FileSource {
             .flatten()
             .map(|c| Field::new(&c.name, arrow_type(c.data_type), c.nullable.unwrap_or(true)))
             .collect();
+        let max_bytes = spec
+            .max_bytes_per_trigger
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(|m| unsupported("files.maxBytesPerTrigger", m))?;
+        let max_file_age = spec
+            .max_file_age
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|m| unsupported("files.maxFileAge", m))?;
         Ok(Self {
             name: source.name.clone(),
-            dir: PathBuf::from(spec.path.strip_prefix("file://").unwrap_or(&spec.path)),
+            storage: Storage::open(&spec.path, &format!("{path}.files.path"))?,
+            order: spec.order.unwrap_or_default(),
+            max_bytes,
+            max_file_age,
             format,
             schema: Arc::new(Schema::new(fields)),
             max_files: spec.max_files_per_trigger,
@@ -102,78 +133,127 @@ impl FileSource {
         })
     }
 
-    /// The data files of the directory, in name order.
-    fn list(&self) -> Result<Vec<String>> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            // Like Spark, a directory that does not exist yet has no files yet.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(Error::Source {
-                    source_name: self.name.clone(),
-                    message: format!("cannot list {}: {e}", self.dir.display()),
-                });
-            }
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::Source {
-                source_name: self.name.clone(),
-                message: format!("cannot list {}: {e}", self.dir.display()),
+    /// The data files of the directory, in the source's order.
+    async fn list(&self) -> Result<Vec<Listed>> {
+        let objects = self
+            .storage
+            .list_dir()
+            .await
+            .map_err(|e| Error::Unavailable {
+                what: self.storage.location().to_owned(),
+                message: format!("cannot list the files of source {}: {e}", self.name),
             })?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.starts_with('_') || !entry.path().is_file() {
-                continue;
-            }
-            names.push(name);
-        }
-        names.sort();
-        Ok(names)
+        let mut files: Vec<Listed> = objects
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.location.filename()?.to_owned();
+                (!name.starts_with('.') && !name.starts_with('_')).then(|| Listed {
+                    name,
+                    size: o.size,
+                    modified_ms: o.last_modified.timestamp_millis(),
+                })
+            })
+            .collect();
+        files.sort_by_key(|f| self.key(f));
+        Ok(files)
     }
 
-    fn read_file(
-        &self,
-        name: &str,
-    ) -> std::result::Result<(Vec<RecordBatch>, Vec<BadRecord>), String> {
-        let path = self.dir.join(name);
-        let mut file = File::open(&path).map_err(|e| format!("cannot open it: {e}"))?;
-        let file_name = path.display().to_string();
-        let schema = self.schema.clone();
-        match self.format {
-            Format::Parquet => Ok((read_parquet(file, &self.schema)?, Vec::new())),
-            Format::Avro => Err("Avro is not implemented".into()),
-            Format::Json => {
-                let mut text = Vec::new();
-                file.read_to_end(&mut text).map_err(|e| e.to_string())?;
-                let decode = |bytes: &[u8]| -> std::result::Result<Vec<RecordBatch>, String> {
-                    JsonReaderBuilder::new(schema.clone())
-                        .with_batch_size(BATCH_ROWS)
-                        .build(BufReader::new(bytes))
-                        .map_err(|e| e.to_string())?
-                        .collect::<std::result::Result<Vec<_>, _>>()
-                        .map_err(|e| e.to_string())
-                };
-                decode_lines(&text, None, &file_name, self.dead_letter, decode)
+    fn key(&self, file: &Listed) -> Key {
+        Key {
+            modified_ms: match self.order {
+                FileOrder::Name => 0,
+                FileOrder::ModificationTime => file.modified_ms,
+            },
+            name: file.name.clone(),
+        }
+    }
+
+    /// The offset after `key` (none: before every file).
+    fn offset(&self, key: Option<&Key>) -> Value {
+        match self.order {
+            FileOrder::Name => serde_json::json!({ "lastFile": key.map(|k| &k.name) }),
+            FileOrder::ModificationTime => serde_json::json!({
+                "lastModified": key.map(|k| k.modified_ms),
+                "lastFile": key.map(|k| &k.name),
+            }),
+        }
+    }
+
+    /// The key an offset stands at.
+    fn key_of(&self, value: &Value) -> Result<Option<Key>> {
+        let expected = match self.order {
+            FileOrder::Name => r#"{"lastFile": <name or null>}"#,
+            FileOrder::ModificationTime => {
+                r#"{"lastModified": <Unix ms or null>, "lastFile": <name or null>}"#
             }
-            Format::Csv => {
-                let mut text = Vec::new();
-                file.read_to_end(&mut text).map_err(|e| e.to_string())?;
-                let decode = |bytes: &[u8]| -> std::result::Result<Vec<RecordBatch>, String> {
-                    CsvReaderBuilder::new(schema.clone())
-                        .with_header(true)
-                        .with_batch_size(BATCH_ROWS)
-                        .build(bytes)
-                        .map_err(|e| e.to_string())?
-                        .collect::<std::result::Result<Vec<_>, _>>()
-                        .map_err(|e| e.to_string())
-                };
-                let header_len = text
-                    .iter()
-                    .position(|b| *b == b'\n')
-                    .map_or(text.len(), |i| i + 1);
-                let (header, body) = text.split_at(header_len);
-                decode_lines(body, Some(header), &file_name, self.dead_letter, decode)
-            }
+        };
+        let bad = || Error::Offset {
+            source_name: self.name.clone(),
+            offset: value.to_string(),
+            expected: expected.to_owned(),
+        };
+        let name = match value.get("lastFile") {
+            Some(Value::Null) => None,
+            Some(Value::String(n)) => Some(n.clone()),
+            _ => return Err(bad()),
+        };
+        let modified_ms = match self.order {
+            FileOrder::Name => 0,
+            FileOrder::ModificationTime => match value.get("lastModified") {
+                Some(Value::Null) | None if name.is_none() => 0,
+                Some(v) => v.as_i64().ok_or_else(bad)?,
+                None => return Err(bad()),
+            },
+        };
+        Ok(match (name, modified_ms) {
+            (None, 0) => None,
+            (name, modified_ms) => Some(Key {
+                modified_ms,
+                name: name.unwrap_or_default(),
+            }),
+        })
+    }
+}
+
+/// Decodes a file's bytes; the malformed records set aside when
+/// `set_aside`, else the first is the error.
+fn decode_file(
+    format: Format,
+    schema: &SchemaRef,
+    bytes: bytes::Bytes,
+    file_name: &str,
+    set_aside: bool,
+) -> std::result::Result<(Vec<RecordBatch>, Vec<BadRecord>), String> {
+    match format {
+        Format::Parquet => Ok((read_parquet(bytes, schema)?, Vec::new())),
+        Format::Avro => Err("Avro is not implemented".into()),
+        Format::Json => {
+            let decode = |text: &[u8]| -> std::result::Result<Vec<RecordBatch>, String> {
+                JsonReaderBuilder::new(schema.clone())
+                    .with_batch_size(BATCH_ROWS)
+                    .build(BufReader::new(text))
+                    .map_err(|e| e.to_string())?
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
+            };
+            decode_lines(&bytes, None, file_name, set_aside, decode)
+        }
+        Format::Csv => {
+            let decode = |text: &[u8]| -> std::result::Result<Vec<RecordBatch>, String> {
+                CsvReaderBuilder::new(schema.clone())
+                    .with_header(true)
+                    .with_batch_size(BATCH_ROWS)
+                    .build(text)
+                    .map_err(|e| e.to_string())?
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
+            };
+            let header_len = bytes
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(bytes.len(), |i| i + 1);
+            let (header, body) = bytes.split_at(header_len);
+            decode_lines(body, Some(header), file_name, set_aside, decode)
         }
     }
 }
@@ -239,8 +319,11 @@ fn decode_lines(
 
 /// Reads Parquet and shapes it to the declared schema: columns by name, cast
 /// to the declared types.
-fn read_parquet(file: File, schema: &SchemaRef) -> std::result::Result<Vec<RecordBatch>, String> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+fn read_parquet(
+    bytes: bytes::Bytes,
+    schema: &SchemaRef,
+) -> std::result::Result<Vec<RecordBatch>, String> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .map_err(|e| e.to_string())?
         .with_batch_size(BATCH_ROWS)
         .build()
@@ -264,30 +347,6 @@ fn read_parquet(file: File, schema: &SchemaRef) -> std::result::Result<Vec<Recor
     Ok(batches)
 }
 
-/// A file source's offset: the name of the last file taken (null before any).
-fn offset_of(value: &Value, source: &str) -> Result<Option<String>> {
-    match value.get("lastFile") {
-        Some(Value::Null) => Ok(None),
-        Some(Value::String(name)) => Ok(Some(name.clone())),
-        _ => Err(Error::Offset {
-            source_name: source.to_owned(),
-            offset: value.to_string(),
-            expected: r#"{"lastFile": <name or null>}"#.to_owned(),
-        }),
-    }
-}
-
-fn offset(last: Option<&str>) -> Value {
-    serde_json::json!({ "lastFile": last })
-}
-
-fn after<'a>(names: &'a [String], last: &Option<String>) -> &'a [String] {
-    match last {
-        None => names,
-        Some(last) => &names[names.partition_point(|n| n.as_str() <= last.as_str())..],
-    }
-}
-
 #[async_trait]
 impl Source for FileSource {
     fn name(&self) -> &str {
@@ -295,7 +354,7 @@ impl Source for FileSource {
     }
 
     fn description(&self) -> String {
-        format!("FileSource[{}, {}]", self.dir.display(), self.format)
+        format!("FileSource[{}, {}]", self.storage.location(), self.format)
     }
 
     fn schema(&self) -> SchemaRef {
@@ -303,33 +362,64 @@ impl Source for FileSource {
     }
 
     fn initial_offset(&self) -> Value {
-        offset(None)
+        self.offset(None)
+    }
+
+    /// With `maxFileAge`, a new query starts after the files older than
+    /// that, by the newest file's modification time (Spark's rule).
+    async fn resolve_start(&mut self, start: &Value) -> Result<Value> {
+        let (Some(age), None) = (self.max_file_age, self.key_of(start)?) else {
+            return Ok(start.clone());
+        };
+        let files = self.list().await?;
+        let Some(newest) = files.iter().map(|f| f.modified_ms).max() else {
+            return Ok(start.clone());
+        };
+        let threshold = newest - age.as_millis() as i64;
+        Ok(self.offset(Some(&Key {
+            modified_ms: threshold,
+            name: String::new(),
+        })))
     }
 
     async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange> {
-        let last = offset_of(start, &self.name)?;
-        let mut names = self.list()?;
+        let last = self.key_of(start)?;
+        let mut files = self.list().await?;
         if self.mode == ReadMode::AvailableNow {
-            let limit = self
-                .limit
-                .get_or_insert_with(|| names.last().cloned())
-                .clone();
-            names.retain(|n| limit.as_ref().is_some_and(|l| n <= l));
+            let newest = files.last().map(|f| self.key(f));
+            let limit = self.limit.get_or_insert(newest).clone();
+            files.retain(|f| limit.as_ref().is_some_and(|l| self.key(f) <= *l));
         }
-        let new = after(&names, &last);
-        let take = self
-            .max_files
-            .map_or(new.len(), |m| new.len().min(m as usize));
-        let files = &new[..take];
-        let end = files.last().cloned().or(last);
+        let new: Vec<&Listed> = files
+            .iter()
+            .filter(|f| last.as_ref().is_none_or(|l| self.key(f) > *l))
+            .collect();
+        let mut take = 0;
+        let mut bytes = 0;
+        for file in &new {
+            let over_files = self.max_files.is_some_and(|m| take as u64 >= m);
+            let over_bytes = self
+                .max_bytes
+                .is_some_and(|m| take > 0 && bytes + file.size > m);
+            if over_files || over_bytes {
+                break;
+            }
+            take += 1;
+            bytes += file.size;
+        }
+        let taken = &new[..take];
+        let end = taken.last().map(|f| self.key(f)).or(last);
+        let names: Vec<&str> = taken.iter().map(|f| f.name.as_str()).collect();
+        let mut metrics = std::collections::BTreeMap::new();
+        metrics.insert("bytes".into(), bytes.to_string());
         Ok(BatchRange {
             start: start.clone(),
-            end: offset(end.as_deref()),
-            detail: serde_json::json!({ "files": files }),
-            latest: offset(names.last().map(String::as_str)),
+            end: self.offset(end.as_ref()),
+            detail: serde_json::json!({ "files": names }),
+            latest: self.offset(files.last().map(|f| self.key(f)).as_ref()),
             rows: take as u64,
             records_behind_latest: (new.len() - take) as u64,
-            metrics: Default::default(),
+            metrics,
         })
     }
 
@@ -345,19 +435,25 @@ impl Source for FileSource {
             })?;
         let mut batches = Vec::new();
         for name in &files {
-            let path = Path::new(&self.dir).join(name);
-            if !path.is_file() {
+            let file_name = self.storage.name_of(name);
+            let Some(bytes) = self.storage.get(name).await? else {
                 return Err(Error::Source {
                     source_name: self.name.clone(),
                     message: format!(
-                        "{} is gone: the batch's offsets list it, so it cannot be replayed without it; put it back",
-                        path.display()
+                        "{file_name} is gone: the batch's offsets list it, so it cannot be replayed without it; put it back"
                     ),
                 });
-            }
-            let (file_batches, bad) = self.read_file(name).map_err(|message| Error::Source {
+            };
+            let (format, schema, set_aside) = (self.format, self.schema.clone(), self.dead_letter);
+            let shown = file_name.clone();
+            let decoded = tokio::task::spawn_blocking(move || {
+                decode_file(format, &schema, bytes, &shown, set_aside)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let (file_batches, bad) = decoded.map_err(|message| Error::Source {
                 source_name: self.name.clone(),
-                message: format!("{}: {message}", path.display()),
+                message: format!("{file_name}: {message}"),
             })?;
             batches.extend(file_batches);
             self.bad_records.extend(bad);
@@ -372,6 +468,9 @@ impl Source for FileSource {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+    use std::path::Path;
+
     use datafusion::arrow::array::{Array, Float64Array, StringArray};
 
     use super::*;
