@@ -54,6 +54,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // NB: delta-rs links rustls' aws-lc-rs provider beside the ring one kube
+    // and object_store use; with two, rustls picks none by itself.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -35,7 +35,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalized, finalizer};
+use kube::runtime::finalizer::{Error as FinalizerError, Event as Finalized, finalizer};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -225,9 +225,15 @@ pub async fn reconcile(query: Arc<StreamingQuery>, ctx: Arc<Context>) -> Result<
             Finalized::Cleanup(q) => cleanup(&q, &ctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))?;
-    Ok(action)
+    .await;
+    match action {
+        // NB: a reconcile queued before the query went sees it from the
+        // cache, still with its finalizer: it is gone, as wanted.
+        Err(FinalizerError::RemoveFinalizer(kube::Error::Api(status))) if status.code == 404 => {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    }
 }
 
 /// After a failed reconcile: counts the error by reason and retries with

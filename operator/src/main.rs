@@ -113,6 +113,9 @@ async fn terminated() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // NB: delta-rs links rustls' aws-lc-rs provider beside the ring one kube
+    // and object_store use; with two, rustls picks none by itself.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => {
