@@ -490,7 +490,10 @@ mod tests {
         zombie.open(&context("q1")).await.unwrap();
         live.open(&context("q1")).await.unwrap();
         let (schema, b) = batch(&["a"], &[1]);
-        zombie.prepare(0, &schema, std::slice::from_ref(&b)).await.unwrap();
+        zombie
+            .prepare(0, &schema, std::slice::from_ref(&b))
+            .await
+            .unwrap();
         live.prepare(0, &schema, &[b]).await.unwrap();
         live.commit(0).await.unwrap();
         zombie.commit(0).await.unwrap();
@@ -539,7 +542,9 @@ mod tests {
             ],
         )
         .unwrap();
-        sink.prepare(1, &wider, std::slice::from_ref(&b)).await.unwrap();
+        sink.prepare(1, &wider, std::slice::from_ref(&b))
+            .await
+            .unwrap();
         let error = sink.commit(1).await.unwrap_err().to_string();
         assert!(error.starts_with("sink delta "), "{error}");
 
