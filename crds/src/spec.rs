@@ -220,6 +220,13 @@ pub struct Source {
     /// a fixed schema and take none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema: Option<Vec<Column>>,
+    /// With `format: avro` (Kafka sources): the writer's Avro schema, as its
+    /// JSON text. Each record's value is one Avro datum of this schema in
+    /// Avro's binary encoding, without a container header or a schema
+    /// registry's prefix (what Spark's `from_avro` reads); the declared
+    /// `schema` columns are its record's fields of the same names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avro_schema: Option<String>,
     /// Event-time watermark: how late rows may arrive before windows over
     /// their time are closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -199,6 +199,46 @@ fn source_shapes_are_checked() {
 }
 
 #[test]
+fn an_avro_source_needs_the_writers_record_schema_with_its_columns() {
+    let kafka = |format: &str, avro: &str| {
+        VALID.replace(
+            "generator: {kind: transactions, rowsPerSecond: 1000, rowsPerBatch: 500, seed: 42, users: 50}",
+            &format!(
+                "kafka: {{bootstrapServers: k:9092, topic: t}}\n      format: {format}\n      {avro}schema: [{{name: user_id, type: string}}, {{name: amount, type: double}}, {{name: event_time, type: timestamp}}]"
+            ),
+        )
+    };
+    let record = r#"avroSchema: '{"type": "record", "name": "T", "fields": [{"name": "user_id", "type": "string"}, {"name": "amount", "type": "double"}, {"name": "event_time", "type": "long"}]}'
+      "#;
+    load(&kafka("avro", record), "test.yaml").unwrap();
+    assert_eq!(
+        problems_of(&kafka("avro", "")),
+        vec![
+            "spec.sources[0].avroSchema: is missing: format avro needs the writer's Avro schema, as its JSON text"
+        ]
+    );
+    assert_eq!(
+        problems_of(&kafka("json", record)),
+        vec!["spec.sources[0].avroSchema: is for Kafka sources with format: avro"]
+    );
+    assert_eq!(
+        problems_of(&kafka(
+            "avro",
+            &record.replace(r#"{"name": "amount", "type": "double"}, "#, "")
+        )),
+        vec![
+            r#"spec.sources[0].avroSchema: has no field "amount", a column of the source's schema (its fields: user_id, event_time)"#
+        ]
+    );
+    assert_eq!(
+        problems_of(&kafka("avro", "avroSchema: '\"string\"'\n      ")),
+        vec![
+            r#"spec.sources[0].avroSchema: is not an Avro record schema: write {"type": "record", "name": ..., "fields": [...]}"#
+        ]
+    );
+}
+
+#[test]
 fn a_dead_letter_destination_needs_a_source_that_can_be_malformed() {
     let text = VALID.replace(
         "watermark: {column: event_time, delay: 10m}",

@@ -276,6 +276,7 @@ fn check_source(problems: &mut Problems, path: &str, source: &Source) {
             );
         }
     }
+    check_avro_schema(problems, path, source);
     if let Some(files) = &source.files {
         check_location(problems, &format!("{path}.files.path"), &files.path);
         if let Some(size) = &files.max_bytes_per_trigger
@@ -733,6 +734,59 @@ fn check_brokers(problems: &mut Problems, path: &str, brokers: &str) {
             path,
             format!("{bad:?} is not host:port, e.g. \"kafka:9092\""),
         );
+    }
+}
+
+/// `avroSchema`: given exactly when a Kafka source's format is avro, an Avro
+/// record schema (its JSON) whose fields include every declared column.
+/// The engine parses it fully; this checks what a user gets wrong first.
+fn check_avro_schema(problems: &mut Problems, path: &str, source: &Source) {
+    let avro = source.format == Some(Format::Avro);
+    let field = format!("{path}.avroSchema");
+    let Some(text) = &source.avro_schema else {
+        if avro && source.kafka.is_some() {
+            problems.push(
+                field,
+                "is missing: format avro needs the writer's Avro schema, as its JSON text",
+            );
+        }
+        return;
+    };
+    if !avro || source.kafka.is_none() {
+        problems.push(field, "is for Kafka sources with format: avro");
+        return;
+    }
+    let schema: serde_json::Value = match serde_json::from_str(text) {
+        Ok(schema) => schema,
+        Err(e) => {
+            problems.push(field, format!("is not JSON: {e}"));
+            return;
+        }
+    };
+    let fields: Vec<&str> = match (schema.get("type"), schema.get("fields")) {
+        (Some(t), Some(serde_json::Value::Array(fields))) if t == "record" => fields
+            .iter()
+            .filter_map(|f| f.get("name").and_then(|n| n.as_str()))
+            .collect(),
+        _ => {
+            problems.push(
+                field,
+                r#"is not an Avro record schema: write {"type": "record", "name": ..., "fields": [...]}"#,
+            );
+            return;
+        }
+    };
+    for column in source.schema.iter().flatten() {
+        if !fields.contains(&column.name.as_str()) {
+            problems.push(
+                field.clone(),
+                format!(
+                    "has no field {:?}, a column of the source's schema (its fields: {})",
+                    column.name,
+                    fields.join(", ")
+                ),
+            );
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! Every call into librdkafka blocks; the connector makes them on Tokio's
 //! blocking threads, so the engine's HTTP endpoints answer meanwhile.
 
+mod avro;
 pub mod sink;
 pub mod source;
 

@@ -102,7 +102,7 @@ pub struct KafkaSource {
     fail_on_data_loss: bool,
     config: rdkafka::ClientConfig,
     consumer: Option<Arc<BaseConsumer>>,
-    format: Format,
+    decoding: Decoding,
     declared: SchemaRef,
     schema: SchemaRef,
     /// The record columns the table has (those no declared column shadows).
@@ -131,14 +131,27 @@ impl KafkaSource {
             message,
         };
         let format = source.format.unwrap_or(Format::Json);
-        if !matches!(format, Format::Json | Format::Csv) {
-            return Err(unsupported(
-                "format",
-                format!(
-                    "{format} values are not implemented for Kafka in this version of the engine yet: use json or csv"
-                ),
-            ));
-        }
+        let decoding = match format {
+            Format::Json => Decoding::Json,
+            Format::Csv => Decoding::Csv,
+            Format::Avro => {
+                let text = source.avro_schema.as_deref().ok_or_else(|| {
+                    unsupported(
+                        "avroSchema",
+                        "is missing: format avro needs the writer's Avro schema".into(),
+                    )
+                })?;
+                Decoding::Avro(Arc::new(
+                    super::avro::parse_schema(text).map_err(|m| unsupported("avroSchema", m))?,
+                ))
+            }
+            Format::Parquet => {
+                return Err(unsupported(
+                    "format",
+                    "parquet is a file format: Kafka records are json, csv or avro".into(),
+                ));
+            }
+        };
         let topics = match (&spec.topic, &spec.topics, &spec.topic_pattern) {
             (Some(topic), _, _) => Topics::Names(vec![topic.clone()]),
             (_, Some(topics), _) => Topics::Names(topics.clone()),
@@ -205,7 +218,7 @@ impl KafkaSource {
             fail_on_data_loss: spec.fail_on_data_loss.unwrap_or(true),
             config,
             consumer: None,
-            format,
+            decoding,
             declared: Arc::new(Schema::new(declared_fields)),
             schema: Arc::new(Schema::new(fields)),
             record_columns,
@@ -390,7 +403,7 @@ impl KafkaSource {
             .iter()
             .map(|i| records[*i].value.as_deref().unwrap_or_default())
             .collect();
-        let decoded = decode_values(self.format, &self.declared, &values);
+        let decoded = decode_values(&self.decoding, &self.declared, &values);
         let batch = match decoded {
             Ok(batch) if batch.num_rows() == values.len() => batch,
             _ => {
@@ -398,7 +411,7 @@ impl KafkaSource {
                 let mut kept = Vec::with_capacity(good.len());
                 for i in good {
                     let value = records[i].value.as_deref().unwrap_or_default();
-                    match decode_values(self.format, &self.declared, &[value]) {
+                    match decode_values(&self.decoding, &self.declared, &[value]) {
                         Ok(b) if b.num_rows() == 1 => kept.push(i),
                         Ok(b) => {
                             bad_reasons.insert(
@@ -406,7 +419,7 @@ impl KafkaSource {
                                 format!(
                                     "the value holds {} {} records, not one",
                                     b.num_rows(),
-                                    self.format
+                                    self.decoding
                                 ),
                             );
                         }
@@ -420,7 +433,7 @@ impl KafkaSource {
                     .iter()
                     .map(|i| records[*i].value.as_deref().unwrap_or_default())
                     .collect();
-                decode_values(self.format, &self.declared, &values).map_err(|e| {
+                decode_values(&self.decoding, &self.declared, &values).map_err(|e| {
                     self.source_error(format!(
                         "records that decode one by one do not decode together: {e}"
                     ))
@@ -479,14 +492,40 @@ struct Record {
     headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
-/// Decodes values of `format` into rows of `schema`.
+/// How a record's value is decoded: the source's `format`.
+enum Decoding {
+    Json,
+    Csv,
+    /// Avro datums of the writer's schema.
+    Avro(Arc<apache_avro::Schema>),
+}
+
+impl std::fmt::Display for Decoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decoding::Json => "json",
+            Decoding::Csv => "csv",
+            Decoding::Avro(_) => "avro",
+        })
+    }
+}
+
+/// Decodes values into rows of `schema`.
 fn decode_values(
-    format: Format,
+    decoding: &Decoding,
     schema: &SchemaRef,
     values: &[&[u8]],
 ) -> std::result::Result<RecordBatch, String> {
-    match format {
-        Format::Csv => {
+    match decoding {
+        Decoding::Avro(writer) => {
+            let json = values
+                .iter()
+                .map(|v| super::avro::to_json(writer, v))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let json: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
+            decode_values(&Decoding::Json, schema, &json)
+        }
+        Decoding::Csv => {
             let mut text = Vec::new();
             for v in values {
                 text.extend_from_slice(v);
@@ -972,7 +1011,7 @@ mod tests {
             Field::new("amount", DataType::Float64, true),
         ]));
         let ok = decode_values(
-            Format::Json,
+            &Decoding::Json,
             &schema,
             &[
                 br#"{"user_id": "a", "amount": 1.5}"#,
@@ -981,9 +1020,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.num_rows(), 2);
-        assert!(decode_values(Format::Json, &schema, &[br#"{"amount": "lots"}"#]).is_err());
+        assert!(decode_values(&Decoding::Json, &schema, &[br#"{"amount": "lots"}"#]).is_err());
         let two = decode_values(
-            Format::Json,
+            &Decoding::Json,
             &schema,
             &[br#"{"user_id": "a"} {"user_id": "b"}"#],
         )
@@ -993,7 +1032,7 @@ mod tests {
             2,
             "two values in one record are caught by the row count"
         );
-        let csv = decode_values(Format::Csv, &schema, &[b"a,1.5", b"b,2"]).unwrap();
+        let csv = decode_values(&Decoding::Csv, &schema, &[b"a,1.5", b"b,2"]).unwrap();
         assert_eq!(csv.num_rows(), 2);
     }
 }

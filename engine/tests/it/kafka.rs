@@ -193,6 +193,81 @@ async fn a_malformed_value_is_set_aside_with_its_origin_or_stops_the_query() {
     assert_eq!(bad[1].error, "the value is empty");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn avro_values_decode_with_the_writers_schema_and_others_are_set_aside() {
+    use apache_avro::types::Value;
+    let mock = cluster();
+    mock.create_topic("payments", 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let writer = r#"{"type": "record", "name": "Payment", "fields": [
+        {"name": "id", "type": "long"}, {"name": "amount", "type": "double"},
+        {"name": "memo", "type": ["null", "string"], "default": null}]}"#;
+    let schema = apache_avro::Schema::parse_str(writer).unwrap();
+    let datum = |id: i64| {
+        apache_avro::to_avro_datum(
+            &schema,
+            Value::Record(vec![
+                ("id".into(), Value::Long(id)),
+                ("amount".into(), Value::Double(id as f64 + 0.5)),
+                ("memo".into(), Value::Union(0, Box::new(Value::Null))),
+            ]),
+        )
+        .unwrap()
+    };
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let mut values: Vec<Vec<u8>> = (0..3).map(datum).collect();
+    values.insert(1, br#"{"id": 1, "amount": 1.5}"#.to_vec());
+    for value in &values {
+        producer
+            .send(BaseRecord::<str, [u8]>::to("payments").payload(value.as_slice()))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let mut spec = source_spec(&brokers, "topic: payments, startingOffsets: earliest");
+    spec.format = Some(sluice_crds::Format::Avro);
+    spec.avro_schema = Some(writer.to_owned());
+    spec.dead_letter = Some(sluice_crds::DeadLetter {
+        path: Some("/unused".into()),
+        kafka: None,
+    });
+    let mut avro = source(&spec);
+    let start = avro.resolve_start(&avro.initial_offset()).await.unwrap();
+    let range = avro.plan_batch(&start).await.unwrap();
+    let batch = &avro.read(&range).await.unwrap()[0];
+    let ids = batch
+        .column_by_name("id")
+        .unwrap()
+        .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+    assert_eq!(ids.values().to_vec(), vec![0, 1, 2]);
+    let amounts = batch
+        .column_by_name("amount")
+        .unwrap()
+        .as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+    assert_eq!(amounts.values().to_vec(), vec![0.5, 1.5, 2.5]);
+    let bad = avro.take_bad_records();
+    assert_eq!(bad.len(), 1, "the JSON value is not an Avro datum");
+    assert_eq!(bad[0].file, "kafka:payments/0@1");
+    spec.avro_schema = Some(
+        r#"{"type": "record", "name": "P", "fields": [{"name": "id", "type": "nope"}]}"#.into(),
+    );
+    let Err(error) = KafkaSource::new(
+        &spec,
+        spec.kafka.as_ref().unwrap(),
+        "spec.sources[0]",
+        ReadMode::Continuous,
+        "q",
+    ) else {
+        panic!("a schema Avro cannot parse is refused");
+    };
+    assert!(
+        error.to_string().contains("spec.sources[0].avroSchema"),
+        "{error}"
+    );
+}
+
 /// The environment variable naming a real broker (`e2e/kafka.sh` sets it).
 const REAL_BROKER: &str = "SLUICE_TEST_KAFKA";
 
