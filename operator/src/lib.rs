@@ -4,11 +4,13 @@
 //! Most of it is pure: [`objects`] builds the desired objects, [`status`]
 //! computes the status from what was observed, [`changes`] decides which
 //! spec changes the checkpoint can take, [`lifecycle`] what runs when the
-//! engine keeps failing. [`controller`] makes the API calls,
+//! engine keeps failing, [`autoscaler`] how many replicas a query needs
+//! (not called yet: scale-out is not built). [`controller`] makes the API calls,
 //! [`lease`] elects one leader among the operator's replicas, [`metrics`]
 //! counts what the controller does, [`progress`] reads the engine pods'
 //! `/progress`.
 
+pub mod autoscaler;
 pub mod changes;
 pub mod controller;
 pub mod events;
