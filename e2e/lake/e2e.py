@@ -23,7 +23,6 @@ real S3-compatible server (moto, started by e2e/lake.sh). Each check prints
 import argparse
 import datetime
 import json
-import math
 import os
 import random
 import signal
@@ -37,6 +36,8 @@ import boto3
 import pyarrow.parquet as pq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
+from results import FRAUD, TX_SCHEMA, Row, committed_rows, compare, fail, ok  # noqa: E402
 
 CLICK_SCHEMA = """[{name: event_time, type: timestamp}, {name: session_id, type: string},
                {name: user_id, type: string}, {name: url, type: string},
@@ -46,23 +47,6 @@ CLICK_QUERY = """SELECT event_time, session_id, user_id, url, referrer,
            upper(country) AS country, load_ms
     FROM clicks
     WHERE user_agent NOT LIKE '%bot%' AND url NOT LIKE '/healthz%'"""
-
-TX_SCHEMA = """[{name: transaction_id, type: string}, {name: user_id, type: string},
-               {name: amount, type: double}, {name: event_time, type: timestamp}]"""
-FRAUD = """SELECT window_start, window_end, user_id,
-           count(*) AS n, sum(amount) AS total, avg(amount) AS avg_amount
-    FROM hop(transactions, event_time, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE)
-    GROUP BY window_start, window_end, user_id
-    HAVING count(*) >= 4 OR sum(amount) > 2000"""
-
-
-def ok(message):
-    print(f"ok   {message}", flush=True)
-
-
-def fail(message):
-    print(f"FAIL {message}", flush=True)
-    sys.exit(1)
 
 
 def s3():
@@ -91,40 +75,6 @@ def micros_of(value):
         return int(value.timestamp() * 1_000_000)
     text = value.replace("Z", "+00:00")
     return int(datetime.datetime.fromisoformat(text).timestamp() * 1_000_000)
-
-
-class Row:
-    """A result row: equal to another when every field is, floats to a
-    relative 1e-9 (sums add in another order after a restart)."""
-
-    def __init__(self, row):
-        self.exact = tuple(sorted((k, v) for k, v in row.items() if not isinstance(v, float)))
-        self.floats = tuple(sorted((k, v) for k, v in row.items() if isinstance(v, float)))
-
-    def __eq__(self, other):
-        return self.exact == other.exact and len(self.floats) == len(other.floats) and all(
-            a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-9)
-            for a, b in zip(self.floats, other.floats))
-
-    def key(self):
-        # NB: None (a null column, such as an unknown country) sorts first.
-        return tuple((k, v is not None, "" if v is None else v) for k, v in self.exact + self.floats)
-
-    def __lt__(self, other):
-        return self.key() < other.key()
-
-    def __repr__(self):
-        return repr(dict(self.exact + self.floats))
-
-
-def compare(actual, expected, what):
-    actual, expected = sorted(actual), sorted(expected)
-    if actual != expected:
-        exact = [r.exact for r in actual]
-        duplicated = len(exact) - len(set(exact))
-        differing = [(a, b) for a, b in zip(actual, expected) if a != b][:2]
-        fail(f"{what}: {len(actual)} rows ({duplicated} duplicated) where the reference has "
-             f"{len(expected)}; first differences (actual, reference): {differing}")
 
 
 class Env:
@@ -345,13 +295,7 @@ def fraud(env, args):
                          "{availableNow: true}", extra)
     start = time.time()
     env.run(reference)
-    expected = []
-    meta = os.path.join(env.work, "fraud-files", "_sluice_metadata")
-    for name in os.listdir(meta):
-        if name.isdigit():
-            for f in json.load(open(os.path.join(meta, name)))["files"]:
-                with open(os.path.join(env.work, "fraud-files", f["path"])) as data:
-                    expected.extend(fraud_row(json.loads(line)) for line in data if line.strip())
+    expected = committed_rows(os.path.join(env.work, "fraud-files"), fraud_row)
     if len(expected) < 100:
         fail(f"the file sink's result holds only {len(expected)} rows")
     ok(f"fraud query, file sink: {len(expected)} windows ({time.time() - start:.1f} s)")
