@@ -25,7 +25,10 @@ build_sluice() {
   fi
   local target=${SLUICE_BENCH_TARGET:-$HOME/.cache/sluice/bench-target}
   say "building sluice (release) into $target"
-  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release --locked --bin sluice)
+  # NB: with the Kafka example, as bench/kafka.sh builds it: an example
+  # brings the dev-dependencies' features, and building `--bin sluice` alone
+  # would resolve another feature set and build DataFusion a second time.
+  (cd "$repo" && CARGO_TARGET_DIR="$target" cargo build --release --locked --bin sluice --example kafka_read_rate)
   sluice="$target/release/sluice"
 }
 
@@ -74,3 +77,30 @@ TRANSACTIONS_SCHEMA='      schema:
         - {name: merchant_id, type: string}
         - {name: event_time, type: timestamp}
         - {name: device_type, type: string}'
+
+# Spark's S3 connector (bench/s3a-pom.xml), fetched once from Maven Central
+# into $SLUICE_CACHE/spark-s3a/<hadoop version>; prints its jars that PySpark
+# does not ship, comma separated, for spark.jars.
+spark_s3a_jars() {
+  local hadoop dir tmp
+  hadoop=$(python3 -c 'import os, pyspark; print(next(f[len("hadoop-client-api-"):-4] for f in os.listdir(os.path.join(os.path.dirname(pyspark.__file__), "jars")) if f.startswith("hadoop-client-api-")))')
+  dir="${SLUICE_CACHE:-$HOME/.cache/sluice}/spark-s3a/$hadoop"
+  if [ ! -f "$dir/jars/.complete" ]; then
+    say "downloading hadoop-aws $hadoop and the AWS SDK modules it loads from Maven Central"
+    mkdir -p "$dir"
+    tmp=$(mktemp -d "$dir/jars.tmp.XXXXXX")
+    mvn -q -B -Dstyle.color=never -s "$repo/e2e/kafka/maven-settings.xml" -f "$repo/bench/s3a-pom.xml" \
+      -Dhadoop.version="$hadoop" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$tmp" >&2 || { rm -rf "$tmp"; return 1; }
+    touch "$tmp/.complete"
+    mv -T "$tmp" "$dir/jars" 2>/dev/null || rm -rf "$tmp"
+  fi
+  python3 - "$dir/jars" <<'PY'
+import os, re, sys
+import pyspark
+have = {re.sub(r"-[0-9][^-]*$", "", f[:-4]) for f in os.listdir(os.path.join(os.path.dirname(pyspark.__file__), "jars")) if f.endswith(".jar")}
+d = sys.argv[1]
+print(",".join(sorted(os.path.join(d, f) for f in os.listdir(d)
+                      if f.endswith(".jar") and re.sub(r"-[0-9][^-]*$", "", f[:-4]) not in have)))
+PY
+}

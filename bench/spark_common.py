@@ -24,8 +24,10 @@ SCHEMA = StructType(
 )
 
 
-def session(app_name: str, parquet_codec: str | None = None) -> SparkSession:
-    """A local Spark session for one benchmark query."""
+def session(
+    app_name: str, parquet_codec: str | None = None, conf: dict[str, str] | None = None
+) -> SparkSession:
+    """A local Spark session for one benchmark query, with `conf` on top."""
     builder = (
         SparkSession.builder.master(os.environ.get("SPARK_MASTER", "local[2]"))
         .appName(app_name)
@@ -42,6 +44,8 @@ def session(app_name: str, parquet_codec: str | None = None) -> SparkSession:
     )
     if parquet_codec:
         builder = builder.config("spark.sql.parquet.compression.codec", parquet_codec)
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
