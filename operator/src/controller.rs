@@ -295,6 +295,11 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
+    let companions = Companions {
+        config_maps: &config_maps,
+        services: &services,
+        budgets: &budgets,
+    };
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &namespace);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
     let mut observed = Observed::default();
@@ -354,22 +359,9 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
         for old in existing_jobs.iter().filter(|j| j.name_any() != job_name) {
             remove(&jobs, &old.name_any(), &mut writes).await?;
         }
-        ensure(
-            ctx,
-            &config_maps,
-            objects::config_map(query)?,
-            existing_cm,
-            &mut writes,
-        )
-        .await?;
-        ensure_current(ctx, &services, objects::service(query)?, &mut writes).await?;
-        ensure_current(
-            ctx,
-            &budgets,
-            objects::pod_disruption_budget(query)?,
-            &mut writes,
-        )
-        .await?;
+        companions
+            .ensure(ctx, query, query, existing_cm, &mut writes)
+            .await?;
         let current = existing_jobs.into_iter().find(|j| j.name_any() == job_name);
         let job = ensure(ctx, &jobs, desired, current, &mut writes).await?;
         observed.workload = observe_workload(None, job.as_ref(), &workload_pods);
@@ -406,22 +398,9 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
             // Keep the failed spec, with no pod running it.
             Run::Stop => target.spec.suspend = Some(true),
         }
-        ensure(
-            ctx,
-            &config_maps,
-            objects::config_map(&target)?,
-            existing_cm,
-            &mut writes,
-        )
-        .await?;
-        ensure_current(ctx, &services, objects::service(query)?, &mut writes).await?;
-        ensure_current(
-            ctx,
-            &budgets,
-            objects::pod_disruption_budget(query)?,
-            &mut writes,
-        )
-        .await?;
+        companions
+            .ensure(ctx, &target, query, existing_cm, &mut writes)
+            .await?;
         let sts = ensure(
             ctx,
             &stateful_sets,
@@ -635,6 +614,34 @@ where
         }
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The objects a query's pods run with, whichever controls them: the
+/// ConfigMap of the spec they run, the headless Service and the PDB.
+struct Companions<'a> {
+    config_maps: &'a Api<ConfigMap>,
+    services: &'a Api<Service>,
+    budgets: &'a Api<PodDisruptionBudget>,
+}
+
+impl Companions<'_> {
+    /// Applies them: the ConfigMap from `running` (the spec the pods are to
+    /// run, which a rollback or a stop makes differ from `query`'s).
+    async fn ensure(
+        &self,
+        ctx: &Context,
+        running: &StreamingQuery,
+        query: &StreamingQuery,
+        existing_cm: Option<ConfigMap>,
+        writes: &mut Writes,
+    ) -> Result<()> {
+        let config_map = objects::config_map(running)?;
+        ensure(ctx, self.config_maps, config_map, existing_cm, writes).await?;
+        ensure_current(ctx, self.services, objects::service(query)?, writes).await?;
+        let budget = objects::pod_disruption_budget(query)?;
+        ensure_current(ctx, self.budgets, budget, writes).await?;
+        Ok(())
     }
 }
 

@@ -129,6 +129,18 @@ impl KafkaSink {
         })
     }
 
+    /// What a failed Kafka call made while doing `what` is: a transient
+    /// failure the run retries from the checkpoint, fenced, or this sink's.
+    fn failure(&self, what: String) -> impl Fn(KafkaError) -> Error + Send + 'static {
+        let description = self.description();
+        move |e| {
+            classify(what.clone(), &e, |message| Error::Sink {
+                sink: description.clone(),
+                message,
+            })
+        }
+    }
+
     /// Writes `records` as batch `batch_id`, not yet visible (see
     /// [`Sink::prepare`]).
     pub async fn prepare_records(&mut self, batch_id: u64, records: Vec<OutRecord>) -> Result<()> {
@@ -139,18 +151,13 @@ impl KafkaSink {
             "writing batch {batch_id} to {} on {}",
             self.topic, self.brokers
         );
+        let fail = self.failure(what.clone());
         let description = self.description();
         blocking(move || {
-            let fail = |e: KafkaError| {
-                classify(what.clone(), &e, |message| Error::Sink {
-                    sink: description.clone(),
-                    message,
-                })
-            };
             if exactly_once {
-                producer.begin_transaction().map_err(fail)?;
+                producer.begin_transaction().map_err(&fail)?;
             }
-            let sent = produce(&producer, &topic, &records).map_err(fail);
+            let sent = produce(&producer, &topic, &records).map_err(&fail);
             let refused = producer
                 .context()
                 .failed
@@ -160,7 +167,7 @@ impl KafkaSink {
             let outcome = match (sent, refused) {
                 (Err(e), _) => Err(e),
                 (Ok(()), Some(why)) => Err(Error::Sink {
-                    sink: description.clone(),
+                    sink: description,
                     message: format!("{what}: the brokers refused a record: {why}"),
                 }),
                 (Ok(()), None) => Ok(()),
@@ -448,22 +455,11 @@ impl Sink for KafkaSink {
         let producer = Arc::new(producer);
         if exactly_once {
             let p = producer.clone();
-            let brokers = self.brokers.clone();
-            let description = self.description();
-            let id = transactional_id.clone();
-            blocking(move || {
-                p.init_transactions(COMMIT_TIMEOUT).map_err(|e| {
-                    classify(
-                        format!("opening the transactional producer {id} on {brokers}"),
-                        &e,
-                        |message| Error::Sink {
-                            sink: description,
-                            message,
-                        },
-                    )
-                })
-            })
-            .await?;
+            let fail = self.failure(format!(
+                "opening the transactional producer {transactional_id} on {}",
+                self.brokers
+            ));
+            blocking(move || p.init_transactions(COMMIT_TIMEOUT).map_err(fail)).await?;
             let marker: BaseConsumer = self
                 .consumer_config
                 .clone()
@@ -544,25 +540,19 @@ impl Sink for KafkaSink {
         };
         let producer = self.producer()?;
         let tpl = self.marker_partition(Offset::Offset(batch_id as i64 + 1))?;
-        let what = format!(
+        let fail = self.failure(format!(
             "committing batch {batch_id} to {} on {}",
             self.topic, self.brokers
-        );
+        ));
         let description = self.description();
         blocking(move || {
-            let fail = |e: KafkaError| {
-                classify(what.clone(), &e, |message| Error::Sink {
-                    sink: description.clone(),
-                    message,
-                })
-            };
             let group = marker.group_metadata().ok_or_else(|| Error::Sink {
-                sink: description.clone(),
+                sink: description,
                 message: "the marker consumer has no group metadata".into(),
             })?;
             producer
                 .send_offsets_to_transaction(&tpl, &group, COMMIT_TIMEOUT)
-                .map_err(fail)?;
+                .map_err(&fail)?;
             producer.commit_transaction(COMMIT_TIMEOUT).map_err(fail)
         })
         .await
