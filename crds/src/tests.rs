@@ -483,13 +483,24 @@ fn starting_offsets_are_read_as_spark_writes_them() {
 }
 
 #[test]
-fn more_than_one_replica_is_refused_until_scale_out_exists() {
+fn several_replicas_need_kafka_in_and_out_and_a_checkpoint() {
     let problems = problems_of(&format!("{VALID}  replicas: 2\n"));
     assert_eq!(
         problems,
         vec![
-            "spec.replicas: 2 engine pods would each run the whole query on one checkpoint: scale-out is not built in this version yet; set 1 (or 0 to stop the query)"
+            "spec.replicas: 2 replicas split the partitions of Kafka sources between them and write to a Kafka sink, each with its own logs under spec.checkpoint: scale-out of other sources and sinks is not built in this version yet; set 1 (or 0 to stop the query)"
         ]
     );
     load(&format!("{VALID}  replicas: 0\n"), "test.yaml").expect("0 stops the query");
+    let kafka = kafka_spec("topic: t", "delivery: atLeastOnce");
+    assert_eq!(
+        problems_of(&format!("{kafka}  replicas: 3\n")).len(),
+        1,
+        "no checkpoint"
+    );
+    load(
+        &format!("{kafka}  replicas: 3\n  checkpoint: {{location: /tmp/c}}\n"),
+        "test.yaml",
+    )
+    .expect("Kafka to Kafka with a checkpoint scales out");
 }

@@ -101,12 +101,17 @@ fn validate_spec_into(spec: &StreamingQuerySpec, problems: &mut Problems) {
     if let Some(replicas) = spec.replicas
         && replicas > 1
     {
-        problems.push(
-            "spec.replicas",
-            format!(
-                "{replicas} engine pods would each run the whole query on one checkpoint: scale-out is not built in this version yet; set 1 (or 0 to stop the query)"
-            ),
-        );
+        // Scale-out splits Kafka partitions between replicas, each writing
+        // through its own transactional producer; the rest is not built.
+        let splittable = spec.sources.iter().all(|s| s.kafka.is_some());
+        if !splittable || spec.sink.kafka.is_none() || spec.checkpoint.is_none() {
+            problems.push(
+                "spec.replicas",
+                format!(
+                    "{replicas} replicas split the partitions of Kafka sources between them and write to a Kafka sink, each with its own logs under spec.checkpoint: scale-out of other sources and sinks is not built in this version yet; set 1 (or 0 to stop the query)"
+                ),
+            );
+        }
     }
     let mut names = HashSet::new();
     for (i, source) in spec.sources.iter().enumerate() {

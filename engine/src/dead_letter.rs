@@ -77,6 +77,7 @@ impl DeadLetters {
                     "sluice-{}-dead-letters-{source}",
                     context.query_id
                 ));
+                // NB: the sink scopes the id to the replica when it opens.
                 sink.open(context).await
             }
         }

@@ -11,6 +11,7 @@ pub mod kafka;
 pub mod monitor;
 pub mod operators;
 pub mod plan;
+pub mod replicas;
 pub mod runner;
 pub mod sink;
 pub mod source;

@@ -41,6 +41,14 @@ enum Command {
         /// The address to serve them on.
         #[arg(long, default_value = "0.0.0.0", env = "SLUICE_HTTP_ADDRESS")]
         http_address: IpAddr,
+        /// Run as this replica (from 0) of --replicas: it reads its share
+        /// of the Kafka partitions (an engine pod: its StatefulSet ordinal).
+        #[arg(long, default_value_t = 0, env = "SLUICE_REPLICA")]
+        replica: u32,
+        /// How many replicas run the query; a change hands the query over
+        /// to the new count at a batch boundary, exactly once.
+        #[arg(long, default_value_t = 1, env = "SLUICE_REPLICAS")]
+        replicas: u32,
     },
     /// Check StreamingQuery manifests: print every problem, exit non-zero if
     /// there is any. Nothing runs.
@@ -74,13 +82,24 @@ fn main() -> ExitCode {
                 max_batches,
                 http_port,
                 http_address,
+                replica,
+                replicas,
             } => {
-                let result = run(
-                    file,
-                    max_batches,
-                    http_port.map(|port| SocketAddr::new(http_address, port)),
-                )
-                .await;
+                let result = match sluice_engine::replicas::Replica::new(replica, replicas) {
+                    Ok(replica) => {
+                        run(
+                            file,
+                            RunOptions {
+                                max_batches,
+                                replica,
+                                drain: false,
+                            },
+                            http_port.map(|port| SocketAddr::new(http_address, port)),
+                        )
+                        .await
+                    }
+                    Err(err) => Err(err.into()),
+                };
                 if let Err(err) = &result {
                     write_termination_message(&format!("error: {err:#}"));
                 }
@@ -103,11 +122,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(
-    file: PathBuf,
-    max_batches: Option<u64>,
-    http: Option<SocketAddr>,
-) -> anyhow::Result<bool> {
+async fn run(file: PathBuf, options: RunOptions, http: Option<SocketAddr>) -> anyhow::Result<bool> {
     let query = sluice_crds::load_file(&file)?;
     let name = query.metadata.name.clone().unwrap_or_default();
     let monitor = Arc::new(Monitor::new(&name));
@@ -159,15 +174,7 @@ async fn run(
         warn!("Stopped at once.");
         std::process::exit(130);
     });
-    match run_query(
-        &query,
-        monitor.clone(),
-        None,
-        RunOptions { max_batches },
-        stop_rx,
-    )
-    .await
-    {
+    match run_query(&query, monitor.clone(), None, options, stop_rx).await {
         Ok(summary) => {
             if query.spec.is_available_now() && summary.stopped == Stopped::Requested {
                 // NB: a Job counts a run that exits 0 as complete: an

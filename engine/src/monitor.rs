@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use sluice_crds::progress::{QueryProgress, QueryStatus};
 
@@ -37,6 +37,8 @@ pub struct Metrics {
     dropped_late: IntCounter,
     restarts: IntCounter,
     partition_lag: IntGaugeVec,
+    replica: IntGaugeVec,
+    rescale: GaugeVec,
 }
 
 impl Metrics {
@@ -144,8 +146,26 @@ impl Metrics {
             &["source", "topic", "partition"],
         )
         .unwrap();
+        let replica = IntGaugeVec::new(
+            opts(
+                "sluice_replica_generation",
+                "The generation of replicas this engine runs in, labelled with its replica index and the replica count.",
+            ),
+            &["replica", "replicas"],
+        )
+        .unwrap();
+        let rescale = GaugeVec::new(
+            opts(
+                "sluice_rescale_seconds",
+                "How long the last rescale took, by phase: handover (settling the previous generation and writing the new assignment, on replica 0), wait (waiting for it, on the others), first_batch (from joining to the first batch committed).",
+            ),
+            &["phase"],
+        )
+        .unwrap();
         for collector in [
             Box::new(batches.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(replica.clone()),
+            Box::new(rescale.clone()),
             Box::new(restarts.clone()),
             Box::new(partition_lag.clone()),
             Box::new(state_rows.clone()),
@@ -188,7 +208,27 @@ impl Metrics {
             dropped_late,
             restarts,
             partition_lag,
+            replica,
+            rescale,
         }
+    }
+
+    /// Records which replica of which generation this engine runs as.
+    pub fn record_replica(&self, index: u32, count: u32, generation: u64) {
+        self.replica.reset();
+        self.replica
+            .with_label_values(&[&index.to_string(), &count.to_string()])
+            .set(generation as i64);
+    }
+
+    /// Records how long a rescale's `phase` took.
+    pub fn record_rescale(&self, phase: &str, seconds: f64) {
+        self.rescale.with_label_values(&[phase]).set(seconds);
+    }
+
+    /// Records how long this replica's hand-over took.
+    pub fn record_handover(&self, seconds: f64) {
+        self.record_rescale("handover", seconds);
     }
 
     fn record(&self, progress: &QueryProgress, source_names: &[String], watermark_seconds: f64) {

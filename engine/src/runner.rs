@@ -40,6 +40,7 @@ use crate::checkpoint::{self, Checkpoint, CommitEntry, OffsetEntry, SourceOffset
 use crate::dead_letter::DeadLetters;
 use crate::monitor::Monitor;
 use crate::plan::QueryPlan;
+use crate::replicas::{self, Replica, ReplicaRun};
 use crate::sink::{self, Sink, SinkContext};
 use crate::source::{self, BatchRange, ReadMode, Source};
 use crate::state::PartitionRef;
@@ -61,6 +62,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub struct RunOptions {
     /// Stop after this many batches.
     pub max_batches: Option<u64>,
+    /// Which replica this run is, of how many (`--replica`, `--replicas`).
+    pub replica: Replica,
+    /// Only finish the batch a stopped run left planned, then stop (a
+    /// hand-over settling a replica of an older generation).
+    pub drain: bool,
 }
 
 /// Why a run ended.
@@ -72,6 +78,8 @@ pub enum Stopped {
     MaxBatches,
     /// `trigger.availableNow` and everything available was processed.
     Completed,
+    /// Asked to drain, and no planned batch is left.
+    Drained,
 }
 
 /// What a run did.
@@ -130,6 +138,9 @@ pub struct Runner {
     /// from the checkpoint, before it); `None` before any batch.
     last_eviction: Option<Option<i64>>,
     summary: Summary,
+    /// When this run joined its generation of replicas, until its first
+    /// batch is committed.
+    joined: Option<Instant>,
 }
 
 /// The watermark declarations of the spec's sources, in spec order.
@@ -212,8 +223,8 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
         .iter()
         .map(|s| s.watermark.as_ref().map(|w| w.column.clone()))
         .collect();
-    if schemas.len() == spec.sources.len()
-        && let Err(err) = QueryPlan::new(
+    if schemas.len() == spec.sources.len() {
+        match QueryPlan::new(
             &spec.query,
             &schemas,
             &watermarks,
@@ -221,14 +232,62 @@ pub async fn check(query: &StreamingQuery) -> std::result::Result<(), Problems> 
             spec.output_mode,
         )
         .await
-    {
-        push(err);
+        {
+            Ok(plan) => {
+                let replicas = spec.replicas.unwrap_or(1).max(1) as u32;
+                if replicas > 1
+                    && let Err(err) = scale_out(query, &plan, replicas)
+                {
+                    push(err);
+                }
+            }
+            Err(err) => push(err),
+        }
     }
     if problems.is_empty() {
         Ok(())
     } else {
         Err(problems)
     }
+}
+
+/// Checks that a query can run on several replicas: what is not built yet
+/// is refused, naming it.
+fn scale_out(query: &StreamingQuery, plan: &QueryPlan, count: u32) -> Result<()> {
+    let refuse = |path: &str, message: String| {
+        Err(Error::Unsupported {
+            path: path.to_owned(),
+            message,
+        })
+    };
+    if plan.aggregated().is_some() {
+        return refuse(
+            "spec.replicas",
+            format!(
+                "{count} replicas of a stateful query need its rows repartitioned by key through an internal topic, which is not built yet: run it on 1 replica"
+            ),
+        );
+    }
+    for (i, source) in query.spec.sources.iter().enumerate() {
+        if source.kafka.is_none() {
+            return refuse(
+                &format!("spec.sources[{i}]"),
+                format!(
+                    "{count} replicas split Kafka partitions between them; a {} source cannot be split yet: run it on 1 replica",
+                    source.kind().unwrap_or("non-Kafka")
+                ),
+            );
+        }
+    }
+    if query.spec.sink.kafka.is_none() {
+        return refuse(
+            "spec.sink",
+            format!(
+                "{count} replicas write through one transactional producer each; only the Kafka sink takes writers from several replicas yet: run it on 1 replica"
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// A source's entry in a batch's offsets.
@@ -291,13 +350,15 @@ pub async fn run_query(
     loop {
         let remaining = RunOptions {
             max_batches: options.max_batches.map(|m| m.saturating_sub(total.batches)),
+            ..options.clone()
         };
         let mut runner = None;
-        let result = match Runner::with_state_dir(query, monitor.clone(), state_dir.clone()).await {
-            Ok(r) => {
+        let result = match start(query, &monitor, &state_dir, options.replica, &mut stop).await {
+            Ok(Some(r)) => {
                 let r = runner.insert(r);
                 r.run_until(&remaining, &mut stop).await
             }
+            Ok(None) => Ok(Stopped::Requested),
             Err(err) => Err(err),
         };
         if let Some(r) = &runner {
@@ -338,6 +399,45 @@ pub async fn run_query(
     }
 }
 
+/// Opens a run of the query as `replica`: with a checkpoint, joins its
+/// generation of replicas first (see [`crate::replicas`]). `None` when
+/// asked to stop while waiting to join.
+async fn start(
+    query: &StreamingQuery,
+    monitor: &Arc<Monitor>,
+    state_dir: &std::path::Path,
+    replica: Replica,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<Runner>> {
+    if query.spec.checkpoint.is_none() {
+        if replica.count > 1 {
+            return Err(Error::Unsupported {
+                path: "spec.checkpoint".into(),
+                message: "is needed to run several replicas: each keeps its logs under it".into(),
+            });
+        }
+        return Runner::with_state_dir(query, monitor.clone(), state_dir.to_owned())
+            .await
+            .map(Some);
+    }
+    let joining = Instant::now();
+    let Some(run) = replicas::join(query, replica, monitor, stop).await? else {
+        return Ok(None);
+    };
+    if replica.index != 0 {
+        monitor
+            .metrics()
+            .record_rescale("wait", joining.elapsed().as_secs_f64());
+    }
+    monitor
+        .metrics()
+        .record_replica(replica.index, replica.count, run.generation);
+    let mut runner =
+        Runner::for_replica(query, monitor.clone(), state_dir.to_owned(), &run).await?;
+    runner.joined = Some(joining);
+    Ok(Some(runner))
+}
+
 impl Runner {
     /// Opens the sources and the sink and plans the query. The spec must have
     /// passed `validate()`.
@@ -354,6 +454,27 @@ impl Runner {
         query: &StreamingQuery,
         monitor: Arc<Monitor>,
         state_dir: PathBuf,
+    ) -> Result<Self> {
+        Self::open(query, monitor, state_dir, None).await
+    }
+
+    /// [`Runner::with_state_dir`], as one replica of one generation: its
+    /// logs at `run.location`, its sources reading only its slice, its
+    /// sinks' transactional ids scoped to it.
+    pub async fn for_replica(
+        query: &StreamingQuery,
+        monitor: Arc<Monitor>,
+        state_dir: PathBuf,
+        run: &ReplicaRun,
+    ) -> Result<Self> {
+        Self::open(query, monitor, state_dir, Some(run)).await
+    }
+
+    async fn open(
+        query: &StreamingQuery,
+        monitor: Arc<Monitor>,
+        state_dir: PathBuf,
+        run: Option<&ReplicaRun>,
     ) -> Result<Self> {
         let spec = &query.spec;
         let name = query.metadata.name.clone().unwrap_or_default();
@@ -398,6 +519,12 @@ impl Runner {
         )
         .await?;
         let mut sink = sink::build(&spec.sink, spec.output_mode)?;
+        if let Some(run) = run.filter(|r| r.replica.count > 1) {
+            scale_out(query, &plan, run.replica.count)?;
+            for state in sources.iter_mut() {
+                state.source.set_slice(run.replica)?;
+            }
+        }
         let interval = spec
             .trigger
             .as_ref()
@@ -414,12 +541,19 @@ impl Runner {
         let mut id = uuid::Uuid::new_v4().to_string();
         let (mut checkpoint, mut fence) = (None, None);
         let (mut next_batch, mut replay, mut last_eviction, mut restore) = (0, None, None, None);
-        if let Some(location) = spec.checkpoint.as_ref().map(|c| &c.location) {
+        if let Some(root) = spec.checkpoint.as_ref().map(|c| &c.location) {
+            let location = run.map_or(root, |r| &r.location);
             let store = Checkpoint::open(location)?;
-            let names = sources.iter().map(|s| s.source.name().to_owned()).collect();
-            let metadata = store
-                .metadata(new_metadata(&name, names, spec.state_partitions()))
-                .await?;
+            let names: Vec<String> = sources.iter().map(|s| s.source.name().to_owned()).collect();
+            let mut wanted = new_metadata(&name, names.clone(), spec.state_partitions());
+            if location != root {
+                // A replica's logs carry the query's id.
+                wanted.id = Checkpoint::open(root)?
+                    .metadata(new_metadata(&name, names, spec.state_partitions()))
+                    .await?
+                    .id;
+            }
+            let metadata = store.metadata(wanted).await?;
             let claimed = Fence::claim(store.storage(), &run_id).await?;
             let recovery = store.recover().await?;
             if let Some(committed) = &recovery.committed {
@@ -448,8 +582,12 @@ impl Runner {
                 // the first batch starts at the same place.
                 for state in sources.iter_mut() {
                     let source_name = state.source.name().to_owned();
+                    let given = run
+                        .and_then(|r| r.starts.get(&source_name))
+                        .cloned()
+                        .unwrap_or(Value::Null);
                     state.offset = store
-                        .initial_offset(&source_name, &mut *state.source)
+                        .initial_offset_given(&source_name, &given, &mut *state.source)
                         .await?;
                 }
             }
@@ -479,6 +617,7 @@ impl Runner {
             query_id: id.clone(),
             run_id: run_id.clone(),
             epoch,
+            scope: run.map(|r| r.scope.clone()).unwrap_or_default(),
         };
         sink.open(&context).await?;
         for state in sources.iter_mut() {
@@ -504,6 +643,7 @@ impl Runner {
             tracker,
             last_eviction,
             summary: Summary::default(),
+            joined: None,
         })
     }
 
@@ -545,6 +685,9 @@ impl Runner {
                 .is_some_and(|max| self.summary.batches >= max)
             {
                 break Stopped::MaxBatches;
+            }
+            if options.drain && self.replay.is_none() {
+                break Stopped::Drained;
             }
             let trigger_start = Instant::now();
             let timestamp = Utc::now();
@@ -650,6 +793,11 @@ impl Runner {
             let watermark_seconds = watermarks.eviction_ms.map_or(0.0, |m| m as f64 / 1e3);
             self.monitor
                 .record(progress, &self.source_names, watermark_seconds);
+            if let Some(joined) = self.joined.take() {
+                self.monitor
+                    .metrics()
+                    .record_rescale("first_batch", joined.elapsed().as_secs_f64());
+            }
             self.monitor
                 .set_status("Waiting for next trigger", true, false);
             previous_start = Some(trigger_start);

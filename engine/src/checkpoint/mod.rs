@@ -279,6 +279,32 @@ impl Checkpoint {
         })
     }
 
+    /// Where the source `name` started, if the query ever started.
+    pub async fn read_initial(&self, name: &str) -> Result<Option<Value>> {
+        self.read_json(&format!("sources/{name}/initial")).await
+    }
+
+    /// Where the source `name` of a new replica starts: `given` (its slice
+    /// of a generation's starts) written to `sources/<name>/initial`
+    /// create-only, or, when null or already written, as
+    /// [`Checkpoint::initial_offset`].
+    pub async fn initial_offset_given(
+        &self,
+        name: &str,
+        given: &Value,
+        source: &mut dyn crate::source::Source,
+    ) -> Result<Value> {
+        if !given.is_null() {
+            let bytes = serde_json::to_vec_pretty(given).expect("offsets serialize");
+            let path = format!("sources/{name}/initial");
+            return match self.storage.create(&path, bytes).await? {
+                Created::Written => Ok(given.clone()),
+                Created::Exists(theirs) => parse(&self.storage, &path, &theirs),
+            };
+        }
+        self.initial_offset(name, source).await
+    }
+
     /// Where the source `name` of a new query starts: read from
     /// `sources/<name>/initial`, or resolved by the source and written there
     /// (create-only) when the query first starts.

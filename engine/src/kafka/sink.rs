@@ -439,10 +439,12 @@ impl Sink for KafkaSink {
         let mut config = self.config.clone();
         config.set("enable.idempotence", "true");
         let exactly_once = self.delivery == Delivery::ExactlyOnce;
-        let transactional_id = self
-            .transactional_id
-            .clone()
-            .unwrap_or_else(|| format!("sluice-{}", context.query_id));
+        let transactional_id = context.scoped(
+            &self
+                .transactional_id
+                .clone()
+                .unwrap_or_else(|| format!("sluice-{}", context.query_id)),
+        );
         if exactly_once {
             config.set("transactional.id", &transactional_id);
         }

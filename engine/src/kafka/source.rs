@@ -114,6 +114,8 @@ pub struct KafkaSource {
     limit: Option<Offsets>,
     /// Records skipped because the broker no longer held them.
     lost: u64,
+    /// With several replicas: this one's, whose partitions only it reads.
+    slice: Option<crate::replicas::Replica>,
 }
 
 impl KafkaSource {
@@ -227,6 +229,7 @@ impl KafkaSource {
             mode,
             limit: None,
             lost: 0,
+            slice: None,
         })
     }
 
@@ -284,6 +287,7 @@ impl KafkaSource {
                     topic
                         .partitions()
                         .iter()
+                        .filter(|p| self.slice.is_none_or(|r| r.owns(topic.name(), p.id())))
                         .map(|p| (topic.name().to_owned(), p.id())),
                 );
             }
@@ -786,6 +790,11 @@ impl Source for KafkaSource {
 
     fn take_bad_records(&mut self) -> Vec<BadRecord> {
         std::mem::take(&mut self.bad_records)
+    }
+
+    fn set_slice(&mut self, replica: crate::replicas::Replica) -> Result<()> {
+        self.slice = Some(replica);
+        Ok(())
     }
 }
 

@@ -405,6 +405,7 @@ mod tests {
             query_id: query_id.into(),
             run_id: "run".into(),
             epoch: 1,
+            ..SinkContext::default()
         }
     }
 

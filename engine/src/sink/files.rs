@@ -573,6 +573,7 @@ mod tests {
             query_id: "q1".into(),
             run_id: "r".into(),
             epoch: 1,
+            ..SinkContext::default()
         })
         .await
         .unwrap();

@@ -41,6 +41,20 @@ pub struct SinkContext {
     pub run_id: String,
     /// This run's epoch (0 without a checkpoint).
     pub epoch: u64,
+    /// Which replica of which generation runs (`g<g>-r<i>`), empty for a
+    /// query that never scaled out: a sink's transactional ids end with it.
+    pub scope: String,
+}
+
+impl SinkContext {
+    /// `base` scoped to this run's replica: `base-g<g>-r<i>`, or `base`.
+    pub fn scoped(&self, base: &str) -> String {
+        if self.scope.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}-{}", self.scope)
+        }
+    }
 }
 
 /// A streaming sink.

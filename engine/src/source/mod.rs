@@ -124,6 +124,17 @@ pub trait Source: Send + Sync {
         let _ = end;
         Ok(())
     }
+    /// Reads only the partitions `replica` owns (scale-out); a source that
+    /// cannot be split refuses.
+    fn set_slice(&mut self, replica: crate::replicas::Replica) -> Result<()> {
+        Err(Error::Unsupported {
+            path: format!("source {}", self.name()),
+            message: format!(
+                "cannot be split between {} replicas yet: only Kafka sources can",
+                replica.count
+            ),
+        })
+    }
     /// The malformed records the last `read` set aside; only a source with
     /// a dead-letter destination sets any aside instead of failing.
     fn take_bad_records(&mut self) -> Vec<BadRecord> {

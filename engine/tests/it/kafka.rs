@@ -286,6 +286,7 @@ async fn the_sink_knows_which_batches_it_committed_on_a_real_broker() {
         query_id: format!("query-{}", std::process::id()),
         run_id: "run".into(),
         epoch: 1,
+        ..SinkContext::default()
     };
     let mut sink = KafkaSink::new(&spec).unwrap();
     sink.open(&context).await.unwrap();
@@ -362,7 +363,10 @@ spec:
                 &query,
                 Arc::new(Monitor::new("pay")),
                 Some(state),
-                RunOptions { max_batches: max },
+                RunOptions {
+                    max_batches: max,
+                    ..RunOptions::default()
+                },
                 stop,
             )
             .await

@@ -21,7 +21,13 @@ async fn run_monitored(
     let runner = Runner::new(&query, monitor.clone()).await.unwrap();
     let (_stop, stop_rx) = watch::channel(false);
     let summary = runner
-        .run(RunOptions { max_batches }, stop_rx)
+        .run(
+            RunOptions {
+                max_batches,
+                ..RunOptions::default()
+            },
+            stop_rx,
+        )
         .await
         .unwrap();
     (summary, monitor)

@@ -1,0 +1,303 @@
+"""Scale-out and rescales, exactly once, against a real Apache Kafka broker
+(started by e2e/rescale.sh). Each check prints `ok   ...` or fails loudly.
+
+A producer writes transactions into a 6-partition topic at a steady rate
+while a stateless query (a filter and a projection, Kafka -> Kafka) runs as
+replica processes (`sluice run --replica i --replicas n`), rescaled
+1 -> 3 -> 2 during the run:
+
+1. graceful: the old replicas stop at a batch boundary (SIGTERM), the new
+   ones start;
+2. killed: every rescale's old replicas are SIGKILLed at random moments, a
+   single replica is SIGKILLed and restarted in between, and replica 0 of a
+   new generation is SIGKILLed in the middle of its hand-over;
+3. zombies: the new replicas start while the old ones still run; the old
+   ones must stop by themselves, fenced, having written nothing more.
+
+Each time, the output topic (read_committed) holds exactly the rows one
+replica writes from the same topic (a one-replica availableNow run on a new
+checkpoint), each once, and exactly the rows the filter keeps of what was
+produced. The hand-over's duration (settling the old generation) and the
+time to the new generation's first batch are printed from /metrics.
+Also: a stateful query on 2 replicas is refused, naming spec.replicas.
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from confluent_kafka import Producer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
+from e2e import Env, free_port, get_json  # noqa: E402
+from results import FRAUD, TX_SCHEMA, Row, compare, fail, ok  # noqa: E402
+
+PARTITIONS = 6
+QUERY = "SELECT transaction_id, user_id, amount FROM transactions WHERE amount > 40"
+
+
+def spec(env, name, source_topic, sink_topic, extra=""):
+    path = os.path.join(env.work, f"{name}.yaml")
+    with open(path, "w") as f:
+        f.write(f"""apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: {name}}}
+spec:
+  sources:
+    - name: transactions
+      kafka: {{bootstrapServers: "{env.bootstrap}", topic: {source_topic}, startingOffsets: earliest, maxOffsetsPerTrigger: 2000}}
+      schema: {TX_SCHEMA}
+  query: {QUERY}
+  sink: {{kafka: {{bootstrapServers: "{env.bootstrap}", topic: {sink_topic}}}}}
+  checkpoint: {{location: "{env.work}/{name}-checkpoint"}}
+{extra}""")
+    return path
+
+
+def record(i, rnd):
+    user = f"user-{rnd.randrange(500):04d}"
+    return user, {"transaction_id": f"tx-{i:08d}", "user_id": user,
+                  "amount": round(rnd.lognormvariate(3.5, 1.0), 2),
+                  "event_time": "2026-01-01T00:00:00Z"}
+
+
+class Feed(threading.Thread):
+    """Produces `total` records at `rate` a second into `topic`."""
+
+    def __init__(self, env, topic, total, rate, seed):
+        super().__init__(daemon=True)
+        self.env, self.topic, self.total, self.rate = env, topic, total, rate
+        self.rnd = random.Random(seed)
+        self.expected = []
+        self.error = None
+
+    def run(self):
+        try:
+            producer = Producer({"bootstrap.servers": self.env.bootstrap, "linger.ms": 5})
+            start = time.time()
+            for i in range(self.total):
+                key, row = record(i, self.rnd)
+                if row["amount"] > 40:
+                    self.expected.append(Row({k: row[k] for k in ("transaction_id", "user_id", "amount")}))
+                producer.produce(self.topic, key=key.encode(), value=json.dumps(row).encode())
+                if i % 100 == 99:
+                    producer.poll(0)
+                    ahead = (i + 1) / self.rate - (time.time() - start)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            producer.flush()
+        except Exception as e:  # noqa: BLE001
+            self.error = e
+
+
+class Replicas:
+    """The replica processes of one query."""
+
+    def __init__(self, env, path):
+        self.env, self.path = env, path
+        self.procs = {}
+        self.ports = {}
+        self.retired = []
+
+    def start(self, index, count):
+        port = free_port()
+        p = self.env.start(self.path, extra_env={"SLUICE_STATE_DIR": f"{self.path}.state-{index}"},
+                           args=("--replica", str(index), "--replicas", str(count),
+                                 "--http-port", str(port)))
+        self.procs[index], self.ports[index] = p, port
+        return p
+
+    def start_all(self, count):
+        for i in range(count):
+            self.start(i, count)
+
+    def signal_all(self, sig):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def stop_all(self, sig=signal.SIGTERM, timeout=120):
+        self.signal_all(sig)
+        for i, p in self.procs.items():
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                fail(f"replica {i} did not stop within {timeout} s after {sig!r}")
+            if sig == signal.SIGTERM and p.returncode != 0:
+                fail(f"replica {i} exited {p.returncode}:\n" + open(self.path + ".log").read()[-3000:])
+        self.procs, self.ports = {}, {}
+
+    def retire(self):
+        """Leaves the running replicas running (zombies), untracked."""
+        self.retired.extend(self.procs.values())
+        self.procs, self.ports = {}, {}
+
+    def check_alive(self):
+        for i, p in self.procs.items():
+            if p.poll() is not None:
+                fail(f"replica {i} exited {p.returncode}:\n" + open(self.path + ".log").read()[-3000:])
+
+    def metric(self, index, name):
+        port = self.ports.get(index)
+        if port is None:
+            return None
+        try:
+            import urllib.request
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except Exception:  # noqa: BLE001
+            return None
+        for line in text.splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def wait_first_batches(self, timeout=120):
+        """Waits until every replica committed a batch after joining; returns
+        replica 0's hand-over and the slowest first batch, in seconds."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.check_alive()
+            firsts = [self.metric(i, 'sluice_rescale_seconds{phase="first_batch"') for i in self.procs]
+            if all(f is not None for f in firsts):
+                # As the assignment says: a hand-over killed midway is
+                # finished by the next run of replica 0.
+                assignments = self.path.replace(".yaml", "-checkpoint/assignments")
+                newest = max(os.listdir(assignments), key=int)
+                with open(os.path.join(assignments, newest)) as f:
+                    handover = json.load(f)["handoverMs"] / 1000
+                return handover, max(firsts)
+            time.sleep(0.5)
+        fail(f"the {len(self.procs)} replicas did not all commit a batch within {timeout} s")
+
+
+def output_rows(env, topic):
+    return [Row(json.loads(m.value())) for m in env.read_topic(topic)]
+
+
+def wait_for_output(env, topic, count, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = output_rows(env, topic)
+        if len(rows) >= count:
+            return
+        time.sleep(2)
+    fail(f"{topic} holds {len(rows)} rows after {timeout} s; {count} expected")
+
+
+def scenario(env, name, mode, total, rate, seed):
+    source, sink = f"{name}-in", f"{name}-out"
+    env.topic(source, PARTITIONS)
+    env.topic(sink, 3)
+    path = spec(env, name, source, sink)
+    feed = Feed(env, source, total, rate, seed)
+    feed.start()
+    rnd = random.Random(seed)
+    replicas = Replicas(env, path)
+    timings = []
+    replicas.start_all(1)
+    time.sleep(6)
+    for count in (3, 2):
+        if mode == "graceful":
+            replicas.stop_all(signal.SIGTERM)
+            replicas.start_all(count)
+        elif mode == "killed":
+            time.sleep(rnd.uniform(0, 2))
+            replicas.stop_all(signal.SIGKILL)
+            replicas.start_all(count)
+            # Replica 0 killed in the middle of its hand-over, restarted.
+            time.sleep(rnd.uniform(0.2, 1.5))
+            replicas.procs[0].send_signal(signal.SIGKILL)
+            replicas.procs[0].wait()
+            replicas.start(0, count)
+        else:  # zombies
+            replicas.retire()
+            replicas.start_all(count)
+        timings.append((count,) + replicas.wait_first_batches())
+        if mode == "killed":
+            # One replica killed mid-run and restarted.
+            victim = rnd.randrange(count)
+            time.sleep(rnd.uniform(1, 4))
+            replicas.procs[victim].send_signal(signal.SIGKILL)
+            replicas.procs[victim].wait()
+            replicas.start(victim, count)
+        time.sleep(8)
+    if mode == "zombies":
+        for p in replicas.retired:
+            try:
+                code = p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                fail("a replica of an older generation still runs 120 s after the new one started")
+            if code == 0:
+                fail("a replica of an older generation exited 0: it should have been fenced")
+        if "fenced" not in open(path + ".log").read().lower():
+            fail("the older generation's replicas stopped without saying they were fenced")
+    feed.join()
+    if feed.error:
+        fail(f"the producer failed: {feed.error}")
+    wait_for_output(env, sink, len(feed.expected))
+    replicas.check_alive()
+    replicas.stop_all(signal.SIGTERM)
+    actual = output_rows(env, sink)
+    compare(actual, feed.expected, f"{mode}: the output of 1 -> 3 -> 2 replicas", where="Kafka")
+    # The one-replica run over the same input.
+    reference = spec(env, f"{name}-one", source, f"{name}-one-out", "  trigger: {availableNow: true}\n")
+    env.topic(f"{name}-one-out", 3)
+    env.run(reference)
+    compare(actual, output_rows(env, f"{name}-one-out"), f"{mode}: against one replica", where="Kafka")
+    steps = ", ".join(f"to {c}: hand-over {h:.1f} s, first batch {f:.1f} s" for c, h, f in timings)
+    ok(f"{mode}: {total} records at {rate}/s, 1 -> 3 -> 2 replicas, {len(actual)} rows each once, "
+       f"equal to one replica's ({steps})")
+
+
+def stateful_refused(env):
+    path = os.path.join(env.work, "stateful.yaml")
+    with open(path, "w") as f:
+        f.write(f"""apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: stateful}}
+spec:
+  sources:
+    - name: transactions
+      kafka: {{bootstrapServers: "{env.bootstrap}", topic: scale-graceful-in, startingOffsets: earliest}}
+      schema: {TX_SCHEMA}
+      watermark: {{column: event_time, delay: 10m}}
+  query: |
+    {FRAUD}
+  sink: {{kafka: {{bootstrapServers: "{env.bootstrap}", topic: stateful-out}}}}
+  checkpoint: {{location: "{env.work}/stateful-checkpoint"}}
+  replicas: 2
+""")
+    out = subprocess.run([env.sluice, "validate", path], capture_output=True, text=True)
+    if out.returncode == 0 or "spec.replicas" not in out.stderr or "not built" not in out.stderr:
+        fail(f"a stateful query on 2 replicas was not refused naming spec.replicas: {out.stderr}")
+    ok("a stateful query on 2 replicas is refused: " + out.stderr.strip().splitlines()[-1].strip())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sluice", required=True)
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--broker-dir", required=True)
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--records", type=int, default=60000)
+    parser.add_argument("--rate", type=int, default=1500)
+    parser.add_argument("--only", choices=["graceful", "killed", "zombies"])
+    args = parser.parse_args()
+    env = Env(args)
+    for seed, mode in enumerate(("graceful", "killed", "zombies")):
+        if args.only in (None, mode):
+            scenario(env, f"scale-{mode}", mode, args.records, args.rate, seed)
+    stateful_refused(env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Scale-out and rescales exactly once against a real Apache Kafka 4 broker
+# (e2e/kafka/lib.sh; cached under ~/.cache/sluice/kafka): a stateless
+# Kafka -> Kafka query rescaled 1 -> 3 -> 2 replicas while a producer
+# writes, gracefully, with SIGKILLs, and with zombies of the older
+# generation; the output equals one replica's, each row once. The checks
+# are in e2e/kafka/rescale.py. RESCALE_E2E_RECORDS and RESCALE_E2E_RATE set
+# the feed (default 60,000 records at 1,500 a second).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
+export PYTHONDONTWRITEBYTECODE=1
+python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
+# Built as `cargo test --workspace` builds it (the test suite's feature set).
+cargo test --workspace --locked --quiet --no-run
+source e2e/kafka/lib.sh
+kafka_fetch
+
+work=$(mktemp -d)
+trap 'pkill -KILL -f "$work/scale-" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; rm -rf "$work"' EXIT
+kafka_start "$work/broker"
+python3 e2e/kafka/rescale.py --sluice "$CARGO_TARGET_DIR/debug/sluice" --bootstrap "$KAFKA_BOOTSTRAP" \
+  --broker-dir "$work/broker" --work "$work" \
+  --records "${RESCALE_E2E_RECORDS:-60000}" --rate "${RESCALE_E2E_RATE:-1500}" "$@"
+echo "e2e rescale: passed"

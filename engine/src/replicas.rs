@@ -1,0 +1,448 @@
+//! Scale-out: replica `i` of `n` runs the query on its slice of the Kafka
+//! partitions, with its own offset and commit logs, its own epochs and its
+//! own transactional id, as a Kafka Streams instance runs its tasks.
+//!
+//! Replicas run in **generations**. Generation `g` is written once, create
+//! only, to `assignments/<g>` under the query's checkpoint: how many
+//! replicas it has and where each partition of each source starts. Replica
+//! `i` of generation `g` keeps its logs under `replicas/g<g>/r<i>/`.
+//! Generation 0 is implicit: one replica whose logs are the checkpoint's
+//! own `offsets/` and `commits/` (a query that never scaled out looks as
+//! it always did).
+//!
+//! A **rescale** starts replicas with another count. Replica 0 of the new
+//! count hands over, while the others wait for the new assignment:
+//!
+//! 1. it *settles* every replica of the newest generation: claims the next
+//!    epoch of its logs (a replica still running is fenced at its next
+//!    check, and its producer by Kafka when the transactional id is
+//!    opened again) and finishes the batch it left planned but not
+//!    committed, exactly as a restart would;
+//! 2. it merges where each partition stands: the generation's starts,
+//!    overlaid with each replica's last committed batch's ends;
+//! 3. it writes `assignments/<g+1>` with the new count and those starts.
+//!
+//! Each partition's records before its start were committed by exactly one
+//! replica of an older generation, and the ones after it are read by
+//! exactly one replica of the new one: nothing lost, nothing twice.
+//!
+//! What is not built yet: keyed state across replicas (rows repartitioned by
+//! key through an internal topic), so a stateful query runs on one replica.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sluice_crds::StreamingQuery;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::checkpoint::{Checkpoint, new_metadata};
+use crate::kafka::{offsets_from_json, offsets_json};
+use crate::monitor::Monitor;
+use crate::runner::{RunOptions, Runner};
+use crate::storage::Created;
+use crate::{Error, Result};
+
+/// The format of `assignments/<g>`.
+const VERSION: u32 = 1;
+
+/// How often a replica waiting for a hand-over looks for it.
+const WAIT_POLL: Duration = Duration::from_millis(500);
+
+/// Which replica this is, of how many.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    /// From 0 (the StatefulSet ordinal).
+    pub index: u32,
+    /// How many replicas run the query.
+    pub count: u32,
+}
+
+impl Default for Replica {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl Replica {
+    /// Checks that `index` is below `count` and `count` at least 1.
+    pub fn new(index: u32, count: u32) -> Result<Self> {
+        if count == 0 || index >= count {
+            return Err(Error::Unsupported {
+                path: "--replica".into(),
+                message: format!(
+                    "replica {index} of {count} does not exist: replicas are numbered from 0 to the count minus 1"
+                ),
+            });
+        }
+        Ok(Self { index, count })
+    }
+
+    /// Whether this replica reads `partition` of `topic`: partitions go
+    /// round-robin, each topic starting at a replica given by a stable hash
+    /// of its name, so that a partition added later does not move the
+    /// others.
+    pub fn owns(&self, topic: &str, partition: i32) -> bool {
+        let start = fnv1a(topic.as_bytes()) % u64::from(self.count);
+        (start + partition as u64) % u64::from(self.count) == u64::from(self.index)
+    }
+
+    /// Keeps the partitions of Kafka offsets (`{topic: {partition:
+    /// offset}}`) this replica owns; other offsets unchanged.
+    pub fn slice(&self, offsets: &Value) -> Value {
+        match offsets_from_json(offsets) {
+            Some(mut parsed) => {
+                for (topic, partitions) in parsed.iter_mut() {
+                    partitions.retain(|p, _| self.owns(topic, *p));
+                }
+                parsed.retain(|_, partitions| !partitions.is_empty());
+                offsets_json(&parsed)
+            }
+            None => offsets.clone(),
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a hash that never changes between builds.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `assignments/<g>`: a generation of replicas.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    /// The generation.
+    pub generation: u64,
+    /// How many replicas it has.
+    pub replicas: u32,
+    /// Where each source starts, by name (Kafka offsets of every partition
+    /// known at the hand-over; null: resolved from `startingOffsets`).
+    pub starts: BTreeMap<String, Value>,
+    /// How long the hand-over from the previous generation took, in ms.
+    pub handover_ms: u64,
+    /// The format.
+    pub version: u32,
+}
+
+impl Assignment {
+    /// Generation 0: one replica, the checkpoint's own logs.
+    fn first() -> Self {
+        Self {
+            generation: 0,
+            replicas: 1,
+            starts: BTreeMap::new(),
+            handover_ms: 0,
+            version: VERSION,
+        }
+    }
+}
+
+/// What one replica of one generation runs on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaRun {
+    /// The replica.
+    pub replica: Replica,
+    /// Its generation.
+    pub generation: u64,
+    /// Where its logs are: the checkpoint's location, or
+    /// `<location>/replicas/g<g>/r<i>`.
+    pub location: String,
+    /// Where each source starts when this replica's logs are new (its
+    /// slice of the assignment's starts; null: from `startingOffsets`).
+    pub starts: BTreeMap<String, Value>,
+    /// Told to the sinks: their transactional ids end with it (empty for
+    /// generation 0, whose ids are those of a query never scaled out).
+    pub scope: String,
+}
+
+impl ReplicaRun {
+    fn of(root: &str, assignment: &Assignment, replica: Replica) -> Self {
+        if assignment.generation == 0 {
+            return Self {
+                replica,
+                generation: 0,
+                location: root.to_owned(),
+                starts: BTreeMap::new(),
+                scope: String::new(),
+            };
+        }
+        let (g, i) = (assignment.generation, replica.index);
+        Self {
+            replica,
+            generation: g,
+            location: format!("{}/replicas/g{g}/r{i}", root.trim_end_matches('/')),
+            starts: assignment
+                .starts
+                .iter()
+                .map(|(name, start)| {
+                    let start = if start.is_null() {
+                        Value::Null
+                    } else {
+                        replica.slice(start)
+                    };
+                    (name.clone(), start)
+                })
+                .collect(),
+            scope: format!("g{g}-r{i}"),
+        }
+    }
+}
+
+/// The newest generation written under `root`.
+pub async fn newest(root: &Checkpoint) -> Result<Assignment> {
+    let storage = root.storage();
+    let mut generations: Vec<u64> = storage
+        .list_names("assignments")
+        .await?
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    generations.sort_unstable();
+    let Some(g) = generations.last() else {
+        return Ok(Assignment::first());
+    };
+    let path = format!("assignments/{g}");
+    let bytes = storage.get(&path).await?.ok_or_else(|| Error::Checkpoint {
+        file: storage.name_of(&path),
+        message: "vanished while being read".into(),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
+        file: storage.name_of(&path),
+        message: format!("is not an assignment: {e}"),
+    })
+}
+
+/// Joins the query's replicas as `replica`: returns the run of the newest
+/// generation when it has `replica.count` replicas; otherwise replica 0
+/// hands over to a new generation of that many (see the module's
+/// documentation) and the others wait for it. `None` when `stop` turned
+/// true while waiting.
+pub async fn join(
+    query: &StreamingQuery,
+    replica: Replica,
+    monitor: &Monitor,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<ReplicaRun>> {
+    let location = &query
+        .spec
+        .checkpoint
+        .as_ref()
+        .ok_or_else(|| Error::Unsupported {
+            path: "spec.checkpoint".into(),
+            message: "is needed to run several replicas: each keeps its logs under it".into(),
+        })?
+        .location;
+    let root = Checkpoint::open(location)?;
+    let name = query.metadata.name.clone().unwrap_or_default();
+    let sources = query.spec.sources.iter().map(|s| s.name.clone()).collect();
+    root.metadata(new_metadata(&name, sources, query.spec.state_partitions()))
+        .await?;
+    loop {
+        let current = newest(&root).await?;
+        if current.replicas == replica.count {
+            return Ok(Some(ReplicaRun::of(location, &current, replica)));
+        }
+        if replica.index != 0 {
+            monitor.set_status(
+                format!(
+                    "Waiting for replica 0 to hand generation {} ({} replicas) over to {} replicas",
+                    current.generation, current.replicas, replica.count
+                ),
+                false,
+                false,
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(WAIT_POLL) => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                return Ok(None);
+            }
+            continue;
+        }
+        let started = Instant::now();
+        monitor.set_status(
+            format!(
+                "Handing generation {} ({} replicas) over to {} replicas",
+                current.generation, current.replicas, replica.count
+            ),
+            false,
+            false,
+        );
+        let starts = settle(query, location, &current).await?;
+        let next = Assignment {
+            generation: current.generation + 1,
+            replicas: replica.count,
+            starts,
+            handover_ms: started.elapsed().as_millis() as u64,
+            version: VERSION,
+        };
+        let path = format!("assignments/{}", next.generation);
+        let bytes = serde_json::to_vec_pretty(&next).expect("assignments serialize");
+        match root.storage().create(&path, bytes).await? {
+            Created::Written => {
+                info!(
+                    generation = next.generation,
+                    replicas = next.replicas,
+                    previous_replicas = current.replicas,
+                    handover_ms = next.handover_ms,
+                    "Handed the query over to a new generation of replicas."
+                );
+                monitor
+                    .metrics()
+                    .record_handover(next.handover_ms as f64 / 1e3);
+                return Ok(Some(ReplicaRun::of(location, &next, replica)));
+            }
+            // Another replica 0 (a zombie, or a second rescale) wrote it
+            // first: look again.
+            Created::Exists(_) => continue,
+        }
+    }
+}
+
+/// Settles every replica of `generation` (fences it and finishes its
+/// planned batch) and returns where each source's partitions stand.
+async fn settle(
+    query: &StreamingQuery,
+    root: &str,
+    generation: &Assignment,
+) -> Result<BTreeMap<String, Value>> {
+    let mut ends = Vec::new();
+    for index in 0..generation.replicas {
+        let run = ReplicaRun::of(root, generation, Replica::new(index, generation.replicas)?);
+        let monitor = Arc::new(Monitor::new(
+            query.metadata.name.as_deref().unwrap_or_default(),
+        ));
+        let state_dir = std::env::temp_dir().join(format!(
+            "sluice-settle-{}-g{}-r{index}",
+            std::process::id(),
+            generation.generation
+        ));
+        let runner = Runner::for_replica(query, monitor, state_dir.clone(), &run).await?;
+        let (_never, stop) = watch::channel(false);
+        runner
+            .run(
+                RunOptions {
+                    drain: true,
+                    ..RunOptions::default()
+                },
+                stop,
+            )
+            .await?;
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let logs = Checkpoint::open(&run.location)?;
+        if let Some(committed) = logs.recover().await?.committed {
+            ends.extend(committed.offsets.sources);
+        }
+    }
+    let mut starts: BTreeMap<String, Value> = generation.starts.clone();
+    if generation.generation == 0 {
+        // Where a query that never scaled out started (read after its
+        // drain, which resolves it when the query never ran).
+        let checkpoint = Checkpoint::open(root)?;
+        for source in &query.spec.sources {
+            starts.insert(
+                source.name.clone(),
+                checkpoint
+                    .read_initial(&source.name)
+                    .await?
+                    .unwrap_or(Value::Null),
+            );
+        }
+    }
+    for ended in &ends {
+        let merged = starts.entry(ended.name.clone()).or_insert(Value::Null);
+        *merged = overlay(merged, &ended.end);
+    }
+    Ok(starts)
+}
+
+/// Kafka offsets `base` with the partitions `top` has replaced.
+fn overlay(base: &Value, top: &Value) -> Value {
+    let Some(top) = offsets_from_json(top) else {
+        return base.clone();
+    };
+    let mut merged = offsets_from_json(base).unwrap_or_default();
+    for (topic, partitions) in top {
+        merged.entry(topic).or_default().extend(partitions);
+    }
+    offsets_json(&merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_partition_has_exactly_one_owner_and_counts_balance() {
+        for count in 1..=5 {
+            let mut per_replica = vec![0; count as usize];
+            for topic in ["orders", "payments", "t"] {
+                for p in 0..12 {
+                    let owners: Vec<u32> = (0..count)
+                        .filter(|&i| Replica::new(i, count).unwrap().owns(topic, p))
+                        .collect();
+                    assert_eq!(owners.len(), 1, "{topic}/{p} of {count}: {owners:?}");
+                    per_replica[owners[0] as usize] += 1;
+                }
+            }
+            let (lo, hi) = (
+                per_replica.iter().min().unwrap(),
+                per_replica.iter().max().unwrap(),
+            );
+            assert!(hi - lo <= 3, "{count} replicas: {per_replica:?}");
+        }
+    }
+
+    #[test]
+    fn the_owner_is_stable_across_builds() {
+        // Pinned: changing the hash would move partitions between the
+        // replicas of a running generation.
+        assert_eq!(fnv1a(b"orders"), 0x0012_5d92_50be_8b4c);
+    }
+
+    #[test]
+    fn a_slice_keeps_the_owned_partitions_and_overlay_replaces_by_partition() {
+        let all = json!({"t": {"0": 5, "1": 6, "2": 7, "3": 8}});
+        let r0 = Replica::new(0, 2).unwrap();
+        let r1 = Replica::new(1, 2).unwrap();
+        let (a, b) = (r0.slice(&all), r1.slice(&all));
+        let count = |v: &Value| v["t"].as_object().map_or(0, |o| o.len());
+        assert_eq!(count(&a) + count(&b), 4);
+        assert_eq!(overlay(&overlay(&all, &a), &b), all);
+        let moved = overlay(&all, &json!({"t": {"1": 60}, "u": {"0": 1}}));
+        assert_eq!(
+            moved,
+            json!({"t": {"0": 5, "1": 60, "2": 7, "3": 8}, "u": {"0": 1}})
+        );
+        assert_eq!(overlay(&Value::Null, &a), a);
+        assert!(Replica::new(2, 2).is_err());
+        assert!(Replica::new(0, 0).is_err());
+    }
+
+    #[test]
+    fn generation_zero_is_the_checkpoint_itself() {
+        let first = Assignment::first();
+        let run = ReplicaRun::of("s3://b/q/", &first, Replica::default());
+        assert_eq!(run.location, "s3://b/q/");
+        assert_eq!(run.scope, "");
+        let second = Assignment {
+            generation: 2,
+            replicas: 3,
+            starts: BTreeMap::from([("in".to_owned(), json!({"t": {"0": 1, "1": 2, "2": 3}}))]),
+            handover_ms: 0,
+            version: VERSION,
+        };
+        let run = ReplicaRun::of("s3://b/q/", &second, Replica::new(1, 3).unwrap());
+        assert_eq!(run.location, "s3://b/q/replicas/g2/r1");
+        assert_eq!(run.scope, "g2-r1");
+        assert_eq!(run.starts["in"]["t"].as_object().unwrap().len(), 1);
+    }
+}
