@@ -24,9 +24,11 @@
 #   reconciles it at its polling rate (the server's audit log: GETs of its
 #   StatefulSet), writes none of its objects, and writes its status at most
 #   once per poll;
-# - `kubectl scale sq/X --replicas 0|1|2` goes through /scale (2 is refused
-#   by the operator's validation until scale-out exists: InvalidSpec, the
-#   pod keeps running); suspend and resume; delete removes every object;
+# - `kubectl scale sq/X --replicas 0|1|2` goes through /scale (2 of a
+#   generator query is refused by the operator's validation: only Kafka
+#   queries scale out; InvalidSpec, the pod keeps running); each engine pod
+#   gets its replica number (the pod-index label) and the count;
+#   suspend and resume; delete removes every object;
 # - a change of an immutable StatefulSet field is Degraded (ApplyFailed) with
 #   the server's message, and an Event says it;
 # - an availableNow query runs as a Job and ends Completed with its final
@@ -337,13 +339,16 @@ check "the /scale subresource reads spec 1, status 1 and the pods' selector" \
   == "1 1 app.kubernetes.io/instance=scaled,app.kubernetes.io/managed-by=sluice-operator,app.kubernetes.io/name=sluice-engine"
 kubectl scale sq/scaled -n e2e --replicas 2 >/dev/null
 reason=$(wait_for 'InvalidSpec' 30 condition scaled e2e Degraded reason)
-if [[ "$reason" == InvalidSpec && "$(condition scaled e2e Degraded message)" == *"scale-out is not built"* \
+if [[ "$reason" == InvalidSpec && "$(condition scaled e2e Degraded message)" == *"scale-out of other sources and sinks is not built"* \
       && "$(field statefulset/scaled e2e '{.spec.replicas}')" == 1 ]]; then
-  ok "kubectl scale --replicas 2: the API server takes it, the operator refuses it (InvalidSpec: scale-out is not built), 1 pod keeps running"
+  ok "kubectl scale --replicas 2 of a generator query: the API server takes it, the operator refuses it (InvalidSpec: only Kafka queries scale out), 1 pod keeps running"
 else
   fail "scale to 2: $reason: $(condition scaled e2e Degraded message)"
 fi
 kubectl scale sq/scaled -n e2e --replicas 1 >/dev/null
+pod_env=$(kubectl get pod scaled-0 -n e2e -o json | jq -c '[.metadata.labels["apps.kubernetes.io/pod-index"], (.spec.containers[0].env[] | select(.name | startswith("SLUICE_REPLICA")) | .value // .valueFrom.fieldRef.fieldPath)]')
+check "the engine pod knows its replica (pod-index label 0, through the downward API) and the count (1): $pod_env" \
+  test "$pod_env" == '["0","metadata.labels['"'"'apps.kubernetes.io/pod-index'"'"']","1"]'
 kubectl patch sq scaled -n e2e --type=merge -p '{"spec":{"suspend":true}}' >/dev/null
 if wait_for '^Suspended$' 30 field sq/scaled e2e '{.status.phase}' >/dev/null \
    && wait_for '^$' 30 kubectl get pods -n e2e -l app.kubernetes.io/instance=scaled -o name >/dev/null; then

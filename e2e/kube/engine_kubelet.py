@@ -79,6 +79,27 @@ class Kube:
                  "--type=merge", "-p", json.dumps({"status": status}))
 
 
+def pod_env(container, meta):
+    """The container's SLUICE_* variables, resolved as the kubelet resolves
+    them (values, and the downward API's metadata.name and
+    metadata.labels['...']); the rest (credentials, paths) stays this
+    machine's."""
+    out = {}
+    for var in container.get("env") or []:
+        name = var["name"]
+        if not name.startswith("SLUICE_") or name == "SLUICE_STATE_DIR":
+            continue
+        if "value" in var:
+            out[name] = var["value"]
+            continue
+        path = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath", "")
+        if path == "metadata.name":
+            out[name] = meta["name"]
+        elif path.startswith("metadata.labels['") and path.endswith("']"):
+            out[name] = (meta.get("labels") or {}).get(path[len("metadata.labels['"):-2], "")
+    return out
+
+
 class Engine:
     """One pod's engine: the process, its restarts, its probe."""
 
@@ -90,6 +111,7 @@ class Engine:
         self.never = spec.get("restartPolicy") == "Never"
         container = spec["containers"][0]
         self.container, self.image = container["name"], container.get("image", "")
+        self.env = pod_env(container, meta)
         probe = container.get("livenessProbe") or {}
         self.probe_path = (probe.get("httpGet") or {}).get("path")
         self.probe_period = probe.get("periodSeconds", 10)
@@ -132,7 +154,7 @@ class Engine:
             stdout = write
         env = dict(os.environ, SLUICE_TERMINATION_LOG=self.termination_log(),
                    SLUICE_STATE_DIR=os.path.join(self.dir, "state"), SLUICE_LOG="info",
-                   POD_NAME=self.name)
+                   POD_NAME=self.name, **self.env)
         self.process = subprocess.Popen(
             [self.sluice, "run", path, "--http-address", self.ip, "--http-port", str(PORT)],
             stdout=stdout, stderr=log_file, cwd=self.dir, env=env, start_new_session=True)

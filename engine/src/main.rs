@@ -42,13 +42,16 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0", env = "SLUICE_HTTP_ADDRESS")]
         http_address: IpAddr,
         /// Run as this replica (from 0) of --replicas: it reads its share
-        /// of the Kafka partitions (an engine pod: its StatefulSet ordinal).
-        #[arg(long, default_value_t = 0, env = "SLUICE_REPLICA")]
-        replica: u32,
-        /// How many replicas run the query; a change hands the query over
-        /// to the new count at a batch boundary, exactly once.
-        #[arg(long, default_value_t = 1, env = "SLUICE_REPLICAS")]
-        replicas: u32,
+        /// of the Kafka partitions. Else `$SLUICE_REPLICA`, else, with
+        /// several replicas, the ordinal ending `$POD_NAME` (a StatefulSet
+        /// pod's), else 0.
+        #[arg(long)]
+        replica: Option<u32>,
+        /// How many replicas run the query (else `$SLUICE_REPLICAS`, else
+        /// 1); a change hands the query over to the new count at a batch
+        /// boundary, exactly once.
+        #[arg(long)]
+        replicas: Option<u32>,
     },
     /// Check StreamingQuery manifests: print every problem, exit non-zero if
     /// there is any. Nothing runs.
@@ -85,7 +88,7 @@ fn main() -> ExitCode {
                 replica,
                 replicas,
             } => {
-                let result = match sluice_engine::replicas::Replica::new(replica, replicas) {
+                let result = match replica_of(replica, replicas) {
                     Ok(replica) => {
                         run(
                             file,
@@ -98,7 +101,7 @@ fn main() -> ExitCode {
                         )
                         .await
                     }
-                    Err(err) => Err(err.into()),
+                    Err(err) => Err(err),
                 };
                 if let Err(err) = &result {
                     write_termination_message(&format!("error: {err:#}"));
@@ -120,6 +123,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The replica this run is, from the flags, the environment (empty values
+/// count as unset: a missing label read through the downward API is empty)
+/// or the pod's name.
+fn replica_of(
+    index: Option<u32>,
+    count: Option<u32>,
+) -> anyhow::Result<sluice_engine::replicas::Replica> {
+    let env = |name: &str| -> anyhow::Result<Option<u32>> {
+        match std::env::var(name) {
+            Ok(text) if !text.trim().is_empty() => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("${name}: {text:?} is not a replica number: {e}")),
+            _ => Ok(None),
+        }
+    };
+    let count = match count {
+        Some(c) => c,
+        None => env("SLUICE_REPLICAS")?.unwrap_or(1),
+    };
+    let index = match index {
+        Some(i) => i,
+        None => match env("SLUICE_REPLICA")? {
+            Some(i) => i,
+            None if count > 1 => std::env::var("POD_NAME")
+                .ok()
+                .and_then(|pod| pod.rsplit('-').next().and_then(|n| n.parse().ok()))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{count} replicas: say which this is with --replica or $SLUICE_REPLICA"
+                    )
+                })?,
+            None => 0,
+        },
+    };
+    Ok(sluice_engine::replicas::Replica::new(index, count)?)
 }
 
 async fn run(file: PathBuf, options: RunOptions, http: Option<SocketAddr>) -> anyhow::Result<bool> {

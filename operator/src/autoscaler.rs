@@ -12,11 +12,13 @@
 //! highest of its (long) window, so a burst scales up at once and a lull
 //! scales down only once it has lasted.
 //!
-//! Not wired yet: the engine runs one replica (scale-out is the rest of the
-//! scale-out issue), so the operator does not call this; it is here, tested,
-//! for the controller to call once replicas exist.
+//! Not wired yet: the engine scales out stateless Kafka queries, but the
+//! controller does not call this yet (no `spec.autoscaling`); it is here,
+//! tested on simulated load ([`simulation`]), for the controller to call.
 
 use std::time::Duration;
+
+pub mod simulation;
 
 /// What the autoscaler may do, from `spec.autoscaling`.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,6 +73,11 @@ pub struct Observation {
     pub processed: f64,
     /// Seconds the replicas spent processing them (summed over replicas).
     pub busy_seconds: f64,
+    /// The lowest true rate of a single replica (its records over its busy
+    /// time), 0 when unknown. A slow replica falls behind on its own
+    /// partitions however fast the others are: planning with it keeps its
+    /// share of the lag bounded.
+    pub slowest_true_rate: f64,
     /// Records behind the source's latest offsets now.
     pub lag: f64,
     /// How long the source has had no input and no lag.
@@ -126,26 +133,43 @@ pub fn recommend(policy: &Policy, seen: &Observation) -> Recommendation {
             reason: format!("no processing measured yet: keeping {replicas}"),
         };
     }
-    let true_rate = seen.processed / seen.busy_seconds;
-    let drain_secs = policy
-        .catch_up_within
-        .saturating_sub(policy.restart_time)
-        .as_secs_f64()
-        .max(1.0);
-    // NB: a rescale stops processing for `restart_time`, so the lag has
-    // what is left of `catch_up_within` to be drained in.
-    let target_rate = seen.input_rate + seen.lag / drain_secs;
-    let capacity = true_rate * policy.target_utilization.clamp(0.01, 1.0);
-    let needed = (target_rate / capacity).ceil().max(1.0);
+    let mean_rate = seen.processed / seen.busy_seconds;
+    let true_rate = if seen.slowest_true_rate > 0.0 {
+        mean_rate.min(seen.slowest_true_rate)
+    } else {
+        mean_rate
+    };
+    let utilization = policy.target_utilization.clamp(0.01, 1.0);
+    let count = |rate: f64| (rate / true_rate).ceil().clamp(1.0, u32::MAX as f64);
+    // Steady state: the input at the target utilization.
+    let steady = count(seen.input_rate / utilization);
+    // Catching up uses the replicas' whole rate. Without a rescale, the lag
+    // has `catch_up_within`; a rescale stops processing for `restart_time`,
+    // so the lag has what is left of it, and the input that arrives during
+    // the restart is lag too. Counting that keeps a scale-down from
+    // creating the backlog that scales it up again.
+    let catch_up = policy.catch_up_within.as_secs_f64().max(1.0);
+    let mut target_rate = seen.input_rate + seen.lag / catch_up;
+    let mut needed = steady.max(count(target_rate));
+    if needed != f64::from(seen.replicas) {
+        let drain_secs = policy
+            .catch_up_within
+            .saturating_sub(policy.restart_time)
+            .as_secs_f64()
+            .max(1.0);
+        let restart_backlog = seen.input_rate * policy.restart_time.as_secs_f64();
+        target_rate = seen.input_rate + (seen.lag + restart_backlog) / drain_secs;
+        needed = steady.max(count(target_rate));
+    }
     let replicas = (needed.min(u32::MAX as f64) as u32).clamp(floor, ceiling);
     let mut reason = format!(
-        "input {:.0}/s and lag {:.0} to drain within {}s: {:.0}/s needed; a replica processes {:.0}/s when busy, planned at {:.0}%: {replicas}",
+        "input {:.0}/s and lag {:.0} to drain within {}s: {:.0}/s needed; the slowest replica processes {:.0}/s when busy, planned at {:.0}%: {replicas}",
         seen.input_rate,
         seen.lag,
         policy.catch_up_within.as_secs(),
-        target_rate,
+        target_rate.max(seen.input_rate / utilization),
         true_rate,
-        policy.target_utilization * 100.0,
+        utilization * 100.0,
     );
     if needed > replicas as f64 {
         reason.push_str(&if ceiling == policy.max_parallelism {
@@ -212,9 +236,20 @@ mod tests {
             input_rate,
             processed: true_rate * 10.0,
             busy_seconds: 10.0,
+            slowest_true_rate: 0.0,
             lag,
             idle_for: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_slow_replica_plans_with_its_own_rate() {
+        let mut seen = running(4, 2000.0, 0.0, 1000.0);
+        assert_eq!(recommend(&Policy::default(), &seen).replicas, 3);
+        seen.slowest_true_rate = 400.0;
+        let slow = recommend(&Policy::default(), &seen);
+        assert_eq!(slow.replicas, 8, "{}", slow.reason);
+        assert!(slow.reason.contains("the slowest replica processes 400/s"));
     }
 
     #[test]
@@ -245,14 +280,21 @@ mod tests {
             restart_time: Duration::from_secs(60),
             ..Policy::default()
         };
-        // No input, 1.4M behind, 100 s left to drain them: 14,000/s, two
-        // replicas at 70% of 10,000/s.
+        // No input, 1.4M behind: the one replica at full speed (10,000/s)
+        // drains them in 140 s, within 160 s, without a rescale.
         let r = recommend(&policy, &running(1, 0.0, 1_400_000.0, 10_000.0));
-        assert_eq!(r.replicas, 2, "{}", r.reason);
+        assert_eq!(r.replicas, 1, "{}", r.reason);
         assert!(r.reason.contains("lag 1400000"), "{}", r.reason);
-        let r = recommend(&policy, &running(1, 1_000.0, 1_400_000.0, 10_000.0));
-        // The input comes on top: 1,000 + 1.4M / 100 = 15,000/s, three.
+        // 2.4M: a rescale leaves 100 s to drain them in: 24,000/s, three.
+        let r = recommend(&policy, &running(1, 0.0, 2_400_000.0, 10_000.0));
         assert_eq!(r.replicas, 3, "{}", r.reason);
+        // The input comes on top, and what arrives during the restart:
+        // 1,000 + (2.4M + 60,000) / 100 = 25,600/s, still three; 6,000/s
+        // in makes it 6,000 + 2.76M / 100 = 33,600/s, four.
+        let r = recommend(&policy, &running(1, 1_000.0, 2_400_000.0, 10_000.0));
+        assert_eq!(r.replicas, 3, "{}", r.reason);
+        let r = recommend(&policy, &running(1, 6_000.0, 2_400_000.0, 10_000.0));
+        assert_eq!(r.replicas, 4, "{}", r.reason);
     }
 
     #[test]

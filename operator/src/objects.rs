@@ -415,6 +415,33 @@ pub fn desired_replicas(query: &StreamingQuery) -> i32 {
     }
 }
 
+/// Which replica an engine pod is, of how many: `SLUICE_REPLICA` from the
+/// pod's StatefulSet ordinal (its `apps.kubernetes.io/pod-index` label),
+/// `SLUICE_REPLICAS` from `spec.replicas` (not 0 when suspended or scaled
+/// to zero: that rolls nothing). A new count changes the pod template, so
+/// the pods restart with it and replica 0 hands the query over to the new
+/// count at a batch boundary.
+fn replica_env(query: &StreamingQuery) -> Vec<EnvVar> {
+    vec![
+        EnvVar {
+            name: "SLUICE_REPLICA".to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.labels['apps.kubernetes.io/pod-index']".to_owned(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+        EnvVar {
+            name: "SLUICE_REPLICAS".to_owned(),
+            value: Some(query.spec.replicas.unwrap_or(1).max(1).to_string()),
+            ..EnvVar::default()
+        },
+    ]
+}
+
 /// The StatefulSet of engine pods of a continuous query: `spec.replicas` of
 /// them (0 when suspended), each with its state volume (a claim of
 /// `spec.engine.stateVolume`, or an emptyDir).
@@ -441,6 +468,17 @@ pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<State
             ..PersistentVolumeClaim::default()
         }]
     });
+    let mut template = pod_template(query, defaults, "Always", state)?;
+    if let Some(container) = template
+        .spec
+        .as_mut()
+        .and_then(|spec| spec.containers.first_mut())
+    {
+        container
+            .env
+            .get_or_insert_with(Vec::new)
+            .extend(replica_env(query));
+    }
     Ok(StatefulSet {
         metadata: metadata(query, name.clone())?,
         spec: StatefulSetSpec {
@@ -449,7 +487,7 @@ pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<State
             // Engine pods share nothing at start-up: start and stop them together.
             pod_management_policy: Some("Parallel".to_owned()),
             selector: selector(query),
-            template: pod_template(query, defaults, "Always", state)?,
+            template,
             volume_claim_templates: claims,
             ..StatefulSetSpec::default()
         },
@@ -628,6 +666,46 @@ spec:
         let changed =
             sluice_crds::load(&QUERY.replace("amount > 100", "amount > 200"), "test").unwrap();
         assert_ne!(hash(&query("")), hash(&changed));
+    }
+
+    #[test]
+    fn each_pod_knows_its_replica_and_the_count() {
+        let env = |extra: &str| {
+            let sts = stateful_set(&query(extra), &defaults()).unwrap();
+            let env = container(&sts).env.clone().unwrap();
+            let index = env.iter().find(|e| e.name == "SLUICE_REPLICA").unwrap();
+            let count = env.iter().find(|e| e.name == "SLUICE_REPLICAS").unwrap();
+            (
+                index
+                    .value_from
+                    .as_ref()
+                    .and_then(|v| v.field_ref.as_ref())
+                    .map(|f| f.field_path.clone()),
+                count.value.clone(),
+            )
+        };
+        assert_eq!(
+            env(""),
+            (
+                Some("metadata.labels['apps.kubernetes.io/pod-index']".to_owned()),
+                Some("1".to_owned())
+            )
+        );
+        let mut three = query("");
+        three.spec.replicas = Some(3);
+        let sts = stateful_set(&three, &defaults()).unwrap();
+        let env3 = container(&sts).env.clone().unwrap();
+        assert_eq!(
+            env3.iter()
+                .find(|e| e.name == "SLUICE_REPLICAS")
+                .and_then(|e| e.value.as_deref()),
+            Some("3")
+        );
+        assert_eq!(
+            env("  replicas: 0\n").1.as_deref(),
+            Some("1"),
+            "scaled to zero"
+        );
     }
 
     #[test]
