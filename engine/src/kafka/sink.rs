@@ -191,7 +191,15 @@ impl KafkaSink {
                 "spec.sink.kafka",
             )
         };
-        let config = settings(&[("linger.ms", "5"), ("compression.type", "lz4")])?;
+        // NB: librdkafka times a transaction's requests (AddOffsetsToTxn,
+        // EndTxn) out by `socket.timeout.ms` (60 s), whatever the call's
+        // own timeout: 20 s lets an outage be reported within the call's
+        // timeout rather than a minute later.
+        let config = settings(&[
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+            ("socket.timeout.ms", "20000"),
+        ])?;
         let mut consumer_config = settings(&[])?;
         // The user's settings are the producer's: keep only what a consumer
         // reads (connection, security), quietly.
