@@ -190,10 +190,34 @@ impl Storage {
     /// Writes `bytes` at `path`, replacing what is there; durable when it
     /// returns.
     pub async fn put(&self, path: &str, bytes: impl Into<Bytes>) -> Result<()> {
-        self.store
-            .put(&object_path(path), PutPayload::from(bytes.into()))
+        let bytes = bytes.into();
+        if let Some(root) = &self.local {
+            // NB: object_store's local put stages the bytes in `<name>#<n>`
+            // beside the file: a run killed in the middle leaves that file
+            // behind, and a reader listing the directory (Spark reading a
+            // file sink's output) takes it for data. A hidden temporary is
+            // skipped by readers.
+            let file = root.join(path);
+            tokio::task::spawn_blocking(move || {
+                if let Some(dir) = file.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                write_local_atomically(&file, &bytes)
+            })
             .await
-            .map_err(|e| self.error(path, "write", e))?;
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|e| Error::Storage {
+                file: self.name_of(path),
+                message: format!("cannot write it: {e}"),
+            })?;
+        } else {
+            self.store
+                .put(&object_path(path), PutPayload::from(bytes))
+                .await
+                .map_err(|e| self.error(path, "write", e))?;
+        }
+        // The directories above, the first time (the file and its own
+        // directory are durable already when local).
         self.sync(path).await
     }
 
