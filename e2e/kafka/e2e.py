@@ -71,8 +71,12 @@ class Env:
     def topic(self, name, partitions, *configs):
         sh(f"source {self.broker_dir}/kafka.env; kafka_topic_create {name} {partitions} {' '.join(configs)}")
 
-    def spec(self, name, source, sink, extra=""):
+    def spec(self, name, source, sink, extra="", query=FRAUD,
+             watermark="{column: event_time, delay: 10m}"):
+        """A query over the transactions, the fraud query by default;
+        `watermark` None for none."""
         path = os.path.join(self.work, f"{name}.yaml")
+        watermark = f"\n      watermark: {watermark}" if watermark else ""
         with open(path, "w") as f:
             f.write(f"""apiVersion: sluice.dev/v1alpha1
 kind: StreamingQuery
@@ -81,10 +85,9 @@ spec:
   sources:
     - name: transactions
       {source}
-      schema: {SCHEMA}
-      watermark: {{column: event_time, delay: 10m}}
+      schema: {SCHEMA}{watermark}
   query: |
-    {FRAUD}
+    {query}
   sink: {sink}
   outputMode: append
   checkpoint: {{location: "{self.work}/{name}-checkpoint"}}

@@ -31,35 +31,23 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 from confluent_kafka import Producer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
-from e2e import Env, free_port, get_json  # noqa: E402
-from results import FRAUD, TX_SCHEMA, Row, compare, fail, ok  # noqa: E402
+from e2e import Env, free_port  # noqa: E402
+from results import Row, compare, fail, ok  # noqa: E402
 
 PARTITIONS = 6
 QUERY = "SELECT transaction_id, user_id, amount FROM transactions WHERE amount > 40"
 
 
 def spec(env, name, source_topic, sink_topic, extra=""):
-    path = os.path.join(env.work, f"{name}.yaml")
-    with open(path, "w") as f:
-        f.write(f"""apiVersion: sluice.dev/v1alpha1
-kind: StreamingQuery
-metadata: {{name: {name}}}
-spec:
-  sources:
-    - name: transactions
-      kafka: {{bootstrapServers: "{env.bootstrap}", topic: {source_topic}, startingOffsets: earliest, maxOffsetsPerTrigger: 2000}}
-      schema: {TX_SCHEMA}
-  query: {QUERY}
-  sink: {{kafka: {{bootstrapServers: "{env.bootstrap}", topic: {sink_topic}}}}}
-  checkpoint: {{location: "{env.work}/{name}-checkpoint"}}
-{extra}""")
-    return path
+    return env.spec(name, env.kafka_source(source_topic, 2000), env.kafka_sink(sink_topic),
+                    extra, query=QUERY, watermark=None)
 
 
 def record(i, rnd):
@@ -150,7 +138,6 @@ class Replicas:
         if port is None:
             return None
         try:
-            import urllib.request
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                 text = r.read().decode()
         except Exception:  # noqa: BLE001
@@ -259,23 +246,8 @@ def scenario(env, name, mode, total, rate, seed):
 
 
 def stateful_refused(env):
-    path = os.path.join(env.work, "stateful.yaml")
-    with open(path, "w") as f:
-        f.write(f"""apiVersion: sluice.dev/v1alpha1
-kind: StreamingQuery
-metadata: {{name: stateful}}
-spec:
-  sources:
-    - name: transactions
-      kafka: {{bootstrapServers: "{env.bootstrap}", topic: scale-graceful-in, startingOffsets: earliest}}
-      schema: {TX_SCHEMA}
-      watermark: {{column: event_time, delay: 10m}}
-  query: |
-    {FRAUD}
-  sink: {{kafka: {{bootstrapServers: "{env.bootstrap}", topic: stateful-out}}}}
-  checkpoint: {{location: "{env.work}/stateful-checkpoint"}}
-  replicas: 2
-""")
+    path = env.spec("stateful", env.kafka_source("scale-graceful-in"), env.kafka_sink("stateful-out"),
+                    "  replicas: 2\n")
     out = subprocess.run([env.sluice, "validate", path], capture_output=True, text=True)
     if out.returncode == 0 or "spec.replicas" not in out.stderr or "not built" not in out.stderr:
         fail(f"a stateful query on 2 replicas was not refused naming spec.replicas: {out.stderr}")

@@ -159,10 +159,13 @@ pub struct ReplicaRun {
     /// Told to the sinks: their transactional ids end with it (empty for
     /// generation 0, whose ids are those of a query never scaled out).
     pub scope: String,
+    /// The query's id, from the checkpoint's metadata: a replica's logs
+    /// carry it too.
+    pub query_id: String,
 }
 
 impl ReplicaRun {
-    fn of(root: &str, assignment: &Assignment, replica: Replica) -> Self {
+    fn of(root: &str, assignment: &Assignment, replica: Replica, query_id: &str) -> Self {
         if assignment.generation == 0 {
             return Self {
                 replica,
@@ -170,6 +173,7 @@ impl ReplicaRun {
                 location: root.to_owned(),
                 starts: BTreeMap::new(),
                 scope: String::new(),
+                query_id: query_id.to_owned(),
             };
         }
         let (g, i) = (assignment.generation, replica.index);
@@ -190,32 +194,17 @@ impl ReplicaRun {
                 })
                 .collect(),
             scope: format!("g{g}-r{i}"),
+            query_id: query_id.to_owned(),
         }
     }
 }
 
 /// The newest generation written under `root`.
 pub async fn newest(root: &Checkpoint) -> Result<Assignment> {
-    let storage = root.storage();
-    let mut generations: Vec<u64> = storage
-        .list_names("assignments")
-        .await?
-        .iter()
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    generations.sort_unstable();
-    let Some(g) = generations.last() else {
-        return Ok(Assignment::first());
-    };
-    let path = format!("assignments/{g}");
-    let bytes = storage.get(&path).await?.ok_or_else(|| Error::Checkpoint {
-        file: storage.name_of(&path),
-        message: "vanished while being read".into(),
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
-        file: storage.name_of(&path),
-        message: format!("is not an assignment: {e}"),
-    })
+    match root.storage().list_numbered("assignments").await?.last() {
+        Some(g) => root.read_existing(&format!("assignments/{g}")).await,
+        None => Ok(Assignment::first()),
+    }
 }
 
 /// Joins the query's replicas as `replica`: returns the run of the newest
@@ -241,12 +230,14 @@ pub async fn join(
     let root = Checkpoint::open(location)?;
     let name = query.metadata.name.clone().unwrap_or_default();
     let sources = query.spec.sources.iter().map(|s| s.name.clone()).collect();
-    root.metadata(new_metadata(&name, sources, query.spec.state_partitions()))
-        .await?;
+    let id = root
+        .metadata(new_metadata(&name, sources, query.spec.state_partitions()))
+        .await?
+        .id;
     loop {
         let current = newest(&root).await?;
         if current.replicas == replica.count {
-            return Ok(Some(ReplicaRun::of(location, &current, replica)));
+            return Ok(Some(ReplicaRun::of(location, &current, replica, &id)));
         }
         if replica.index != 0 {
             monitor.set_status(
@@ -275,7 +266,7 @@ pub async fn join(
             false,
             false,
         );
-        let starts = settle(query, location, &current).await?;
+        let starts = settle(query, location, &current, &id).await?;
         let next = Assignment {
             generation: current.generation + 1,
             replicas: replica.count,
@@ -297,7 +288,7 @@ pub async fn join(
                 monitor
                     .metrics()
                     .record_handover(next.handover_ms as f64 / 1e3);
-                return Ok(Some(ReplicaRun::of(location, &next, replica)));
+                return Ok(Some(ReplicaRun::of(location, &next, replica, &id)));
             }
             // Another replica 0 (a zombie, or a second rescale) wrote it
             // first: look again.
@@ -312,10 +303,16 @@ async fn settle(
     query: &StreamingQuery,
     root: &str,
     generation: &Assignment,
+    query_id: &str,
 ) -> Result<BTreeMap<String, Value>> {
     let mut ends = Vec::new();
     for index in 0..generation.replicas {
-        let run = ReplicaRun::of(root, generation, Replica::new(index, generation.replicas)?);
+        let run = ReplicaRun::of(
+            root,
+            generation,
+            Replica::new(index, generation.replicas)?,
+            query_id,
+        );
         let monitor = Arc::new(Monitor::new(
             query.metadata.name.as_deref().unwrap_or_default(),
         ));
@@ -430,7 +427,7 @@ mod tests {
     #[test]
     fn generation_zero_is_the_checkpoint_itself() {
         let first = Assignment::first();
-        let run = ReplicaRun::of("s3://b/q/", &first, Replica::default());
+        let run = ReplicaRun::of("s3://b/q/", &first, Replica::default(), "id");
         assert_eq!(run.location, "s3://b/q/");
         assert_eq!(run.scope, "");
         let second = Assignment {
@@ -440,7 +437,7 @@ mod tests {
             handover_ms: 0,
             version: VERSION,
         };
-        let run = ReplicaRun::of("s3://b/q/", &second, Replica::new(1, 3).unwrap());
+        let run = ReplicaRun::of("s3://b/q/", &second, Replica::new(1, 3).unwrap(), "id");
         assert_eq!(run.location, "s3://b/q/replicas/g2/r1");
         assert_eq!(run.scope, "g2-r1");
         assert_eq!(run.starts["in"]["t"].as_object().unwrap().len(), 1);

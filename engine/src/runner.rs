@@ -544,14 +544,10 @@ impl Runner {
         if let Some(root) = spec.checkpoint.as_ref().map(|c| &c.location) {
             let location = run.map_or(root, |r| &r.location);
             let store = Checkpoint::open(location)?;
-            let names: Vec<String> = sources.iter().map(|s| s.source.name().to_owned()).collect();
-            let mut wanted = new_metadata(&name, names.clone(), spec.state_partitions());
-            if location != root {
-                // A replica's logs carry the query's id.
-                wanted.id = Checkpoint::open(root)?
-                    .metadata(new_metadata(&name, names, spec.state_partitions()))
-                    .await?
-                    .id;
+            let names = sources.iter().map(|s| s.source.name().to_owned()).collect();
+            let mut wanted = new_metadata(&name, names, spec.state_partitions());
+            if let Some(run) = run {
+                wanted.id = run.query_id.clone();
             }
             let metadata = store.metadata(wanted).await?;
             let claimed = Fence::claim(store.storage(), &run_id).await?;

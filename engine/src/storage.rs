@@ -287,6 +287,19 @@ impl Storage {
             .collect())
     }
 
+    /// The names under `dir/` that are numbers (batch ids, epochs,
+    /// generations), ascending.
+    pub async fn list_numbered(&self, dir: &str) -> Result<Vec<u64>> {
+        let mut numbers: Vec<u64> = self
+            .list_names(dir)
+            .await?
+            .iter()
+            .filter_map(|name| name.parse().ok())
+            .collect();
+        numbers.sort_unstable();
+        Ok(numbers)
+    }
+
     /// The objects directly under the location (not in its folders).
     pub async fn list_dir(&self) -> Result<Vec<ObjectMeta>> {
         match self.store.list_with_delimiter(None).await {

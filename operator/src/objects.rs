@@ -235,12 +235,14 @@ pub const RESTARTED_AT: &str = "sluice.dev/restartedAt";
 /// environment, the query mounted from its ConfigMap, non-root with a
 /// read-only root filesystem and no capabilities, probed on `/healthz` and
 /// `/readyz`, scraped by Prometheus on `/metrics`; its last error (or its
-/// log's tail) as the termination message.
+/// log's tail) as the termination message. `replicas`: the variables that
+/// say which replica a pod is (none for a Job's single run).
 fn pod_template(
     query: &StreamingQuery,
     defaults: &Defaults,
     restart_policy: &str,
     state: Option<Volume>,
+    replicas: Vec<EnvVar>,
 ) -> Result<PodTemplateSpec> {
     let name = query
         .metadata
@@ -282,6 +284,7 @@ fn pod_template(
         ..EnvVar::default()
     });
     env.extend(engine.env.iter().cloned());
+    env.extend(replicas);
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.to_owned(),
         mount_path: path.to_owned(),
@@ -468,17 +471,7 @@ pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<State
             ..PersistentVolumeClaim::default()
         }]
     });
-    let mut template = pod_template(query, defaults, "Always", state)?;
-    if let Some(container) = template
-        .spec
-        .as_mut()
-        .and_then(|spec| spec.containers.first_mut())
-    {
-        container
-            .env
-            .get_or_insert_with(Vec::new)
-            .extend(replica_env(query));
-    }
+    let template = pod_template(query, defaults, "Always", state, replica_env(query))?;
     Ok(StatefulSet {
         metadata: metadata(query, name.clone())?,
         spec: StatefulSetSpec {
@@ -524,7 +517,7 @@ pub fn job(query: &StreamingQuery, defaults: &Defaults) -> Result<Job> {
             .then(EmptyDirVolumeSource::default),
         ..Volume::default()
     };
-    let template = pod_template(query, defaults, "Never", Some(state))?;
+    let template = pod_template(query, defaults, "Never", Some(state), Vec::new())?;
     let run = fnv1a(&serde_json::to_string(&template)?);
     Ok(Job {
         metadata: metadata(query, format!("{name}-{}", &run[..8]))?,

@@ -59,13 +59,7 @@ impl Fence {
     /// Claims the next epoch of the checkpoint at `storage` for the run
     /// `run_id`.
     pub async fn claim(storage: &Storage, run_id: &str) -> Result<Self> {
-        let mut epochs: Vec<u64> = storage
-            .list_names("epochs")
-            .await?
-            .iter()
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        epochs.sort_unstable();
+        let epochs = storage.list_numbered("epochs").await?;
         let mut epoch = epochs.last().map_or(1, |e| e + 1);
         for _ in 0..100 {
             let claim = Claim {

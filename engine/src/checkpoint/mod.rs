@@ -155,7 +155,8 @@ impl Checkpoint {
         parse(&self.storage, path, &bytes).map(Some)
     }
 
-    async fn read_existing<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+    /// The JSON object at `path`, which must be there.
+    pub(crate) async fn read_existing<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.read_json(path)
             .await?
             .ok_or_else(|| Error::Checkpoint {
@@ -227,15 +228,7 @@ impl Checkpoint {
 
     /// The batch ids present under `dir/`, ascending.
     async fn batch_ids(&self, dir: &str) -> Result<Vec<u64>> {
-        let mut ids: Vec<u64> = self
-            .storage
-            .list_names(dir)
-            .await?
-            .iter()
-            .filter_map(|name| name.parse().ok())
-            .collect();
-        ids.sort_unstable();
-        Ok(ids)
+        self.storage.list_numbered(dir).await
     }
 
     /// Reads where the query resumes.
