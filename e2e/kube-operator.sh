@@ -39,6 +39,12 @@
 # - a stuck sink makes /healthz say "stalled" and the status Degraded Stalled;
 # - a deletion whose pod cannot go (a finalizer) gives up after the
 #   operator's --deletion-timeout with an Event naming the pod;
+# - the autoscaler, with a real Kafka 4 broker: a Kafka -> Kafka query with
+#   spec.autoscaling and a backlog of 400,000 records is scaled up from its
+#   engine pod's progress (StatefulSet replicas, status.autoscaling, an
+#   Event, the RECOMMENDED column, the operator's metrics), to zero once the
+#   topic is drained and idle, and back to one when the broker holds new
+#   records; its spec is never written; the sink holds every result once;
 # - killing the leader (SIGKILL) hands over to the other replica within the
 #   Lease's duration (15 s) plus two retry periods (2 s each: one to see the
 #   last renewal, one to see it expire) and 1 s of latency, and the new
@@ -84,6 +90,12 @@ echo "-- cargo test --workspace --no-run (sluice and sluice-operator)"
 cargo test --workspace --locked --quiet --no-run || { echo "FAIL cargo build"; exit 1; }
 sluice="$CARGO_TARGET_DIR/debug/sluice"
 operator="$CARGO_TARGET_DIR/debug/sluice-operator"
+# A real Kafka broker for the autoscaler's scenario (e2e/kafka/lib.sh).
+export PYTHONDONTWRITEBYTECODE=1
+python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
+# shellcheck source=kafka/lib.sh
+. e2e/kafka/lib.sh
+kafka_fetch || { echo "FAIL kafka_fetch"; exit 1; }
 
 # shellcheck source=kube/lib.sh
 . e2e/kube/lib.sh
@@ -94,6 +106,7 @@ cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
   kube_stop "$work/kube"
+  kafka_kill "$work/broker" 2>/dev/null
   if (( failed )) || [[ -n "${KUBE_OPERATOR_KEEP:-}" ]]; then
     echo "(logs kept in $work)"
   else
@@ -110,6 +123,7 @@ export KUBE_KWOK_STAGES="$work/kwok-stages.yaml" KUBE_POD_CIDR=127.1.0.0/16
 t0=$SECONDS
 kube_start "$work/kube" || { echo "FAIL kube_start"; exit 1; }
 ok "control plane $KUBE_VERSION up in $((SECONDS - t0))s"
+kafka_start "$work/broker" >"$work/broker.log" 2>&1 || { echo "FAIL kafka_start: $(tail -5 "$work/broker.log")"; exit 1; }
 
 # Polls `cmd...` every 0.5 s until its output matches the regex `want`, for
 # at most `seconds`; prints the last output.
@@ -300,13 +314,21 @@ check "the operator created the ConfigMap, Service, PDB and StatefulSet of sq/li
 mapfile -t cols < <(kubectl get crd "$crd" -o json | jq -r '.spec.versions[] | select(.served) | .additionalPrinterColumns[] | select((.priority // 0) == 0) | .name | ascii_upcase')
 table=$(kubectl get sq live -n e2e 2>&1)
 echo "$table" | sed 's/^/     /'
-header=$(head -1 <<<"$table"); row=$(tail -1 <<<"$table")
-read -r -a values <<<"$row"
+header=$(head -1 <<<"$table")
+# The row's cells, cut at the header's column starts (an empty cell is blank).
+mapfile -t values < <(python3 -c '
+import re, sys
+header, row = sys.argv[1], sys.argv[2]
+starts = [m.start() for m in re.finditer(r"(?:^|(?<=  ))\S", header)]
+for a, b in zip(starts, starts[1:] + [None]):
+    print(row[a:b].strip())' "$header" "$(tail -1 <<<"$table")")
 in_header() { local c; for c in "${cols[@]}"; do grep -qF -- "$c" <<<"$header" || return 1; done; }
-# NAME PHASE REPLICAS INPUT/S LAG LAST-BATCH AGE: every column has a value
+# NAME PHASE REPLICAS RECOMMENDED INPUT/S LAG LAST-BATCH AGE: every column
+# has a value but RECOMMENDED (sq/live is not autoscaled)
 if [[ ${#values[@]} -eq $(( ${#cols[@]} + 1 )) && "${values[1]}" == Running && "${values[2]}" == 1 \
-      && "${values[3]}" =~ ^[0-9.]+$ && "${values[4]}" == 0 ]] && in_header; then
-  ok "kubectl get sq: the printer columns (${cols[*]}) all have values"
+      && -z "${values[3]}" && "${values[4]}" =~ ^[0-9.]+$ && "${values[5]}" == 0 \
+      && -n "${values[6]}" && -n "${values[7]}" ]] && in_header; then
+  ok "kubectl get sq: the printer columns (${cols[*]}) all have values (RECOMMENDED is empty: not autoscaled)"
 else
   fail "kubectl get sq: columns ${cols[*]}, got: $table"
 fi
@@ -438,6 +460,79 @@ kubectl delete sq scaled -n e2e --timeout=60s >/dev/null
 check "delete: sq/scaled and its StatefulSet, ConfigMap, Service and PDB are gone" \
   wait_for '^$' 60 kubectl get sq/scaled statefulset/scaled configmap/scaled-query service/scaled poddisruptionbudget/scaled \
   -n e2e -o name --ignore-not-found
+
+# --- the autoscaler, on a real Kafka broker ----------------------------------------------------
+# A Kafka -> Kafka query with spec.autoscaling and a backlog: the operator
+# scales its StatefulSet up from the engine pod's progress, down to zero
+# once the topic is drained and idle, and back to one when the broker holds
+# new records (no engine runs then: the operator asks the broker); the
+# StreamingQuery's spec is never written; the sink holds every result once.
+produce() {  # produce TOPIC FIRST COUNT: JSON records {"id": n}, keyed by n
+  python3 - "$KAFKA_BOOTSTRAP" "$@" <<'PY'
+import sys
+from confluent_kafka import Producer
+bootstrap, topic, first, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+for i in range(first, first + count):
+    p.produce(topic, key=str(i).encode(), value=('{"id": %d}' % i).encode())
+    if i % 5000 == 0:
+        p.poll(0)
+p.flush()
+PY
+}
+kafka_topic_create auto-in 4 && kafka_topic_create auto-out 1
+produce auto-in 0 400000
+cat <<YAML | kubectl apply --server-side -f - >/dev/null
+apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {name: auto, namespace: e2e}
+spec:
+  sources:
+    - name: numbers
+      kafka: {bootstrapServers: "$KAFKA_BOOTSTRAP", topic: auto-in, startingOffsets: earliest, maxOffsetsPerTrigger: 4000}
+      schema: [{name: id, type: long}]
+  query: SELECT id FROM numbers WHERE id % 3 = 0
+  sink: {kafka: {bootstrapServers: "$KAFKA_BOOTSTRAP", topic: auto-out}}
+  checkpoint: {location: "$work/auto-checkpoint"}
+  autoscaling: {maxReplicas: 4, catchUpWithin: 2s, restartTime: 1s, metricWindow: 20s, scaleDownWindow: 20s, scaleToZeroAfter: 10s}
+YAML
+sts_replicas() { field statefulset/auto e2e '{.spec.replicas}'; }
+if up=$(wait_for '^[2-4]$' 90 sts_replicas); then
+  ok "a backlog of 400,000 records: the autoscaler scaled the StatefulSet from 1 to $up replicas ($(field sq/auto e2e '{.status.autoscaling.reason}'))"
+else
+  fail "no scale-up: StatefulSet at '$up', status $(field sq/auto e2e '{.status.autoscaling}')"
+fi
+event=$(kubectl get events -n e2e --field-selector involvedObject.name=auto,reason=Rescaled -o jsonpath='{.items[0].note}{.items[0].message}' 2>&1)
+check "an Event says why: ${event:0:160}" grep -q '^The autoscaler scaled the query from 1 to' <<<"$event"
+table=$(kubectl get sq auto -n e2e 2>&1)
+echo "$table" | sed 's/^/     /'
+check "kubectl get sq shows the recommendation (RECOMMENDED column)" \
+  awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "RECOMMENDED") c = i } NR == 2 { exit !(c && $c ~ /^[0-9]+$/) }' <<<"$table"
+check "the operator's /metrics has the autoscaler's view of sq/auto" \
+  grep -q 'sluice_operator_autoscaler{query="e2e/auto",value="recommended"}' <(curl -fsS "localhost:${op_port[$holder]}/metrics")
+if zero=$(wait_for '^0 0$' 180 field sq/auto e2e '{.spec.replicas}{.status.autoscaling.replicas} {.status.replicas}'); then
+  ok "drained and idle: scaled to zero ($(condition auto e2e Ready reason): $(condition auto e2e Ready message))"
+else
+  fail "no scale to zero: '$zero', $(field sq/auto e2e '{.status.autoscaling}')"
+fi
+produce auto-in 400000 3000
+if one=$(wait_for '^1 1$' 60 field sq/auto e2e '{.status.autoscaling.replicas} {.status.replicas}'); then
+  ok "3,000 new records at the broker while at zero: back to 1 replica ($(field sq/auto e2e '{.status.autoscaling.reason}'))"
+else
+  fail "not woken: '$one', $(field sq/auto e2e '{.status.autoscaling}')"
+fi
+check "the autoscaler never wrote the spec: generation 1, spec.replicas unset" \
+  test "$(field sq/auto e2e '{.metadata.generation} {.spec.replicas}')" == "1 "
+# Every id divisible by 3 exactly once, read_committed.
+want=$(( (403000 + 2) / 3 ))
+got=$(kafka_consume auto-out "$want" 60000 2>/dev/null | python3 -c '
+import json, sys
+ids = [json.loads(line)["id"] for line in sys.stdin if line.strip()]
+want = set(range(0, 403000, 3))
+print(f"{len(ids)} rows, {len(set(ids))} distinct, equal={set(ids) == want}")')
+check "the sink holds every result once through 1 -> $up -> 0 -> 1 replicas: $got" \
+  test "$got" == "$want rows, $want distinct, equal=True"
+kubectl delete sq auto -n e2e --wait=false >/dev/null
 
 # --- 60 s of a running query: reconciles at the polling rate, no writes -----------------------------
 left=$(( t_window + 62 - $(date -u +%s) ))

@@ -32,6 +32,11 @@ use crate::status::StreamingQueryStatus;
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(
+        name = "Recommended",
+        type_ = "integer",
+        json_path = ".status.autoscaling.recommendedReplicas"
+    ),
+    printcolumn(
         name = "Input/s",
         type_ = "number",
         json_path = ".status.progress.inputRowsPerSecond"
@@ -95,12 +100,22 @@ pub struct StreamingQuerySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
     /// The number of engine pods: 1 (the default) runs the query, 0 stops
-    /// it. More than one is refused until scale-out is built: each pod
-    /// would run the whole query on one checkpoint. The `/scale`
-    /// subresource sets it.
+    /// it. More than one splits the partitions of Kafka sources between
+    /// the pods (a Kafka sink and a checkpoint needed; stateful queries run
+    /// on one pod in this version). The `/scale` subresource sets it
+    /// (`kubectl scale`, KEDA, an HPA). Ignored while `autoscaling` is
+    /// enabled: the operator then picks the count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
+    /// Scale the engine pods on the source's lag: the operator picks the
+    /// replicas from the engines' progress (each replica's processing rate
+    /// over its busy time, the input rate, the lag) and writes them to the
+    /// StatefulSet and to `status.autoscaling`, never to `spec.replicas`
+    /// (a GitOps tool sees no drift). For queries that scale out: Kafka
+    /// sources, a Kafka sink, a checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
     /// How the engine pods run: image, resources, environment, state volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineSpec>,
@@ -118,6 +133,65 @@ pub struct StreamingQuerySpec {
     /// whose engine fails is rolled back to the last spec that ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
+}
+
+/// How the operator scales a query on its lag, after Flink's Kubernetes
+/// autoscaler: enough replicas to keep up with the input at
+/// `targetUtilization` and to drain the lag within `catchUpWithin`,
+/// counting `restartTime`; scale-ups at once (or after `scaleUpWindow`),
+/// scale-downs only once `scaleDownWindow` held nothing higher.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Autoscaling {
+    /// Whether the operator scales the query. Default true; `false` keeps
+    /// these settings and leaves the count to `spec.replicas` (`kubectl
+    /// scale`, KEDA, an HPA): never turn both on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// The fewest replicas while records flow. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: Option<i32>,
+    /// The most replicas. The source's partition count caps them too: a
+    /// replica more would own no partition.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// The share of a replica's processing rate the steady input may use,
+    /// in percent. Default 70.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_utilization: Option<i32>,
+    /// The time a backlog is to be drained within, e.g. `5m` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up_within: Option<String>,
+    /// How long a rescale stops processing (hand-over and first batch),
+    /// counted against `catchUpWithin`. Default `1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_time: Option<String>,
+    /// A scale-up takes the lowest recommendation of this window. Default
+    /// `0s`: at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_up_window: Option<String>,
+    /// A scale-down takes the highest recommendation of this window.
+    /// Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_window: Option<String>,
+    /// The engines' batches the rates are measured over. Default `1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric_window: Option<String>,
+    /// Scale to zero once the source has had no new records and no lag for
+    /// this long, e.g. `10m`; the operator then checks the broker (the
+    /// group's committed offsets against the partitions' latest) and starts
+    /// `minReplicas` when records arrive. Default: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero_after: Option<String>,
+}
+
+impl Autoscaling {
+    /// Whether the operator scales the query (`enabled`, default true).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.unwrap_or(true)
+    }
 }
 
 /// How failures of the engine are retried (Kubernetes only; `sluice run`

@@ -44,10 +44,39 @@ pub struct StreamingQueryStatus {
     /// `lastStableSpec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_generation: Option<i64>,
+    /// What the autoscaler decided, while `spec.autoscaling` is enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
     /// The Job that runs (or ran) the current spec of an `availableNow`
     /// query: `kubectl logs job/<job>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+}
+
+/// The autoscaler's view of a query: what it runs, what it recommends and
+/// why, from what it measured.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// The replicas the autoscaler runs (the StatefulSet's).
+    pub replicas: i32,
+    /// What the latest measurement calls for, before the stabilization
+    /// windows.
+    pub recommended_replicas: i32,
+    /// Why, in words.
+    pub reason: String,
+    /// When the autoscaler last changed the replicas, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
+    /// Records a second arriving at the source, over the metric window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_rows_per_second: Option<f64>,
+    /// The slowest replica's records a second of busy time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_processing_rate: Option<f64>,
+    /// Records behind the source's latest offsets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<i64>,
 }
 
 /// The operator's count of engine failures for one revision of the spec.

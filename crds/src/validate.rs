@@ -12,8 +12,8 @@ use sqlparser::parser::Parser;
 
 use crate::duration::{parse_bytes, parse_duration};
 use crate::spec::{
-    ColumnType, Format, GeneratorKind, GeneratorSource, KafkaSource, OutputMode, SecretOption,
-    Source, StreamingQuery, StreamingQuerySpec,
+    Autoscaling, ColumnType, Format, GeneratorKind, GeneratorSource, KafkaSource, OutputMode,
+    SecretOption, Source, StreamingQuery, StreamingQuerySpec,
 };
 
 /// One thing wrong with a spec.
@@ -100,18 +100,21 @@ fn validate_spec_into(spec: &StreamingQuerySpec, problems: &mut Problems) {
     }
     if let Some(replicas) = spec.replicas
         && replicas > 1
+        && !spec
+            .autoscaling
+            .as_ref()
+            .is_some_and(Autoscaling::is_enabled)
+        && !scales_out(spec)
     {
-        // Scale-out splits Kafka partitions between replicas, each writing
-        // through its own transactional producer; the rest is not built.
-        let splittable = spec.sources.iter().all(|s| s.kafka.is_some());
-        if !splittable || spec.sink.kafka.is_none() || spec.checkpoint.is_none() {
-            problems.push(
-                "spec.replicas",
-                format!(
-                    "{replicas} replicas split the partitions of Kafka sources between them and write to a Kafka sink, each with its own logs under spec.checkpoint: scale-out of other sources and sinks is not built in this version yet; set 1 (or 0 to stop the query)"
-                ),
-            );
-        }
+        problems.push(
+            "spec.replicas",
+            format!(
+                "{replicas} replicas split the partitions of Kafka sources between them and write to a Kafka sink, each with its own logs under spec.checkpoint: scale-out of other sources and sinks is not built in this version yet; set 1 (or 0 to stop the query)"
+            ),
+        );
+    }
+    if let Some(autoscaling) = &spec.autoscaling {
+        check_autoscaling(problems, spec, autoscaling);
     }
     let mut names = HashSet::new();
     for (i, source) in spec.sources.iter().enumerate() {
@@ -215,6 +218,53 @@ fn validate_spec_into(spec: &StreamingQuerySpec, problems: &mut Problems) {
             "spec.statePartitions",
             format!("{n} is out of range: use 1 to 4096"),
         );
+    }
+}
+
+/// Whether the query can run on several replicas: scale-out splits Kafka
+/// partitions between them, each writing through its own transactional
+/// producer with its own logs; the rest is not built.
+fn scales_out(spec: &StreamingQuerySpec) -> bool {
+    spec.sources.iter().all(|s| s.kafka.is_some())
+        && spec.sink.kafka.is_some()
+        && spec.checkpoint.is_some()
+}
+
+fn check_autoscaling(
+    problems: &mut Problems,
+    spec: &StreamingQuerySpec,
+    autoscaling: &Autoscaling,
+) {
+    let path = "spec.autoscaling";
+    if autoscaling.is_enabled() && !scales_out(spec) {
+        problems.push(
+            path,
+            "the autoscaler scales queries that read Kafka sources and write to a Kafka sink with a checkpoint (their replicas split the partitions); scale-out of other sources and sinks is not built in this version yet: remove autoscaling or set enabled: false",
+        );
+    }
+    let min = autoscaling.min_replicas.unwrap_or(1);
+    if min > autoscaling.max_replicas {
+        problems.push(
+            format!("{path}.minReplicas"),
+            format!(
+                "{min} is more than maxReplicas {}",
+                autoscaling.max_replicas
+            ),
+        );
+    }
+    for (field, value) in [
+        ("catchUpWithin", &autoscaling.catch_up_within),
+        ("restartTime", &autoscaling.restart_time),
+        ("scaleUpWindow", &autoscaling.scale_up_window),
+        ("scaleDownWindow", &autoscaling.scale_down_window),
+        ("metricWindow", &autoscaling.metric_window),
+        ("scaleToZeroAfter", &autoscaling.scale_to_zero_after),
+    ] {
+        if let Some(text) = value
+            && let Err(message) = parse_duration(text)
+        {
+            problems.push(format!("{path}.{field}"), message);
+        }
     }
 }
 

@@ -12,12 +12,16 @@
 //! highest of its (long) window, so a burst scales up at once and a lull
 //! scales down only once it has lasted.
 //!
-//! Not wired yet: the engine scales out stateless Kafka queries, but the
-//! controller does not call this yet (no `spec.autoscaling`); it is here,
-//! tested on simulated load ([`simulation`]), for the controller to call.
+//! The controller runs a step ([`scaler::step`]) at each progress poll of a
+//! query with `spec.autoscaling`: [`measure`] turns the engines' recent
+//! reports into an [`Observation`], the decision below picks the replicas,
+//! and the controller writes them to the StatefulSet and the status. The
+//! decision is tested on simulated load ([`simulation`]).
 
 use std::time::Duration;
 
+pub mod measure;
+pub mod scaler;
 pub mod simulation;
 
 /// What the autoscaler may do, from `spec.autoscaling`.

@@ -44,6 +44,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sluice_crds::{API_VERSION, KIND, Phase, StreamingQuery, StreamingQuerySpec};
 
+use crate::autoscaler::measure::measure;
+use crate::autoscaler::scaler;
 use crate::events::Events;
 use crate::lifecycle::{self, Run, Seen};
 use crate::metrics::Metrics;
@@ -106,6 +108,8 @@ pub struct Context {
     polled: Mutex<HashMap<String, Instant>>,
     /// Per query being deleted: when its cleanup started waiting.
     deleting: Mutex<HashMap<String, Instant>>,
+    /// Per autoscaled query: what the autoscaler remembers between steps.
+    autoscaler: Mutex<HashMap<String, scaler::Memory>>,
 }
 
 impl Context {
@@ -129,6 +133,7 @@ impl Context {
             applied: Mutex::default(),
             polled: Mutex::default(),
             deleting: Mutex::default(),
+            autoscaler: Mutex::default(),
         }
     }
 
@@ -179,6 +184,8 @@ impl Context {
         self.polled.lock().expect("not poisoned").remove(key);
         self.deleting.lock().expect("not poisoned").remove(key);
         self.failures.lock().expect("not poisoned").remove(key);
+        self.autoscaler.lock().expect("not poisoned").remove(key);
+        self.metrics.set_autoscaler(key, None);
     }
 }
 
@@ -330,10 +337,14 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
         })
         .cloned()
         .collect();
+    let mut recent = None;
     if ctx.poll_due(&query_key) {
         let reports = ctx.progress.read(&workload_pods).await;
         observed.progress = reports.iter().filter_map(|r| r.progress.clone()).collect();
         observed.stalled = progress::stalled(&reports);
+        if objects::autoscaled(query) {
+            recent = Some(ctx.progress.recent(&workload_pods).await);
+        }
     }
     observed.pod_failure = status::pod_failure(&workload_pods);
 
@@ -392,6 +403,19 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
         };
         let decision = lifecycle::decide(query, &seen);
         let mut target = query.clone();
+        if objects::autoscaled(query) && !query.spec.is_suspended() {
+            let polled = recent.take();
+            let first = query
+                .status
+                .as_ref()
+                .and_then(|s| s.autoscaling.as_ref())
+                .is_none();
+            if polled.is_some() || first {
+                let step = autoscale(ctx, query, polled, seen.rolled_out).await;
+                target.status.get_or_insert_default().autoscaling = Some(step.clone());
+                observed.autoscaling = Some(step);
+            }
+        }
         match &decision.run {
             Run::Current => {}
             Run::Rollback { spec, .. } => target.spec = (**spec).clone(),
@@ -443,6 +467,8 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
         ctx.publish(query, t.warning, &t.reason, t.note).await;
     }
     ctx.metrics.set_phase(&query_key, new_status.phase);
+    ctx.metrics
+        .set_autoscaler(&query_key, new_status.autoscaling.as_ref());
     ctx.failures
         .lock()
         .expect("not poisoned")
@@ -459,11 +485,76 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
         Some(Phase::Running | Phase::Pending | Phase::Suspended) if !settled => {
             Duration::from_secs(10).min(ctx.next_poll(&query_key))
         }
-        // Progress moves while pods run: poll it.
-        _ if pods_run => ctx.next_poll(&query_key),
+        // Progress moves while pods run: poll it. An autoscaled query
+        // scaled to zero polls the broker instead.
+        _ if pods_run || (objects::autoscaled(query) && !query.spec.is_suspended()) => {
+            ctx.next_poll(&query_key)
+        }
         // Changes to the query or its objects wake the controller.
         _ => Duration::from_secs(300),
     }))
+}
+
+/// One autoscaling step of `query` (see [`scaler`]): from the engine pods'
+/// recent reports (`recent`, when they were polled), or from the broker
+/// while scaled to zero. A change is announced in an Event and counted.
+async fn autoscale(
+    ctx: &Context,
+    query: &StreamingQuery,
+    recent: Option<Vec<(String, Vec<sluice_crds::progress::QueryProgress>)>>,
+    rolled_out: bool,
+) -> sluice_crds::AutoscalingStatus {
+    let query_key = key(query);
+    let spec = query.spec.autoscaling.clone().unwrap_or_default();
+    let previous = query.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+    let current = objects::running_replicas(query);
+    let now = Utc::now();
+    let seen = match recent {
+        _ if previous.is_some() && current == 0 => {
+            let asked = query.clone();
+            let answer =
+                tokio::task::spawn_blocking(move || crate::broker::waiting_records(&asked))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the broker check failed: {e}")));
+            scaler::Seen::AtZero(answer)
+        }
+        None => scaler::Seen::Waiting("no progress read yet".into()),
+        Some(_) if !rolled_out => scaler::Seen::Waiting(format!(
+            "waiting for the StatefulSet to have {current} ready engine pods of its current template"
+        )),
+        Some(reports) if reports.len() < current as usize => scaler::Seen::Waiting(format!(
+            "{} of {current} engine pods answered with their progress",
+            reports.len()
+        )),
+        Some(reports) => {
+            let reports: Vec<_> = reports.into_iter().map(|(_, r)| r).collect();
+            scaler::Seen::Running(measure(&reports, scaler::metric_window(&spec), now))
+        }
+    };
+    let step = {
+        let mut memories = ctx.autoscaler.lock().expect("not poisoned");
+        let memory = memories.entry(query_key.clone()).or_default();
+        scaler::step(memory, &spec, previous, query.spec.replicas, seen, now)
+    };
+    let before = previous.map_or(current, |p| p.replicas);
+    if step.replicas != before {
+        let direction = if step.replicas > before { "up" } else { "down" };
+        ctx.metrics
+            .rescales
+            .with_label_values(&[&query_key, direction])
+            .inc();
+        ctx.publish(
+            query,
+            false,
+            "Rescaled",
+            format!(
+                "The autoscaler scaled the query from {before} to {} replicas: {}",
+                step.replicas, step.reason
+            ),
+        )
+        .await;
+    }
+    step
 }
 
 /// The observed workload: the StatefulSet's status, or the Job's with the

@@ -11,6 +11,7 @@
 //! `/progress`.
 
 pub mod autoscaler;
+pub mod broker;
 pub mod changes;
 pub mod controller;
 pub mod events;

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
-use sluice_crds::Phase;
+use sluice_crds::{AutoscalingStatus, Phase};
 
 /// Every phase, so that `sluice_operator_queries` has a series (0) for each.
 const PHASES: [Phase; 5] = [
@@ -36,6 +36,12 @@ pub struct Metrics {
     pub status_writes: IntCounter,
     queries: IntGaugeVec,
     phases: Mutex<BTreeMap<String, Phase>>,
+    /// The autoscaler's view per query: `replicas` (what it runs),
+    /// `recommended` (before stabilization), `lag`, `input_rate` and
+    /// `true_rate` (the slowest replica's records per busy second).
+    autoscaler: GaugeVec,
+    /// Rescales the autoscaler made, per query and direction (`up`, `down`).
+    pub rescales: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -88,6 +94,22 @@ impl Default for Metrics {
             &["phase"],
         )
         .expect("valid metric");
+        let autoscaler = GaugeVec::new(
+            Opts::new(
+                "sluice_operator_autoscaler",
+                "The autoscaler's view of a query: replicas it runs, recommended replicas, lag, input_rate and true_rate (records per busy second of the slowest replica).",
+            ),
+            &["query", "value"],
+        )
+        .expect("valid metric");
+        let rescales = IntCounterVec::new(
+            Opts::new(
+                "sluice_operator_autoscaler_rescales_total",
+                "Rescales the autoscaler made, by query and direction.",
+            ),
+            &["query", "direction"],
+        )
+        .expect("valid metric");
         for phase in PHASES {
             queries.with_label_values(&[&format!("{phase:?}")]).set(0);
         }
@@ -99,6 +121,8 @@ impl Default for Metrics {
             Box::new(object_writes.clone()),
             Box::new(status_writes.clone()),
             Box::new(queries.clone()),
+            Box::new(autoscaler.clone()),
+            Box::new(rescales.clone()),
         ] {
             registry.register(metric).expect("metric registered once");
         }
@@ -112,6 +136,8 @@ impl Default for Metrics {
             status_writes,
             queries,
             phases: Mutex::default(),
+            autoscaler,
+            rescales,
         }
     }
 }
@@ -130,6 +156,33 @@ impl Metrics {
             self.queries
                 .with_label_values(&[&format!("{phase:?}")])
                 .set(n as i64);
+        }
+    }
+
+    /// Records the autoscaler's view of the query `key`; `None` removes its
+    /// series (autoscaling off, or the query gone).
+    pub fn set_autoscaler(&self, key: &str, status: Option<&AutoscalingStatus>) {
+        const VALUES: [&str; 5] = ["replicas", "recommended", "lag", "input_rate", "true_rate"];
+        let Some(s) = status else {
+            for value in VALUES {
+                let _ = self.autoscaler.remove_label_values(&[key, value]);
+            }
+            return;
+        };
+        let figures = [
+            Some(f64::from(s.replicas)),
+            Some(f64::from(s.recommended_replicas)),
+            s.lag.map(|l| l as f64),
+            s.input_rows_per_second,
+            s.true_processing_rate,
+        ];
+        for (value, figure) in VALUES.into_iter().zip(figures) {
+            match figure {
+                Some(f) => self.autoscaler.with_label_values(&[key, value]).set(f),
+                None => {
+                    let _ = self.autoscaler.remove_label_values(&[key, value]);
+                }
+            }
         }
     }
 

@@ -408,20 +408,44 @@ fn state_claim(query: &StreamingQuery) -> Option<PersistentVolumeClaimSpec> {
     })
 }
 
-/// The number of engine pods the spec asks for: `spec.replicas` (default
-/// 1), 0 when suspended.
+/// The number of engine pods the query asks for: [`running_replicas`], 0
+/// when suspended.
 pub fn desired_replicas(query: &StreamingQuery) -> i32 {
     if query.spec.is_suspended() {
         0
     } else {
-        query.spec.replicas.unwrap_or(1)
+        running_replicas(query)
+    }
+}
+
+/// Whether the operator's autoscaler picks the query's replicas.
+pub fn autoscaled(query: &StreamingQuery) -> bool {
+    query
+        .spec
+        .autoscaling
+        .as_ref()
+        .is_some_and(|a| a.is_enabled())
+}
+
+/// The replicas a query that is not suspended runs: the autoscaler's
+/// (`status.autoscaling.replicas`) while `spec.autoscaling` is enabled,
+/// else `spec.replicas` (default 1).
+pub fn running_replicas(query: &StreamingQuery) -> i32 {
+    let decided = query
+        .status
+        .as_ref()
+        .and_then(|s| s.autoscaling.as_ref())
+        .filter(|_| autoscaled(query));
+    match decided {
+        Some(a) => a.replicas,
+        None => query.spec.replicas.unwrap_or(1),
     }
 }
 
 /// Which replica an engine pod is, of how many: `SLUICE_REPLICA` from the
 /// pod's StatefulSet ordinal (its `apps.kubernetes.io/pod-index` label),
-/// `SLUICE_REPLICAS` from `spec.replicas` (not 0 when suspended or scaled
-/// to zero: that rolls nothing). A new count changes the pod template, so
+/// `SLUICE_REPLICAS` from [`running_replicas`] (not 0 when suspended or
+/// scaled to zero: that rolls nothing). A new count changes the pod template, so
 /// the pods restart with it and replica 0 hands the query over to the new
 /// count at a batch boundary.
 fn replica_env(query: &StreamingQuery) -> Vec<EnvVar> {
@@ -439,14 +463,14 @@ fn replica_env(query: &StreamingQuery) -> Vec<EnvVar> {
         },
         EnvVar {
             name: "SLUICE_REPLICAS".to_owned(),
-            value: Some(query.spec.replicas.unwrap_or(1).max(1).to_string()),
+            value: Some(running_replicas(query).max(1).to_string()),
             ..EnvVar::default()
         },
     ]
 }
 
-/// The StatefulSet of engine pods of a continuous query: `spec.replicas` of
-/// them (0 when suspended), each with its state volume (a claim of
+/// The StatefulSet of engine pods of a continuous query: [`desired_replicas`]
+/// of them, each with its state volume (a claim of
 /// `spec.engine.stateVolume`, or an emptyDir).
 pub fn stateful_set(query: &StreamingQuery, defaults: &Defaults) -> Result<StatefulSet> {
     let name = query

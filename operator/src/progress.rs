@@ -2,6 +2,7 @@
 //! `/progress/latest`, and its health from `/healthz` (the engine's HTTP
 //! port), for the status.
 
+use std::future::Future;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
@@ -39,36 +40,64 @@ impl ProgressReader {
     /// healthy, why. A pod that does not answer is left out (and logged):
     /// progress is a summary, and the pod's probes tell its health.
     pub async fn read(&self, pods: &[Pod]) -> Vec<PodReport> {
-        let reads = pods.iter().filter_map(|pod| {
+        self.ask_each(pods, |ip| async move {
+            let progress = self.latest(&ip).await?;
+            let unhealthy = self.unhealthy(&ip).await?;
+            Ok((progress, unhealthy))
+        })
+        .await
+        .into_iter()
+        .map(|(pod, (progress, unhealthy))| PodReport {
+            pod,
+            progress,
+            unhealthy,
+        })
+        .collect()
+    }
+
+    /// Every running pod's recent progress reports (its `/progress`, oldest
+    /// first), for the autoscaler; a pod that does not answer is left out.
+    pub async fn recent(&self, pods: &[Pod]) -> Vec<(String, Vec<QueryProgress>)> {
+        self.ask_each(pods, |ip| async move {
+            let (status, body) = self.get(&ip, "/progress").await?;
+            if !status.is_success() {
+                return Err(format!("HTTP {status}"));
+            }
+            serde_json::from_slice::<Vec<QueryProgress>>(&body)
+                .map_err(|e| format!("not progress reports: {e}"))
+        })
+        .await
+    }
+
+    /// `ask` of every running pod that has an IP, at once, each within the
+    /// timeout: the pods that answered, by name.
+    async fn ask_each<'a, T, F, Fut>(&'a self, pods: &'a [Pod], ask: F) -> Vec<(String, T)>
+    where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = Result<T, String>> + 'a,
+    {
+        let asks = pods.iter().filter_map(|pod| {
             let status = pod.status.as_ref()?;
             if status.phase.as_deref() != Some("Running") {
                 return None;
             }
-            let ip = status.pod_ip.clone()?;
+            let answer = ask(status.pod_ip.clone()?);
             Some(async move {
-                let ask = async {
-                    let progress = self.latest(&ip).await?;
-                    let unhealthy = self.unhealthy(&ip).await?;
-                    Ok::<_, String>((progress, unhealthy))
-                };
-                match tokio::time::timeout(self.timeout, ask).await {
-                    Ok(Ok((progress, unhealthy))) => Some(PodReport {
-                        pod: pod.name_any(),
-                        progress,
-                        unhealthy,
-                    }),
+                let name = pod.name_any();
+                match tokio::time::timeout(self.timeout, answer).await {
+                    Ok(Ok(value)) => Some((name, value)),
                     Ok(Err(why)) => {
-                        tracing::debug!(pod = %pod.name_any(), %why, "No progress.");
+                        tracing::debug!(pod = %name, %why, "No progress.");
                         None
                     }
                     Err(_) => {
-                        tracing::debug!(pod = %pod.name_any(), "Reading progress timed out.");
+                        tracing::debug!(pod = %name, "Reading progress timed out.");
                         None
                     }
                 }
             })
         });
-        futures::future::join_all(reads)
+        futures::future::join_all(asks)
             .await
             .into_iter()
             .flatten()

@@ -11,7 +11,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use sluice_crds::progress::QueryProgress;
 use sluice_crds::{
-    Condition, Failures, Phase, Problems, ProgressSummary, StreamingQuery, StreamingQueryStatus,
+    AutoscalingStatus, Condition, Failures, Phase, Problems, ProgressSummary, StreamingQuery,
+    StreamingQueryStatus,
 };
 
 use crate::lifecycle::{self, Decision, Run};
@@ -40,6 +41,9 @@ pub struct Observed {
     /// What a continuous query runs, given its failures (see
     /// [`crate::lifecycle`]).
     pub decision: Option<Decision>,
+    /// The autoscaler's step, when `spec.autoscaling` is enabled and it ran
+    /// (at a progress poll); the previous status's is kept otherwise.
+    pub autoscaling: Option<AutoscalingStatus>,
 }
 
 /// The controller of a query's engine pods, as observed.
@@ -102,7 +106,18 @@ pub fn compute(
     let now_text = now.to_rfc3339_opts(SecondsFormat::Secs, true);
     let generation = query.metadata.generation;
     let previous_status = query.status.clone().unwrap_or_default();
-    let desired = desired_replicas(query);
+    let autoscaling = if crate::objects::autoscaled(query) {
+        observed
+            .autoscaling
+            .clone()
+            .or_else(|| previous_status.autoscaling.clone())
+    } else {
+        None
+    };
+    let desired = match &autoscaling {
+        Some(a) if !query.spec.is_suspended() => a.replicas,
+        _ => desired_replicas(query),
+    };
     let (ready, updated, replicas) = match &observed.workload {
         Workload::StatefulSet(s) => (
             s.ready_replicas.unwrap_or(0),
@@ -219,6 +234,37 @@ pub fn compute(
             "ApplyFailed",
             &format!("The API server refused the change: {refusal}"),
             "Engine pods keep running the previous spec.",
+        )
+    } else if autoscaling.is_some() && desired == 0 && !query.spec.is_suspended() {
+        let reason = autoscaling
+            .as_ref()
+            .map(|a| a.reason.clone())
+            .unwrap_or_default();
+        let stopped = replicas == 0;
+        (
+            Phase::Running,
+            vec![
+                c(
+                    "Ready",
+                    true,
+                    "ScaledToZero",
+                    format!(
+                        "The autoscaler scaled the query to zero ({reason}); it starts engine pods when records arrive."
+                    ),
+                ),
+                c(
+                    "Progressing",
+                    !stopped,
+                    "ScaledToZero",
+                    if stopped {
+                        "Engine pods are stopped.".into()
+                    } else {
+                        "Stopping the engine pods.".into()
+                    },
+                ),
+                c("Degraded", false, "ScaledToZero", String::new()),
+            ],
+            None,
         )
     } else if query.spec.is_suspended() || desired == 0 {
         let (reason, why) = if query.spec.is_suspended() {
@@ -381,6 +427,7 @@ pub fn compute(
         last_stable_generation: last_stable.map(|s| s.1),
         running_generation: rollback.map(|r| r.0),
         job: job.map(|(name, _, _)| name.clone()),
+        autoscaling,
     }
 }
 

@@ -155,6 +155,16 @@ fn the_dashboards_operator_panels_use_metrics_the_operator_exports() {
     metrics.reconciles.inc();
     metrics.errors.with_label_values(&["conflict"]).inc();
     metrics.duration.observe(0.1);
+    metrics.set_autoscaler(
+        "ns/q",
+        Some(&sluice_crds::AutoscalingStatus {
+            replicas: 2,
+            recommended_replicas: 3,
+            lag: Some(10),
+            ..Default::default()
+        }),
+    );
+    metrics.rescales.with_label_values(&["ns/q", "up"]).inc();
     let exported = metrics.render();
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("charts/sluice/dashboards/sluice.json")).unwrap(),

@@ -32,6 +32,18 @@ const PODS: &str = "/api/v1/namespaces/risk/pods";
 
 /// The query of every scenario, with the operator's finalizer already on.
 fn query() -> StreamingQuery {
+    query_of(
+        r#"
+  sources: [{name: transactions, generator: {kind: transactions, rowsPerSecond: 100}}]
+  query: SELECT user_id, amount FROM transactions WHERE amount > 100
+  sink: {console: {}}
+  checkpoint: {location: "s3://checkpoints/fraud"}
+"#,
+    )
+}
+
+/// The query `fraud` with `spec` (YAML lines under `spec:`).
+fn query_of(spec: &str) -> StreamingQuery {
     sluice_crds::load(
         &format!(
             r#"
@@ -43,12 +55,7 @@ metadata:
   uid: 7c9e6679-7425-40de-944b-e07fc1f90ae7
   generation: 1
   finalizers: [{FINALIZER}]
-spec:
-  sources: [{{name: transactions, generator: {{kind: transactions, rowsPerSecond: 100}}}}]
-  query: SELECT user_id, amount FROM transactions WHERE amount > 100
-  sink: {{console: {{}}}}
-  checkpoint: {{location: "s3://checkpoints/fraud"}}
-"#
+spec:{spec}"#
         ),
         "test",
     )
@@ -1013,4 +1020,177 @@ async fn deletion_gives_up_after_its_timeout_and_names_the_pod_that_blocks() {
         "{}",
         event.2
     );
+}
+
+/// A Kafka → Kafka query that the operator autoscales.
+fn autoscaled_query() -> StreamingQuery {
+    query_of(
+        r#"
+  sources:
+    - name: transactions
+      kafka: {bootstrapServers: "kafka:9092", topic: transactions}
+      format: json
+      schema: [{name: user_id, type: string}]
+  query: SELECT user_id FROM transactions
+  sink: {kafka: {bootstrapServers: "kafka:9092", topic: flagged}}
+  checkpoint: {location: "s3://checkpoints/fraud"}
+  autoscaling: {maxReplicas: 8, catchUpWithin: 1m, restartTime: 10s}
+"#,
+    )
+}
+
+/// Serves `/progress` (and `/progress/latest`, `/healthz`) as an engine
+/// whose batches, 10 s apart, each read 5,000 records in 1 s and leave its
+/// lag 20,000 higher, from 420,000 to 520,000: 2,500/s arrive, it processes
+/// 5,000/s when busy.
+async fn lagging_engine() -> u16 {
+    use axum::routing::get;
+    let now = chrono::Utc::now();
+    let reports: Vec<Value> = (0..6)
+        .map(|i| {
+            let at = now - chrono::Duration::seconds(50 - 10 * i);
+            json!({
+                "id": "q", "runId": "r", "name": "fraud",
+                "timestamp": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "batchId": i, "numInputRows": 5000, "inputRowsPerSecond": 500.0,
+                "processedRowsPerSecond": 5000.0, "durationMs": {"triggerExecution": 1000},
+                "sources": [{"description": "kafka", "startOffset": null,
+                             "endOffset": {"transactions": {"0": 1, "1": 1, "2": 1, "3": 1, "4": 1, "5": 1}},
+                             "latestOffset": null, "numInputRows": 5000, "inputRowsPerSecond": 500.0,
+                             "processedRowsPerSecond": 5000.0, "recordsBehindLatest": 400_000 + 20_000 * (i + 1)}],
+                "sink": {"description": "kafka", "numOutputRows": 5000},
+            })
+        })
+        .collect();
+    let latest = reports.last().unwrap().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = axum::Router::new()
+        .route("/progress", get(move || async move { axum::Json(reports) }))
+        .route(
+            "/progress/latest",
+            get(move || async move { axum::Json(latest) }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    port
+}
+
+#[tokio::test]
+async fn the_autoscaler_sets_the_stateful_sets_replicas_and_the_status_never_the_spec() {
+    let port = lagging_engine().await;
+    let (client, api) = pair();
+    let mut ctx = Context::new(client, defaults(), Arc::new(Metrics::default()), None)
+        .with_settings(Settings {
+            progress_interval: Duration::ZERO,
+            ..Settings::default()
+        });
+    ctx.progress = sluice_operator::progress::ProgressReader::new(port);
+    let mut operator = Operator {
+        ctx: Arc::new(ctx),
+        api: Some(api),
+    };
+    // Created: one replica (spec.replicas' default), nothing measured yet.
+    let (result, (sts, status)) = operator
+        .reconcile(autoscaled_query(), |mut api| async move {
+            api.get(CM, None).await;
+            api.get(STS, None).await;
+            api.list(JOBS, vec![]).await;
+            api.list(PODS, vec![]).await;
+            api.apply(CM).await;
+            api.get(SVC, None).await;
+            api.apply(SVC).await;
+            api.get(PDB, None).await;
+            api.apply(PDB).await;
+            let sts = api.apply(STS).await.body;
+            let status = apply_status(&mut api).await;
+            api.event(NS).await;
+            api.event(NS).await;
+            (api, (sts, status))
+        })
+        .await;
+    result.unwrap();
+    assert_eq!(sts["spec"]["replicas"], 1);
+    assert_eq!(status["autoscaling"]["replicas"], 1);
+    assert_eq!(
+        status["autoscaling"]["reason"],
+        "keeping 1: waiting for the StatefulSet to have 1 ready engine pods of its current template"
+    );
+    // Its pod runs and reports a growing backlog: 2,500/s in and 520,000
+    // behind, to drain within 1 m less the 10 s restart, with the 25,000
+    // that arrive during it: 2,500 + 545,000 / 50 = 13,400/s at 5,000/s a
+    // replica when busy: 3 replicas (the steady input alone needs 1).
+    let pod = json!({
+        "metadata": {"name": "fraud-0", "namespace": NS,
+                     "labels": {"controller-revision-hash": "fraud-1"},
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "fraud",
+                                          "uid": "s-1", "controller": true}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1"},
+    });
+    let created = sts.clone();
+    let (result, (sts, status, rescaled)) = operator
+        .reconcile(
+            with_status(autoscaled_query(), &status),
+            |mut api| async move {
+                api.get(
+                    CM,
+                    Some(&stored(
+                        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "fraud-query", "namespace": NS}}),
+                        None,
+                    )),
+                )
+                .await;
+                api.get(STS, Some(&stored(&created, Some(sts_status(1, 1, 1)))))
+                    .await;
+                api.list(JOBS, vec![]).await;
+                api.list(PODS, vec![pod]).await;
+                let rescaled = api.event(NS).await;
+                api.get(SVC, None).await;
+                api.apply(SVC).await;
+                api.get(PDB, None).await;
+                api.apply(PDB).await;
+                let sts = api.apply(STS).await.body;
+                let status = apply_status(&mut api).await;
+                api.event(NS).await;
+                (api, (sts, status, rescaled))
+            },
+        )
+        .await;
+    result.unwrap();
+    let scaled = status["autoscaling"].clone();
+    assert_eq!(scaled["replicas"], sts["spec"]["replicas"], "{scaled}");
+    let replicas = scaled["replicas"].as_i64().unwrap();
+    assert_eq!(replicas, 3, "{scaled}");
+    assert_eq!(scaled["recommendedReplicas"], 3);
+    assert_eq!(scaled["lag"], 520_000);
+    assert_eq!(scaled["inputRowsPerSecond"], 2_500.0);
+    assert_eq!(scaled["trueProcessingRate"], 5_000.0);
+    assert!(scaled["lastScaleTime"].is_string());
+    let env = &sts["spec"]["template"]["spec"]["containers"][0]["env"];
+    let count = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "SLUICE_REPLICAS")
+        .unwrap();
+    assert_eq!(count["value"], replicas.to_string());
+    assert_eq!(rescaled.1, "Rescaled");
+    assert!(
+        rescaled
+            .2
+            .starts_with("The autoscaler scaled the query from 1 to 3 replicas: input 2500/s and lag 520000 to drain within 60s: 13400/s needed"),
+        "{}",
+        rescaled.2
+    );
+    let metrics = operator.ctx.metrics.render();
+    assert!(
+        metrics.contains(&format!(
+            "sluice_operator_autoscaler{{query=\"risk/fraud\",value=\"replicas\"}} {replicas}"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "sluice_operator_autoscaler_rescales_total{direction=\"up\",query=\"risk/fraud\"} 1"
+    ));
 }

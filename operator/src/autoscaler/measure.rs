@@ -1,0 +1,218 @@
+//! What the autoscaler observes, measured from the engines' recent progress
+//! reports (each replica's `/progress`): rates over a metric window, as
+//! Flink's autoscaler measures them from its task metrics.
+//!
+//! Per replica, over the reports of the window: the records it processed
+//! and the time its batches took (its busy time; their ratio is its *true*
+//! rate), and the records that arrived at its partitions: what its batches
+//! read plus the growth of its lag (the records behind the source's latest
+//! offsets). The query's input rate and lag are the sums over replicas, its
+//! true rate the slowest replica's. A replica that ran no batch in the
+//! window had nothing to read (the engine runs a batch as soon as data is
+//! available): it adds no input, and its lag is its last report's.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sluice_crds::progress::QueryProgress;
+
+use super::Observation;
+
+/// An [`Observation`] and what else the reports tell.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Measured {
+    /// What the decision reads.
+    pub observation: Observation,
+    /// The topic-partitions the replicas read, over all replicas (each
+    /// partition has exactly one owner): the most replicas that can share
+    /// the work. 0 when no report names them.
+    pub partitions: u32,
+    /// Whether the query keeps state (a report names a stateful operator):
+    /// it runs on one replica in this version.
+    pub stateful: bool,
+}
+
+/// Measures `replicas` (each replica's recent reports, oldest first) over
+/// the `window` before `now`. `idle_for` is left at zero: idleness spans
+/// polls, and the caller keeps it.
+pub fn measure(replicas: &[Vec<QueryProgress>], window: Duration, now: DateTime<Utc>) -> Measured {
+    let since = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    let mut seen = Observation {
+        replicas: replicas.len() as u32,
+        ..Observation::default()
+    };
+    let mut slowest: Option<f64> = None;
+    let mut partitions = BTreeSet::new();
+    let mut stateful = false;
+    for reports in replicas {
+        let Some(last) = reports.last() else {
+            continue;
+        };
+        stateful |= !last.state_operators.is_empty();
+        seen.lag += behind(last) as f64;
+        partitions.extend(topic_partitions(last));
+        let recent: Vec<(&QueryProgress, DateTime<Utc>)> = reports
+            .iter()
+            .filter_map(|r| Some((r, started(r)?)))
+            .filter(|(_, at)| *at > since && *at <= now)
+            .collect();
+        let Some(((first, first_at), (newest, newest_at))) =
+            recent.first().copied().zip(recent.last().copied())
+        else {
+            continue;
+        };
+        let processed: u64 = recent.iter().map(|(r, _)| r.num_input_rows).sum();
+        let busy_ms: u64 = recent.iter().map(|(r, _)| busy(r)).sum();
+        seen.processed += processed as f64;
+        seen.busy_seconds += busy_ms as f64 / 1000.0;
+        if processed > 0 && busy_ms > 0 {
+            let rate = processed as f64 * 1000.0 / busy_ms as f64;
+            slowest = Some(slowest.map_or(rate, |s| s.min(rate)));
+        }
+        let span = (newest_at - first_at).to_std().unwrap_or_default();
+        seen.input_rate += if recent.len() > 1 && !span.is_zero() {
+            // Records that arrived between the first batch's plan and the
+            // newest's: what the later batches read, plus the lag's growth.
+            let read: u64 = recent[1..].iter().map(|(r, _)| r.num_input_rows).sum();
+            let arrived = read as f64 + behind(newest) as f64 - behind(first) as f64;
+            arrived.max(0.0) / span.as_secs_f64()
+        } else {
+            newest.input_rows_per_second
+        };
+    }
+    seen.slowest_true_rate = slowest.unwrap_or(0.0);
+    Measured {
+        observation: seen,
+        partitions: partitions.len() as u32,
+        stateful,
+    }
+}
+
+/// When the batch of `report` started.
+fn started(report: &QueryProgress) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(&report.timestamp)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The time the batch of `report` took, in milliseconds.
+fn busy(report: &QueryProgress) -> u64 {
+    report
+        .duration_ms
+        .get("triggerExecution")
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The records behind the latest offsets after the batch of `report`.
+fn behind(report: &QueryProgress) -> u64 {
+    report.sources.iter().map(|s| s.records_behind_latest).sum()
+}
+
+/// The topic-partitions a Kafka source's end offsets name
+/// (`{"topic": {"0": 12, ...}}`), as `topic/partition`.
+fn topic_partitions(report: &QueryProgress) -> Vec<String> {
+    report
+        .sources
+        .iter()
+        .filter_map(|s| s.end_offset.as_object())
+        .flat_map(|topics| {
+            topics.iter().flat_map(|(topic, partitions)| {
+                partitions
+                    .as_object()
+                    .into_iter()
+                    .flat_map(move |ps| ps.keys().map(move |p| format!("{topic}/{p}")))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A report of a batch that started `at` seconds after 10:00, read
+    /// `rows` in `busy_ms` and left `behind` records behind, on `partitions`
+    /// of topic `t`.
+    fn report(at: u32, rows: u64, busy_ms: u64, behind: u64, partitions: &[u32]) -> QueryProgress {
+        let ends: serde_json::Map<String, serde_json::Value> = partitions
+            .iter()
+            .map(|p| (p.to_string(), json!(100)))
+            .collect();
+        serde_json::from_value(json!({
+            "id": "q", "runId": "r", "name": "q",
+            "timestamp": format!("2026-11-22T10:{:02}:{:02}.000Z", at / 60, at % 60),
+            "batchId": at, "numInputRows": rows, "inputRowsPerSecond": 7.0,
+            "processedRowsPerSecond": 0.0, "durationMs": {"triggerExecution": busy_ms},
+            "sources": [{"description": "kafka", "startOffset": null, "endOffset": {"t": ends},
+                         "latestOffset": null, "numInputRows": rows, "inputRowsPerSecond": 7.0,
+                         "processedRowsPerSecond": 0.0, "recordsBehindLatest": behind}],
+            "sink": {"description": "kafka", "numOutputRows": rows},
+        }))
+        .unwrap()
+    }
+
+    fn at(seconds: u32) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(&format!(
+            "2026-11-22T10:{:02}:{:02}Z",
+            seconds / 60,
+            seconds % 60
+        ))
+        .unwrap()
+        .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn rates_are_measured_over_the_window_per_replica() {
+        // Replica 0: a batch every 10 s reading 10,000 records in 2 s, its
+        // lag growing by 1,000 a batch: 1,100/s arrive, 5,000/s when busy.
+        let r0: Vec<_> = (0..10)
+            .map(|i| report(i * 10, 10_000, 2_000, 1_000 * u64::from(i), &[0, 2]))
+            .collect();
+        // Replica 1: slower, 10,000 in 4 s; no lag.
+        let r1: Vec<_> = (0..10)
+            .map(|i| report(i * 10 + 5, 10_000, 4_000, 0, &[1]))
+            .collect();
+        // The window (60 s before 01:35) holds batches from 00:40.
+        let m = measure(&[r0, r1], Duration::from_secs(60), at(95));
+        let seen = &m.observation;
+        assert_eq!(seen.replicas, 2);
+        assert_eq!(m.partitions, 3);
+        assert_eq!(seen.lag, 9_000.0, "the newest reports' lag");
+        // 6 batches of each replica in the window.
+        assert_eq!(seen.processed, 120_000.0);
+        assert_eq!(seen.busy_seconds, 36.0);
+        assert_eq!(seen.slowest_true_rate, 2_500.0);
+        // Replica 0: (5 × 10,000 + 5,000) / 50 s = 1,100/s; replica 1:
+        // 50,000 / 50 s = 1,000/s.
+        assert!((seen.input_rate - 2_100.0).abs() < 1e-9, "{seen:?}");
+    }
+
+    #[test]
+    fn a_replica_without_a_batch_in_the_window_adds_no_input_and_keeps_its_lag() {
+        let old = vec![report(0, 500, 100, 3, &[0])];
+        let m = measure(&[old], Duration::from_secs(60), at(600));
+        assert_eq!(m.observation.input_rate, 0.0);
+        assert_eq!(m.observation.processed, 0.0);
+        assert_eq!(m.observation.lag, 3.0);
+        assert_eq!(m.partitions, 1);
+        // One batch in the window: its own input rate.
+        let one = vec![report(590, 500, 100, 0, &[0])];
+        let m = measure(&[one], Duration::from_secs(60), at(600));
+        assert_eq!(m.observation.input_rate, 7.0);
+        assert_eq!(m.observation.slowest_true_rate, 5_000.0);
+    }
+
+    #[test]
+    fn a_replica_that_has_not_reported_counts_but_measures_nothing() {
+        let m = measure(
+            &[Vec::new(), vec![report(10, 10, 10, 0, &[0])]],
+            Duration::from_secs(60),
+            at(20),
+        );
+        assert_eq!(m.observation.replicas, 2);
+        assert_eq!(m.observation.slowest_true_rate, 1_000.0);
+    }
+}
