@@ -26,8 +26,13 @@ pub struct QueryProgress {
     pub input_rows_per_second: f64,
     /// Rows processed per second of this batch's duration.
     pub processed_rows_per_second: f64,
-    /// Milliseconds spent in each phase: `latestOffset`, `queryPlanning`,
-    /// `getBatch`, `addBatch`, `triggerExecution` (the whole batch).
+    /// Milliseconds spent in each phase: `latestOffset` (planning the
+    /// batch: the sources' latest offsets and the offset log), `getBatch`
+    /// (reading it), `addBatch` (running the query and writing the sink,
+    /// its commit included), `sinkCommit` (the sink's commit alone: a Kafka
+    /// transaction's commit, a manifest), `commitOffsets` (state, the
+    /// commit log, the sources' commits), `triggerExecution` (the whole
+    /// batch).
     pub duration_ms: BTreeMap<String, u64>,
     /// Event-time statistics of this batch (`min`, `max`, `avg`) and the
     /// `watermark`, RFC 3339; empty when no source declares a watermark.

@@ -881,6 +881,7 @@ impl Runner {
             Some(_) => self.sink.is_committed(batch_id).await?,
             None => false,
         };
+        let mut sink_commit_ms = 0;
         if already {
             info!(
                 batch_id,
@@ -894,7 +895,9 @@ impl Runner {
             if let Some(fence) = &self.fence {
                 fence.check().await?;
             }
+            let commit_start = Instant::now();
             self.sink.commit(batch_id).await?;
+            sink_commit_ms = commit_start.elapsed().as_millis() as u64;
         }
         if let (Some(planned_by), Some(fence)) = (replayed, &self.fence) {
             self.sink
@@ -902,6 +905,7 @@ impl Runner {
                 .await?;
         }
         let add_batch_ms = exec_start.elapsed().as_millis() as u64;
+        let offsets_start = Instant::now();
         fault::point("sink", batch_id);
         self.plan.commit_state(batch_id).await?;
         fault::point("state", batch_id);
@@ -933,6 +937,7 @@ impl Runner {
             store.purge(batch_id).await?;
         }
 
+        let commit_offsets_ms = offsets_start.elapsed().as_millis() as u64;
         let elapsed = trigger_start.elapsed();
         let since_previous = previous_start.map(|p| trigger_start.duration_since(p));
         let per_second = |rows: u64, over: Duration| {
@@ -988,6 +993,8 @@ impl Runner {
                 ("latestOffset".to_owned(), latest_offset_ms),
                 ("getBatch".to_owned(), get_batch_ms),
                 ("addBatch".to_owned(), add_batch_ms),
+                ("sinkCommit".to_owned(), sink_commit_ms),
+                ("commitOffsets".to_owned(), commit_offsets_ms),
                 ("triggerExecution".to_owned(), elapsed.as_millis() as u64),
             ]),
             event_time,

@@ -130,14 +130,20 @@ pub fn recommend(policy: &Policy, seen: &Observation) -> Recommendation {
             ),
         };
     }
-    if seen.processed <= 0.0 || seen.busy_seconds <= 0.0 {
+    if seen.processed <= 0.0 {
         let replicas = seen.replicas.clamp(floor, ceiling);
         return Recommendation {
             replicas,
             reason: format!("no processing measured yet: keeping {replicas}"),
         };
     }
-    let mean_rate = seen.processed / seen.busy_seconds;
+    // No busy time beyond the batches' fixed cost: the capacity is far
+    // above what the input asks (an infinite rate counts one replica).
+    let mean_rate = if seen.busy_seconds > 0.0 {
+        seen.processed / seen.busy_seconds
+    } else {
+        f64::INFINITY
+    };
     let true_rate = if seen.slowest_true_rate > 0.0 {
         mean_rate.min(seen.slowest_true_rate)
     } else {
@@ -166,13 +172,18 @@ pub fn recommend(policy: &Policy, seen: &Observation) -> Recommendation {
         needed = steady.max(count(target_rate));
     }
     let replicas = (needed.min(u32::MAX as f64) as u32).clamp(floor, ceiling);
+    let capacity = if true_rate.is_finite() {
+        format!("the slowest replica processes {true_rate:.0}/s when busy")
+    } else {
+        "the batches take no longer than a batch's fixed cost (far more capacity than asked)"
+            .to_owned()
+    };
     let mut reason = format!(
-        "input {:.0}/s and lag {:.0} to drain within {}s: {:.0}/s needed; the slowest replica processes {:.0}/s when busy, planned at {:.0}%: {replicas}",
+        "input {:.0}/s and lag {:.0} to drain within {}s: {:.0}/s needed; {capacity}, planned at {:.0}%: {replicas}",
         seen.input_rate,
         seen.lag,
         policy.catch_up_within.as_secs(),
         target_rate.max(seen.input_rate / utilization),
-        true_rate,
         utilization * 100.0,
     );
     if needed > replicas as f64 {

@@ -44,7 +44,6 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sluice_crds::{API_VERSION, KIND, Phase, StreamingQuery, StreamingQuerySpec};
 
-use crate::autoscaler::measure::measure;
 use crate::autoscaler::scaler;
 use crate::events::Events;
 use crate::lifecycle::{self, Run, Seen};
@@ -526,10 +525,7 @@ async fn autoscale(
             "{} of {current} engine pods answered with their progress",
             reports.len()
         )),
-        Some(reports) => {
-            let reports: Vec<_> = reports.into_iter().map(|(_, r)| r).collect();
-            scaler::Seen::Running(measure(&reports, scaler::metric_window(&spec), now))
-        }
+        Some(reports) => scaler::Seen::Reports(reports.into_iter().map(|(_, r)| r).collect()),
     };
     let step = {
         let mut memories = ctx.autoscaler.lock().expect("not poisoned");

@@ -35,6 +35,29 @@ enum Command {
     Run(RunArgs),
     /// Print the StreamingQuery CRD (`sluice-operator crd | kubectl apply -f -`).
     Crd,
+    /// Run one step of a query's autoscaler outside Kubernetes, for
+    /// replicas run as processes (`sluice run --replica i --replicas n`):
+    /// prints the decision (as `status.autoscaling`) and keeps the
+    /// autoscaler's memory in `--state`.
+    AutoscaleStep(StepArgs),
+}
+
+#[derive(clap::Args)]
+struct StepArgs {
+    /// The query's YAML (its `spec.autoscaling` is the policy).
+    #[arg(long)]
+    query: std::path::PathBuf,
+    /// The file the previous step's decision and memory are read from and
+    /// this step's written to (missing: the first step).
+    #[arg(long)]
+    state: std::path::PathBuf,
+    /// A JSON list with each running replica's `/progress` (a list of
+    /// reports); absent while scaled to zero (the brokers are asked).
+    #[arg(long)]
+    reports: Option<std::path::PathBuf>,
+    /// Nothing is measured now, and why (e.g. a rescale under way).
+    #[arg(long)]
+    waiting: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -123,7 +146,38 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::AutoscaleStep(args) => autoscale_step(args),
     }
+}
+
+fn autoscale_step(args: StepArgs) -> anyhow::Result<()> {
+    use sluice_operator::autoscaler::scaler::{Saved, offline_step};
+    let text = std::fs::read_to_string(&args.query)
+        .with_context(|| format!("cannot read {}", args.query.display()))?;
+    let query = sluice_crds::load(&text, &args.query.display().to_string())?;
+    anyhow::ensure!(
+        query.spec.autoscaling.is_some(),
+        "{}: spec.autoscaling is not set",
+        args.query.display()
+    );
+    let saved: Saved = match std::fs::read(&args.state) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a saved step", args.state.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
+        Err(e) => return Err(e).context(format!("cannot read {}", args.state.display())),
+    };
+    let reports = match &args.reports {
+        Some(path) => Some(
+            serde_json::from_slice(&std::fs::read(path)?)
+                .with_context(|| format!("{}: not a list of /progress lists", path.display()))?,
+        ),
+        None => None,
+    };
+    let saved = offline_step(&query, saved, reports, args.waiting, chrono::Utc::now());
+    std::fs::write(&args.state, serde_json::to_vec(&saved)?)
+        .with_context(|| format!("cannot write {}", args.state.display()))?;
+    println!("{}", serde_json::to_string(&saved.status)?);
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

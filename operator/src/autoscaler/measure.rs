@@ -33,11 +33,25 @@ pub struct Measured {
     pub stateful: bool,
 }
 
+/// The reports of `reports` whose batch started in the `window` before
+/// `now`, with when.
+fn in_window(
+    reports: &[QueryProgress],
+    window: Duration,
+    now: DateTime<Utc>,
+) -> Vec<(&QueryProgress, DateTime<Utc>)> {
+    let since = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    reports
+        .iter()
+        .filter_map(|r| Some((r, started(r)?)))
+        .filter(|(_, at)| *at > since && *at <= now)
+        .collect()
+}
+
 /// Measures `replicas` (each replica's recent reports, oldest first) over
 /// the `window` before `now`. `idle_for` is left at zero: idleness spans
 /// polls, and the caller keeps it.
 pub fn measure(replicas: &[Vec<QueryProgress>], window: Duration, now: DateTime<Utc>) -> Measured {
-    let since = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
     let mut seen = Observation {
         replicas: replicas.len() as u32,
         ..Observation::default()
@@ -52,22 +66,27 @@ pub fn measure(replicas: &[Vec<QueryProgress>], window: Duration, now: DateTime<
         stateful |= !last.state_operators.is_empty();
         seen.lag += behind(last) as f64;
         partitions.extend(topic_partitions(last));
-        let recent: Vec<(&QueryProgress, DateTime<Utc>)> = reports
-            .iter()
-            .filter_map(|r| Some((r, started(r)?)))
-            .filter(|(_, at)| *at > since && *at <= now)
-            .collect();
+        let recent = in_window(reports, window, now);
         let Some(((first, first_at), (newest, newest_at))) =
             recent.first().copied().zip(recent.last().copied())
         else {
             continue;
         };
         let processed: u64 = recent.iter().map(|(r, _)| r.num_input_rows).sum();
-        let busy_ms: u64 = recent.iter().map(|(r, _)| busy(r)).sum();
+        let batches: Vec<(f64, f64)> = recent
+            .iter()
+            .map(|(r, _)| (r.num_input_rows as f64, busy(r) as f64))
+            .collect();
+        let busy_ms = variable_busy_ms(&batches);
         seen.processed += processed as f64;
-        seen.busy_seconds += busy_ms as f64 / 1000.0;
-        if processed > 0 && busy_ms > 0 {
-            let rate = processed as f64 * 1000.0 / busy_ms as f64;
+        seen.busy_seconds += busy_ms / 1000.0;
+        if processed > 0 {
+            // No time beyond the fixed cost: more than the input could ask.
+            let rate = if busy_ms > 0.0 {
+                processed as f64 * 1000.0 / busy_ms
+            } else {
+                f64::INFINITY
+            };
             slowest = Some(slowest.map_or(rate, |s| s.min(rate)));
         }
         let span = (newest_at - first_at).to_std().unwrap_or_default();
@@ -89,6 +108,43 @@ pub fn measure(replicas: &[Vec<QueryProgress>], window: Duration, now: DateTime<
     }
 }
 
+/// The part of the batches' time (`(records, ms)` each) that their
+/// records took, after the model `ms = fixed + per_record × records` fitted
+/// by least squares: a micro-batch's time has a part that does not grow
+/// with what it reads (a Kafka transaction's round trips take ~100 ms for
+/// one record or a thousand), and at a low input it is nearly all of it;
+/// counted in, a replica that idles would look saturated. When the batches
+/// are too alike in size to tell the parts apart (fewer than 4 that read
+/// records, or the largest not twice the smallest: a backlog read at
+/// `maxOffsetsPerTrigger`), all their time counts, which overstates the
+/// cost: more replicas, never fewer. Records that took no measurable time
+/// (a slope of 0 or less) leave nothing: no capacity limit is seen.
+fn variable_busy_ms(batches: &[(f64, f64)]) -> f64 {
+    let read: Vec<(f64, f64)> = batches.iter().copied().filter(|(n, _)| *n > 0.0).collect();
+    let all: f64 = read.iter().map(|(_, ms)| ms).sum();
+    let (smallest, largest) = read.iter().fold((f64::MAX, 0.0f64), |(lo, hi), (n, _)| {
+        (lo.min(*n), hi.max(*n))
+    });
+    if read.len() < 4 || largest < 2.0 * smallest {
+        return all;
+    }
+    let count = read.len() as f64;
+    let mean_n = read.iter().map(|(n, _)| n).sum::<f64>() / count;
+    let mean_ms = all / count;
+    let spread: f64 = read.iter().map(|(n, _)| (n - mean_n).powi(2)).sum();
+    let slope = read
+        .iter()
+        .map(|(n, ms)| (n - mean_n) * (ms - mean_ms))
+        .sum::<f64>()
+        / spread;
+    if slope <= 0.0 {
+        return 0.0;
+    }
+    let quickest = read.iter().map(|(_, ms)| *ms).fold(f64::MAX, f64::min);
+    let fixed = (mean_ms - slope * mean_n).clamp(0.0, quickest);
+    read.iter().map(|(_, ms)| (ms - fixed).max(0.0)).sum()
+}
+
 /// When the batch of `report` started.
 fn started(report: &QueryProgress) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(&report.timestamp)
@@ -96,13 +152,20 @@ fn started(report: &QueryProgress) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// The time the batch of `report` took, in milliseconds.
+/// The phases of a batch whose time does not grow with the records it
+/// reads: planning (the latest offsets, the offset log), the sink's commit
+/// (a Kafka transaction's round trips) and the commit log.
+const FIXED_PHASES: [&str; 3] = ["latestOffset", "sinkCommit", "commitOffsets"];
+
+/// The time the batch of `report` took beyond its fixed phases, in
+/// milliseconds: what more records cost. Micro-batches at a low input are
+/// small and nearly all their time is the fixed part (a Kafka sink's
+/// commit takes ~100 ms whatever it wrote): counted in, a replica that
+/// idles would look saturated.
 fn busy(report: &QueryProgress) -> u64 {
-    report
-        .duration_ms
-        .get("triggerExecution")
-        .copied()
-        .unwrap_or(0)
+    let phase = |name: &str| report.duration_ms.get(name).copied().unwrap_or(0);
+    let fixed: u64 = FIXED_PHASES.iter().map(|p| phase(p)).sum();
+    phase("triggerExecution").saturating_sub(fixed)
 }
 
 /// The records behind the latest offsets after the batch of `report`.
@@ -188,6 +251,63 @@ mod tests {
         // Replica 0: (5 × 10,000 + 5,000) / 50 s = 1,100/s; replica 1:
         // 50,000 / 50 s = 1,000/s.
         assert!((seen.input_rate - 2_100.0).abs() < 1e-9, "{seen:?}");
+    }
+
+    #[test]
+    fn a_batchs_fixed_phases_are_not_counted_as_capacity_used() {
+        // Small batches at a low input: 12 records in 110 ms, 100 ms of it
+        // the sink's commit.
+        let small: Vec<_> = (0..5)
+            .map(|i| {
+                let mut r = report(i * 10, 12, 110, 0, &[0]);
+                r.duration_ms.insert("sinkCommit".into(), 95);
+                r.duration_ms.insert("latestOffset".into(), 3);
+                r.duration_ms.insert("commitOffsets".into(), 2);
+                r
+            })
+            .collect();
+        let m = measure(
+            std::slice::from_ref(&small),
+            Duration::from_secs(60),
+            at(50),
+        );
+        assert!(
+            (m.observation.slowest_true_rate - 1_200.0).abs() < 1e-6,
+            "{m:?}"
+        );
+        assert!((m.observation.busy_seconds - 0.05).abs() < 1e-9);
+        // Nothing beyond the fixed phases: no measurable cost.
+        let free: Vec<_> = small
+            .into_iter()
+            .map(|mut r| {
+                r.duration_ms.insert("sinkCommit".into(), 105);
+                r
+            })
+            .collect();
+        let m = measure(&[free], Duration::from_secs(60), at(50));
+        assert_eq!(m.observation.slowest_true_rate, f64::INFINITY);
+        assert_eq!(m.observation.busy_seconds, 0.0);
+    }
+
+    #[test]
+    fn the_fixed_part_of_a_batchs_time_is_fitted_out() {
+        // 100 ms a batch, 0.5 ms a record: a replica does 2,000/s when busy.
+        let batches: Vec<(f64, f64)> = [5.0, 10.0, 20.0, 40.0, 80.0]
+            .iter()
+            .map(|n| (*n, 100.0 + 0.5 * n))
+            .collect();
+        assert!((variable_busy_ms(&batches) - 77.5).abs() < 1e-9);
+        // Alike in size (a backlog at maxOffsetsPerTrigger): all counted.
+        let alike = [
+            (2000.0, 1100.0),
+            (2000.0, 1090.0),
+            (1900.0, 1050.0),
+            (2000.0, 1110.0),
+        ];
+        assert_eq!(variable_busy_ms(&alike), 4350.0);
+        // More records, no more time: nothing measurable.
+        let flat = [(5.0, 110.0), (12.0, 105.0), (3.0, 112.0), (9.0, 108.0)];
+        assert_eq!(variable_busy_ms(&flat), 0.0);
     }
 
     #[test]

@@ -12,9 +12,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use sluice_crds::{Autoscaling, AutoscalingStatus};
+use serde::{Deserialize, Serialize};
+use sluice_crds::progress::QueryProgress;
+use sluice_crds::{Autoscaling, AutoscalingStatus, StreamingQuery};
 
-use super::measure::Measured;
+use super::measure::{Measured, measure};
 use super::{Observation, Policy, Recommendation, recommend, stabilize};
 
 /// The defaults of `spec.autoscaling`'s durations.
@@ -62,7 +64,7 @@ pub fn metric_window(spec: &Autoscaling) -> Duration {
 }
 
 /// What the autoscaler keeps of one query between its steps.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Memory {
     /// Its recommendations (before stabilization) and when they were made.
     past: Vec<(DateTime<Utc>, u32)>,
@@ -82,7 +84,10 @@ pub enum Seen {
     /// Nothing to measure yet, and why (a rescale rolling out, engine pods
     /// that did not answer): nothing changes.
     Waiting(String),
-    /// The engine pods' recent reports, measured.
+    /// The engine pods' recent reports (each replica's, oldest first), to
+    /// be measured over the metric window.
+    Reports(Vec<Vec<QueryProgress>>),
+    /// What was measured (the simulation's and the tests' input).
     Running(Measured),
     /// Scaled to zero: the records the broker holds beyond the group's
     /// committed offsets, or why it could not be asked.
@@ -130,6 +135,17 @@ pub fn step(
             lag: lag as f64,
             ..Observation::default()
         },
+        Seen::Reports(reports) => {
+            let measured = measure(&reports, metric_window(spec), now);
+            return step(
+                memory,
+                spec,
+                previous,
+                spec_replicas,
+                Seen::Running(measured),
+                now,
+            );
+        }
         Seen::Running(measured) => {
             if measured.partitions > 0 {
                 memory.partitions = measured.partitions;
@@ -194,9 +210,55 @@ pub fn step(
             previous.and_then(|p| p.last_scale_time.clone())
         },
         input_rows_per_second: measured.then_some(round(observation.input_rate)),
-        true_processing_rate: (observation.slowest_true_rate > 0.0)
-            .then(|| round(observation.slowest_true_rate)),
+        true_processing_rate: (observation.slowest_true_rate > 0.0
+            && observation.slowest_true_rate.is_finite())
+        .then(|| round(observation.slowest_true_rate)),
         lag: Some(observation.lag as i64),
+    }
+}
+
+/// A step's outcome and the memory for the next, as `sluice-operator
+/// autoscale-step` keeps them in a file between its runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Saved {
+    /// What the step decided (none before the first).
+    pub status: Option<AutoscalingStatus>,
+    /// What the autoscaler remembers.
+    pub memory: Memory,
+}
+
+/// One step of `query`'s autoscaler outside Kubernetes, for replicas run
+/// as processes (the operator's controller runs the same step): from the
+/// replicas' recent reports (`None` while scaled to zero: the brokers are
+/// asked, blocking), or `waiting` with why nothing is measured now.
+pub fn offline_step(
+    query: &StreamingQuery,
+    saved: Saved,
+    reports: Option<Vec<Vec<QueryProgress>>>,
+    waiting: Option<String>,
+    now: DateTime<Utc>,
+) -> Saved {
+    let spec = query.spec.autoscaling.clone().unwrap_or_default();
+    let Saved {
+        status: previous,
+        mut memory,
+    } = saved;
+    let seen = match (waiting, reports) {
+        (Some(why), _) => Seen::Waiting(why),
+        (None, None) => Seen::AtZero(crate::broker::waiting_records(query)),
+        (None, Some(reports)) => Seen::Reports(reports),
+    };
+    let status = step(
+        &mut memory,
+        &spec,
+        previous.as_ref(),
+        query.spec.replicas,
+        seen,
+        now,
+    );
+    Saved {
+        status: Some(status),
+        memory,
     }
 }
 
