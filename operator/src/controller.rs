@@ -107,6 +107,9 @@ pub struct Context {
     polled: Mutex<HashMap<String, Instant>>,
     /// Per query being deleted: when its cleanup started waiting.
     deleting: Mutex<HashMap<String, Instant>>,
+    /// The engine runs seen and the pod each was first seen in (see
+    /// [`progress::drop_foreign`]).
+    runs: Mutex<std::collections::VecDeque<(String, String)>>,
     /// Per autoscaled query: what the autoscaler remembers between steps.
     autoscaler: Mutex<HashMap<String, scaler::Memory>>,
 }
@@ -132,6 +135,7 @@ impl Context {
             applied: Mutex::default(),
             polled: Mutex::default(),
             deleting: Mutex::default(),
+            runs: Mutex::default(),
             autoscaler: Mutex::default(),
         }
     }
@@ -338,11 +342,20 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
         .collect();
     let mut recent = None;
     if ctx.poll_due(&query_key) {
-        let reports = ctx.progress.read(&workload_pods).await;
+        let mut reports = ctx.progress.read(&workload_pods).await;
+        progress::drop_foreign(
+            &mut reports,
+            &name,
+            &workload_pods,
+            &mut ctx.runs.lock().expect("not poisoned"),
+        );
         observed.progress = reports.iter().filter_map(|r| r.progress.clone()).collect();
         observed.stalled = progress::stalled(&reports);
         if objects::autoscaled(query) {
-            recent = Some(ctx.progress.recent(&workload_pods).await);
+            let mut read = ctx.progress.recent(&workload_pods).await;
+            // Only this query's engines (see progress::drop_foreign).
+            read.retain(|(_, reports)| reports.iter().all(|r| r.name == name));
+            recent = Some(read);
         }
     }
     observed.pod_failure = status::pod_failure(&workload_pods);

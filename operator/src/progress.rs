@@ -158,6 +158,46 @@ pub struct PodReport {
     pub unhealthy: Option<String>,
 }
 
+/// How many engine runs (run ids) [`drop_foreign`] remembers.
+const RUNS_KEPT: usize = 4096;
+
+/// Drops the progress of `reports` that is not this pod's engine's: a
+/// report of another query (`name` is not `query`), or of an engine run
+/// first seen in another pod (by uid). Both happen when a pod gets the
+/// address of a pod that was deleted while its engine still answers (its
+/// batches would pass for the new pod's). `runs` holds the (run id, pod
+/// uid) seen, newest last; `pods` the pods the reports were read from.
+pub fn drop_foreign(
+    reports: &mut [PodReport],
+    query: &str,
+    pods: &[Pod],
+    runs: &mut std::collections::VecDeque<(String, String)>,
+) {
+    for report in reports.iter_mut() {
+        let Some(progress) = &report.progress else {
+            continue;
+        };
+        let uid = pods
+            .iter()
+            .find(|p| p.name_any() == report.pod)
+            .and_then(|p| p.metadata.uid.clone())
+            .unwrap_or_default();
+        let first = runs
+            .iter()
+            .find(|(run, _)| *run == progress.run_id)
+            .map(|(_, uid)| uid.clone());
+        if progress.name != query || first.as_ref().is_some_and(|f| *f != uid) {
+            tracing::debug!(pod = %report.pod, run = %progress.run_id, name = %progress.name, "Progress of another pod's engine: ignored.");
+            report.progress = None;
+        } else if first.is_none() {
+            runs.push_back((progress.run_id.clone(), uid));
+            if runs.len() > RUNS_KEPT {
+                runs.pop_front();
+            }
+        }
+    }
+}
+
 /// The stalled pods among `reports`, in words, or `None`.
 pub fn stalled(reports: &[PodReport]) -> Option<String> {
     let stalled: Vec<String> = reports

@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
-use sluice_operator::progress::{PodReport, ProgressReader, stalled};
+use sluice_operator::progress::{PodReport, ProgressReader, drop_foreign, stalled};
 use sluice_operator::status::summarize;
 
 fn report(batch: u64) -> serde_json::Value {
@@ -131,4 +131,48 @@ async fn a_pod_before_its_first_batch_has_no_progress_and_one_not_answering_is_l
             .await
             .is_empty()
     );
+}
+
+#[test]
+fn the_progress_of_another_pods_engine_is_dropped() {
+    let progress = |run: &str| {
+        let mut p: sluice_crds::progress::QueryProgress =
+            serde_json::from_value(report(7)).unwrap();
+        p.run_id = run.into();
+        Some(p)
+    };
+    let with_uid = |uid: &str| {
+        let mut p = pod("q-0", Some("127.0.0.1"), "Running");
+        p.metadata.uid = Some(uid.into());
+        p
+    };
+    let mut runs = std::collections::VecDeque::new();
+    let read = |run: &str| {
+        vec![PodReport {
+            pod: "q-0".into(),
+            progress: progress(run),
+            unhealthy: None,
+        }]
+    };
+    let mut first = read("run-a");
+    drop_foreign(&mut first, "fraud", &[with_uid("uid-1")], &mut runs);
+    assert!(first[0].progress.is_some());
+    // The pod was replaced (a new uid at the same address) while the old
+    // engine still answered: its run is not the new pod's.
+    let mut stale = read("run-a");
+    drop_foreign(&mut stale, "fraud", &[with_uid("uid-2")], &mut runs);
+    assert!(stale[0].progress.is_none());
+    let mut fresh = read("run-b");
+    drop_foreign(&mut fresh, "fraud", &[with_uid("uid-2")], &mut runs);
+    assert!(fresh[0].progress.is_some());
+    let mut again = read("run-a");
+    drop_foreign(&mut again, "fraud", &[with_uid("uid-1")], &mut runs);
+    assert!(
+        again[0].progress.is_some(),
+        "the old pod's own run is its own"
+    );
+    // Another query's engine at an address this pod got.
+    let mut other = read("run-c");
+    drop_foreign(&mut other, "clicks", &[with_uid("uid-3")], &mut runs);
+    assert!(other[0].progress.is_none());
 }
