@@ -347,7 +347,14 @@ fn sync_local(
     file: &LocalPath,
     synced: &Mutex<HashSet<PathBuf>>,
 ) -> std::io::Result<()> {
-    std::fs::File::open(file)?.sync_all()?;
+    match std::fs::File::open(file) {
+        Ok(f) => f.sync_all()?,
+        // Deleted since it was written: by a newer run of the query
+        // discarding this (fenced) run's attempt. Nothing of it to keep;
+        // the fence stops this run at its next step.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let mut dir = file.parent();
     let mut first = true;
     while let Some(d) = dir {
