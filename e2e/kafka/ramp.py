@@ -118,9 +118,12 @@ def step(operator, path, state, work, replicas):
     args = [operator, "autoscale-step", "--query", path, "--state", state]
     if replicas.procs:
         reports = [progress(replicas.ports[i]) for i in sorted(replicas.procs)]
-        missing = [i for i, r in enumerate(reports) if not r]
+        # As the controller: a replica that answers counts, also before its
+        # first batch (an idle topic runs none); one that does not answer
+        # (still starting) means nothing is measured yet.
+        missing = [i for i, r in enumerate(reports) if r is None]
         if missing:
-            args += ["--waiting", f"replicas {missing} have not finished a batch since they started"]
+            args += ["--waiting", f"replicas {missing} do not answer yet"]
         else:
             path_reports = os.path.join(work, "reports.json")
             with open(path_reports, "w") as f:
@@ -159,7 +162,7 @@ def plot(rows, report_dir):
     bottom.set_ylabel("replicas")
     bottom.set_xlabel("seconds")
     bottom.legend()
-    fig.suptitle("Sluice autoscaler: a ramp over 6 partitions (e2e/autoscale-ramp.sh)")
+    fig.suptitle("Sluice autoscaler: a ramp over 6 partitions (bench/autoscale-ramp.sh)")
     png = os.path.join(report_dir, "autoscale-ramp.png")
     fig.savefig(png, dpi=80)
     return csv_path, png

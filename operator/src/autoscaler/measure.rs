@@ -31,6 +31,9 @@ pub struct Measured {
     /// Whether the query keeps state (a report names a stateful operator):
     /// it runs on one replica in this version.
     pub stateful: bool,
+    /// The fixed part of a batch's time fitted in this window (the
+    /// smallest over the replicas), in milliseconds.
+    pub fixed_ms: Option<f64>,
 }
 
 /// The reports of `reports` whose batch started in the `window` before
@@ -49,9 +52,16 @@ fn in_window(
 }
 
 /// Measures `replicas` (each replica's recent reports, oldest first) over
-/// the `window` before `now`. `idle_for` is left at zero: idleness spans
-/// polls, and the caller keeps it.
-pub fn measure(replicas: &[Vec<QueryProgress>], window: Duration, now: DateTime<Utc>) -> Measured {
+/// the `window` before `now`. A replica's true rate counts the time its
+/// batches took beyond their fixed part ([`fixed_part`], else
+/// `known_fixed_ms`: what an earlier window fitted). `idle_for` is left at
+/// zero: idleness spans polls, and the caller keeps it.
+pub fn measure(
+    replicas: &[Vec<QueryProgress>],
+    window: Duration,
+    now: DateTime<Utc>,
+    known_fixed_ms: Option<f64>,
+) -> Measured {
     let mut seen = Observation {
         replicas: replicas.len() as u32,
         ..Observation::default()
@@ -59,6 +69,7 @@ pub fn measure(replicas: &[Vec<QueryProgress>], window: Duration, now: DateTime<
     let mut slowest: Option<f64> = None;
     let mut partitions = BTreeSet::new();
     let mut stateful = false;
+    let mut fixed_ms = None;
     for reports in replicas {
         let Some(last) = reports.last() else {
             continue;
@@ -77,7 +88,11 @@ pub fn measure(replicas: &[Vec<QueryProgress>], window: Duration, now: DateTime<
             .iter()
             .map(|(r, _)| (r.num_input_rows as f64, busy(r) as f64))
             .collect();
-        let busy_ms = variable_busy_ms(&batches);
+        let fitted = fixed_part(&batches);
+        if let Some(f) = fitted {
+            fixed_ms = Some(fixed_ms.map_or(f, |k: f64| k.min(f)));
+        }
+        let busy_ms = variable_ms(&batches, fitted.or(known_fixed_ms));
         seen.processed += processed as f64;
         seen.busy_seconds += busy_ms / 1000.0;
         if processed > 0 {
@@ -105,44 +120,55 @@ pub fn measure(replicas: &[Vec<QueryProgress>], window: Duration, now: DateTime<
         observation: seen,
         partitions: partitions.len() as u32,
         stateful,
+        fixed_ms,
     }
 }
 
-/// The part of the batches' time (`(records, ms)` each) that their
-/// records took, after the model `ms = fixed + per_record × records` fitted
-/// by least squares: a micro-batch's time has a part that does not grow
-/// with what it reads (a Kafka transaction's round trips take ~100 ms for
-/// one record or a thousand), and at a low input it is nearly all of it;
-/// counted in, a replica that idles would look saturated. When the batches
-/// are too alike in size to tell the parts apart (fewer than 4 that read
-/// records, or the largest not twice the smallest: a backlog read at
-/// `maxOffsetsPerTrigger`), all their time counts, which overstates the
-/// cost: more replicas, never fewer. Records that took no measurable time
-/// (a slope of 0 or less) leave nothing: no capacity limit is seen.
-fn variable_busy_ms(batches: &[(f64, f64)]) -> f64 {
+/// The part of a batch's time that does not grow with its records, fitted
+/// by least squares to `ms = fixed + per_record × records` over the
+/// batches (`(records, ms)` each) that read records. A micro-batch's time
+/// has such a part (a Kafka transaction's round trips take ~100 ms for one
+/// record or a thousand), and at a low input it is nearly all of it:
+/// counted as load, a replica that idles would look saturated. `None` when
+/// the batches are too alike in size to tell the parts apart (fewer than 4,
+/// or the largest not twice the smallest: a backlog read at
+/// `maxOffsetsPerTrigger`, a steady input). Records that took no
+/// measurable time (a slope of 0 or less) leave the quickest batch's time
+/// as the fixed part.
+fn fixed_part(batches: &[(f64, f64)]) -> Option<f64> {
     let read: Vec<(f64, f64)> = batches.iter().copied().filter(|(n, _)| *n > 0.0).collect();
-    let all: f64 = read.iter().map(|(_, ms)| ms).sum();
     let (smallest, largest) = read.iter().fold((f64::MAX, 0.0f64), |(lo, hi), (n, _)| {
         (lo.min(*n), hi.max(*n))
     });
     if read.len() < 4 || largest < 2.0 * smallest {
-        return all;
+        return None;
     }
     let count = read.len() as f64;
     let mean_n = read.iter().map(|(n, _)| n).sum::<f64>() / count;
-    let mean_ms = all / count;
+    let mean_ms = read.iter().map(|(_, ms)| ms).sum::<f64>() / count;
     let spread: f64 = read.iter().map(|(n, _)| (n - mean_n).powi(2)).sum();
     let slope = read
         .iter()
         .map(|(n, ms)| (n - mean_n) * (ms - mean_ms))
         .sum::<f64>()
         / spread;
-    if slope <= 0.0 {
-        return 0.0;
-    }
     let quickest = read.iter().map(|(_, ms)| *ms).fold(f64::MAX, f64::min);
-    let fixed = (mean_ms - slope * mean_n).clamp(0.0, quickest);
-    read.iter().map(|(_, ms)| (ms - fixed).max(0.0)).sum()
+    Some(if slope <= 0.0 {
+        quickest
+    } else {
+        (mean_ms - slope * mean_n).clamp(0.0, quickest)
+    })
+}
+
+/// The time the batches (`(records, ms)` each) took for their records:
+/// beyond `fixed` each, or all of it when the fixed part is unknown (which
+/// overstates the load: more replicas, never fewer).
+fn variable_ms(batches: &[(f64, f64)], fixed: Option<f64>) -> f64 {
+    batches
+        .iter()
+        .filter(|(n, _)| *n > 0.0)
+        .map(|(_, ms)| (ms - fixed.unwrap_or(0.0)).max(0.0))
+        .sum()
 }
 
 /// When the batch of `report` started.
@@ -239,7 +265,7 @@ mod tests {
             .map(|i| report(i * 10 + 5, 10_000, 4_000, 0, &[1]))
             .collect();
         // The window (60 s before 01:35) holds batches from 00:40.
-        let m = measure(&[r0, r1], Duration::from_secs(60), at(95));
+        let m = measure(&[r0, r1], Duration::from_secs(60), at(95), None);
         let seen = &m.observation;
         assert_eq!(seen.replicas, 2);
         assert_eq!(m.partitions, 3);
@@ -270,6 +296,7 @@ mod tests {
             std::slice::from_ref(&small),
             Duration::from_secs(60),
             at(50),
+            None,
         );
         assert!(
             (m.observation.slowest_true_rate - 1_200.0).abs() < 1e-6,
@@ -284,7 +311,7 @@ mod tests {
                 r
             })
             .collect();
-        let m = measure(&[free], Duration::from_secs(60), at(50));
+        let m = measure(&[free], Duration::from_secs(60), at(50), None);
         assert_eq!(m.observation.slowest_true_rate, f64::INFINITY);
         assert_eq!(m.observation.busy_seconds, 0.0);
     }
@@ -296,31 +323,47 @@ mod tests {
             .iter()
             .map(|n| (*n, 100.0 + 0.5 * n))
             .collect();
-        assert!((variable_busy_ms(&batches) - 77.5).abs() < 1e-9);
-        // Alike in size (a backlog at maxOffsetsPerTrigger): all counted.
+        let fixed = fixed_part(&batches).unwrap();
+        assert!((fixed - 100.0).abs() < 1e-9);
+        assert!((variable_ms(&batches, Some(fixed)) - 77.5).abs() < 1e-9);
+        // Alike in size (a backlog at maxOffsetsPerTrigger): not fitted;
+        // all counted unless an earlier window fitted the fixed part.
         let alike = [
             (2000.0, 1100.0),
             (2000.0, 1090.0),
             (1900.0, 1050.0),
             (2000.0, 1110.0),
         ];
-        assert_eq!(variable_busy_ms(&alike), 4350.0);
-        // More records, no more time: nothing measurable.
+        assert_eq!(fixed_part(&alike), None);
+        assert_eq!(variable_ms(&alike, None), 4350.0);
+        assert_eq!(variable_ms(&alike, Some(100.0)), 3950.0);
+        // More records, no more time: the quickest batch is the fixed part.
         let flat = [(5.0, 110.0), (12.0, 105.0), (3.0, 112.0), (9.0, 108.0)];
-        assert_eq!(variable_busy_ms(&flat), 0.0);
+        assert_eq!(fixed_part(&flat), Some(105.0));
+    }
+
+    #[test]
+    fn a_fixed_part_fitted_before_serves_batches_alike_in_size() {
+        let alike: Vec<_> = (0..5).map(|i| report(i * 10, 100, 150, 0, &[0])).collect();
+        let window = Duration::from_secs(60);
+        let naive = measure(std::slice::from_ref(&alike), window, at(50), None);
+        assert!((naive.observation.slowest_true_rate - 666.7).abs() < 0.1);
+        assert_eq!(naive.fixed_ms, None);
+        let known = measure(&[alike], window, at(50), Some(100.0));
+        assert!((known.observation.slowest_true_rate - 2_000.0).abs() < 1e-6);
     }
 
     #[test]
     fn a_replica_without_a_batch_in_the_window_adds_no_input_and_keeps_its_lag() {
         let old = vec![report(0, 500, 100, 3, &[0])];
-        let m = measure(&[old], Duration::from_secs(60), at(600));
+        let m = measure(&[old], Duration::from_secs(60), at(600), None);
         assert_eq!(m.observation.input_rate, 0.0);
         assert_eq!(m.observation.processed, 0.0);
         assert_eq!(m.observation.lag, 3.0);
         assert_eq!(m.partitions, 1);
         // One batch in the window: its own input rate.
         let one = vec![report(590, 500, 100, 0, &[0])];
-        let m = measure(&[one], Duration::from_secs(60), at(600));
+        let m = measure(&[one], Duration::from_secs(60), at(600), None);
         assert_eq!(m.observation.input_rate, 7.0);
         assert_eq!(m.observation.slowest_true_rate, 5_000.0);
     }
@@ -331,6 +374,7 @@ mod tests {
             &[Vec::new(), vec![report(10, 10, 10, 0, &[0])]],
             Duration::from_secs(60),
             at(20),
+            None,
         );
         assert_eq!(m.observation.replicas, 2);
         assert_eq!(m.observation.slowest_true_rate, 1_000.0);

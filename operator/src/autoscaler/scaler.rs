@@ -76,6 +76,9 @@ pub struct Memory {
     since: Option<DateTime<Utc>>,
     /// Whether the engines reported state (kept while none runs).
     stateful: bool,
+    /// The fixed part of a batch's time, as last fitted (milliseconds).
+    #[serde(default)]
+    fixed_ms: Option<f64>,
 }
 
 /// What a step sees.
@@ -136,7 +139,10 @@ pub fn step(
             ..Observation::default()
         },
         Seen::Reports(reports) => {
-            let measured = measure(&reports, metric_window(spec), now);
+            let measured = measure(&reports, metric_window(spec), now, memory.fixed_ms);
+            if measured.fixed_ms.is_some() {
+                memory.fixed_ms = measured.fixed_ms;
+            }
             return step(
                 memory,
                 spec,
@@ -294,6 +300,7 @@ mod tests {
             },
             partitions: 6,
             stateful: false,
+            fixed_ms: None,
         })
     }
 
