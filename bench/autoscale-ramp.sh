@@ -14,14 +14,10 @@
 # Environment: RAMP_PEAK (records/s at the peak, default 3000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
-export PYTHONDONTWRITEBYTECODE=1
-python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
+source e2e/kafka/lib.sh
+kafka_e2e_prepare
 python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q matplotlib \
   || echo "(matplotlib not installed: the timeline is written as CSV only)"
-cargo test --workspace --locked --quiet --no-run
-source e2e/kafka/lib.sh
-kafka_fetch
 
 work=$(mktemp -d)
 trap 'pkill -KILL -f "$work/ramp" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; rm -rf "$work"' EXIT

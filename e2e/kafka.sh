@@ -9,13 +9,8 @@
 # KAFKA_E2E_RECORDS sets the number of transactions (default 1,000,000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
-export PYTHONDONTWRITEBYTECODE=1
-python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
-# Built as `cargo test --workspace` builds it (the test suite's feature set).
-cargo test --workspace --locked --quiet --no-run
 source e2e/kafka/lib.sh
-kafka_fetch
+kafka_e2e_prepare
 
 work=$(mktemp -d)
 trap 'kafka_kill "$work/broker" 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -86,16 +86,14 @@ if (( ${#missing[@]} )); then
   e2e/kube/build.sh || { echo "FAIL e2e/kube/build.sh"; exit 1; }
   echo "-- built in $((SECONDS - t0))s"
 fi
-echo "-- cargo test --workspace --no-run (sluice and sluice-operator)"
-cargo test --workspace --locked --quiet --no-run || { echo "FAIL cargo build"; exit 1; }
-sluice="$CARGO_TARGET_DIR/debug/sluice"
-operator="$CARGO_TARGET_DIR/debug/sluice-operator"
-# A real Kafka broker for the autoscaler's scenario (e2e/kafka/lib.sh).
-export PYTHONDONTWRITEBYTECODE=1
-python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
+# The binaries (sluice and sluice-operator), and a real Kafka broker for the
+# autoscaler's scenario (e2e/kafka/lib.sh).
+echo "-- cargo test --workspace --no-run, confluent-kafka, the broker's jars"
 # shellcheck source=kafka/lib.sh
 . e2e/kafka/lib.sh
-kafka_fetch || { echo "FAIL kafka_fetch"; exit 1; }
+kafka_e2e_prepare || { echo "FAIL kafka_e2e_prepare (cargo build, pip, the broker's jars)"; exit 1; }
+sluice="$CARGO_TARGET_DIR/debug/sluice"
+operator="$CARGO_TARGET_DIR/debug/sluice-operator"
 
 # shellcheck source=kube/lib.sh
 . e2e/kube/lib.sh

@@ -8,13 +8,8 @@
 # the feed (default 60,000 records at 1,500 a second).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
-export PYTHONDONTWRITEBYTECODE=1
-python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka
-# Built as `cargo test --workspace` builds it (the test suite's feature set).
-cargo test --workspace --locked --quiet --no-run
 source e2e/kafka/lib.sh
-kafka_fetch
+kafka_e2e_prepare
 
 work=$(mktemp -d)
 trap 'pkill -KILL -f "$work/scale-" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -49,6 +49,17 @@ kafka_home() {
   echo "${SLUICE_CACHE:-$HOME/.cache/sluice}/kafka/$KAFKA_VERSION"
 }
 
+# What a script running `sluice` against a broker from Python needs: the
+# confluent-kafka client, the workspace's binaries built as `cargo test
+# --workspace` builds them (the test suite's feature set: nothing rebuilt),
+# and the broker's jars. Run from the repository's root.
+kafka_e2e_prepare() {
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}" PYTHONDONTWRITEBYTECODE=1
+  python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install -q confluent-kafka || return 1
+  cargo test --workspace --locked --quiet --no-run || return 1
+  kafka_fetch
+}
+
 # Download the broker and tool jars into the cache, once. Idempotent and safe
 # to run from two scripts at once (each copies into its own temporary folder
 # and renames it into place).

@@ -342,7 +342,12 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
         .collect();
     let mut recent = None;
     if ctx.poll_due(&query_key) {
-        let mut reports = ctx.progress.read(&workload_pods).await;
+        let autoscaled = objects::autoscaled(query);
+        let mut reports = if autoscaled {
+            ctx.progress.read_recent(&workload_pods).await
+        } else {
+            ctx.progress.read(&workload_pods).await
+        };
         progress::drop_foreign(
             &mut reports,
             &name,
@@ -351,11 +356,8 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
         );
         observed.progress = reports.iter().filter_map(|r| r.progress.clone()).collect();
         observed.stalled = progress::stalled(&reports);
-        if objects::autoscaled(query) {
-            let mut read = ctx.progress.recent(&workload_pods).await;
-            // Only this query's engines (see progress::drop_foreign).
-            read.retain(|(_, reports)| reports.iter().all(|r| r.name == name));
-            recent = Some(read);
+        if autoscaled {
+            recent = Some(reports.into_iter().filter_map(|r| r.recent).collect());
         }
     }
     observed.pod_failure = status::pod_failure(&workload_pods);
@@ -513,7 +515,7 @@ async fn apply(query: &StreamingQuery, ctx: &Context) -> Result<Action> {
 async fn autoscale(
     ctx: &Context,
     query: &StreamingQuery,
-    recent: Option<Vec<(String, Vec<sluice_crds::progress::QueryProgress>)>>,
+    recent: Option<Vec<Vec<sluice_crds::progress::QueryProgress>>>,
     rolled_out: bool,
 ) -> sluice_crds::AutoscalingStatus {
     let query_key = key(query);
@@ -538,7 +540,7 @@ async fn autoscale(
             "{} of {current} engine pods answered with their progress",
             reports.len()
         )),
-        Some(reports) => scaler::Seen::Reports(reports.into_iter().map(|(_, r)| r).collect()),
+        Some(reports) => scaler::Seen::Reports(reports),
     };
     let step = {
         let mut memories = ctx.autoscaler.lock().expect("not poisoned");

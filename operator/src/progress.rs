@@ -1,8 +1,8 @@
 //! Reads each running engine pod's latest progress report from its
-//! `/progress/latest`, and its health from `/healthz` (the engine's HTTP
-//! port), for the status.
+//! `/progress/latest` (or, for the autoscaler, its recent reports from
+//! `/progress`), and its health from `/healthz` (the engine's HTTP port),
+//! for the status.
 
-use std::future::Future;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
@@ -40,52 +40,42 @@ impl ProgressReader {
     /// healthy, why. A pod that does not answer is left out (and logged):
     /// progress is a summary, and the pod's probes tell its health.
     pub async fn read(&self, pods: &[Pod]) -> Vec<PodReport> {
-        self.ask_each(pods, |ip| async move {
-            let progress = self.latest(&ip).await?;
-            let unhealthy = self.unhealthy(&ip).await?;
-            Ok((progress, unhealthy))
-        })
-        .await
-        .into_iter()
-        .map(|(pod, (progress, unhealthy))| PodReport {
-            pod,
-            progress,
-            unhealthy,
-        })
-        .collect()
+        self.read_with(pods, false).await
     }
 
-    /// Every running pod's recent progress reports (its `/progress`, oldest
-    /// first), for the autoscaler; a pod that does not answer is left out.
-    pub async fn recent(&self, pods: &[Pod]) -> Vec<(String, Vec<QueryProgress>)> {
-        self.ask_each(pods, |ip| async move {
-            let (status, body) = self.get(&ip, "/progress").await?;
-            if !status.is_success() {
-                return Err(format!("HTTP {status}"));
-            }
-            serde_json::from_slice::<Vec<QueryProgress>>(&body)
-                .map_err(|e| format!("not progress reports: {e}"))
-        })
-        .await
+    /// [`Self::read`] with each pod's recent reports too (its `/progress`,
+    /// in [`PodReport::recent`]), for the autoscaler: one request instead
+    /// of `/progress/latest`, whose report is the last of them.
+    pub async fn read_recent(&self, pods: &[Pod]) -> Vec<PodReport> {
+        self.read_with(pods, true).await
     }
 
-    /// `ask` of every running pod that has an IP, at once, each within the
-    /// timeout: the pods that answered, by name.
-    async fn ask_each<'a, T, F, Fut>(&'a self, pods: &'a [Pod], ask: F) -> Vec<(String, T)>
-    where
-        F: Fn(String) -> Fut,
-        Fut: Future<Output = Result<T, String>> + 'a,
-    {
-        let asks = pods.iter().filter_map(|pod| {
+    async fn read_with(&self, pods: &[Pod], recent: bool) -> Vec<PodReport> {
+        let reads = pods.iter().filter_map(|pod| {
             let status = pod.status.as_ref()?;
             if status.phase.as_deref() != Some("Running") {
                 return None;
             }
-            let answer = ask(status.pod_ip.clone()?);
+            let ip = status.pod_ip.clone()?;
             Some(async move {
                 let name = pod.name_any();
-                match tokio::time::timeout(self.timeout, answer).await {
-                    Ok(Ok(value)) => Some((name, value)),
+                let ask = async {
+                    let (progress, reports) = if recent {
+                        let reports = self.recent(&ip).await?;
+                        (reports.last().cloned(), Some(reports))
+                    } else {
+                        (self.latest(&ip).await?, None)
+                    };
+                    let unhealthy = self.unhealthy(&ip).await?;
+                    Ok::<_, String>(PodReport {
+                        pod: name.clone(),
+                        progress,
+                        unhealthy,
+                        recent: reports,
+                    })
+                };
+                match tokio::time::timeout(self.timeout, ask).await {
+                    Ok(Ok(report)) => Some(report),
                     Ok(Err(why)) => {
                         tracing::debug!(pod = %name, %why, "No progress.");
                         None
@@ -97,11 +87,20 @@ impl ProgressReader {
                 }
             })
         });
-        futures::future::join_all(asks)
+        futures::future::join_all(reads)
             .await
             .into_iter()
             .flatten()
             .collect()
+    }
+
+    /// One pod's recent reports, oldest first.
+    async fn recent(&self, ip: &str) -> Result<Vec<QueryProgress>, String> {
+        let (status, body) = self.get(ip, "/progress").await?;
+        if !status.is_success() {
+            return Err(format!("HTTP {status}"));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("not progress reports: {e}"))
     }
 
     /// Why one pod's `/healthz` says it is unhealthy (its body), or `None`
@@ -156,6 +155,9 @@ pub struct PodReport {
     /// Why its `/healthz` says it is not healthy (`stalled: ...`,
     /// `failed: ...`), when it does.
     pub unhealthy: Option<String>,
+    /// Its recent reports, oldest first, when they were asked for
+    /// ([`ProgressReader::read_recent`]) and are its engine's.
+    pub recent: Option<Vec<QueryProgress>>,
 }
 
 /// How many engine runs (run ids) [`drop_foreign`] remembers.
@@ -189,6 +191,7 @@ pub fn drop_foreign(
         if progress.name != query || first.as_ref().is_some_and(|f| *f != uid) {
             tracing::debug!(pod = %report.pod, run = %progress.run_id, name = %progress.name, "Progress of another pod's engine: ignored.");
             report.progress = None;
+            report.recent = None;
         } else if first.is_none() {
             runs.push_back((progress.run_id.clone(), uid));
             if runs.len() > RUNS_KEPT {

@@ -152,6 +152,7 @@ fn the_progress_of_another_pods_engine_is_dropped() {
             pod: "q-0".into(),
             progress: progress(run),
             unhealthy: None,
+            recent: None,
         }]
     };
     let mut first = read("run-a");

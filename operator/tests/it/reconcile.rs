@@ -1022,6 +1022,14 @@ async fn deletion_gives_up_after_its_timeout_and_names_the_pod_that_blocks() {
     );
 }
 
+/// Answers the reads of a missing Service and PDB and their creation.
+async fn create_svc_pdb(api: &mut ApiServer) {
+    api.get(SVC, None).await;
+    api.apply(SVC).await;
+    api.get(PDB, None).await;
+    api.apply(PDB).await;
+}
+
 /// A Kafka → Kafka query that the operator autoscales.
 fn autoscaled_query() -> StreamingQuery {
     query_of(
@@ -1098,10 +1106,7 @@ async fn the_autoscaler_sets_the_stateful_sets_replicas_and_the_status_never_the
             api.list(JOBS, vec![]).await;
             api.list(PODS, vec![]).await;
             api.apply(CM).await;
-            api.get(SVC, None).await;
-            api.apply(SVC).await;
-            api.get(PDB, None).await;
-            api.apply(PDB).await;
+            create_svc_pdb(&mut api).await;
             let sts = api.apply(STS).await.body;
             let status = apply_status(&mut api).await;
             api.event(NS).await;
@@ -1146,10 +1151,7 @@ async fn the_autoscaler_sets_the_stateful_sets_replicas_and_the_status_never_the
                 api.list(JOBS, vec![]).await;
                 api.list(PODS, vec![pod]).await;
                 let rescaled = api.event(NS).await;
-                api.get(SVC, None).await;
-                api.apply(SVC).await;
-                api.get(PDB, None).await;
-                api.apply(PDB).await;
+                create_svc_pdb(&mut api).await;
                 let sts = api.apply(STS).await.body;
                 let status = apply_status(&mut api).await;
                 api.event(NS).await;
