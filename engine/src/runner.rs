@@ -48,10 +48,6 @@ use crate::watermark::{BatchWatermarks, SourceWatermark, Tracker};
 use crate::{Error, Result};
 use crate::{fault, storage};
 
-/// How long to wait before asking the sources again when a batch found no
-/// new data and the trigger sets no interval.
-const IDLE_POLL: Duration = Duration::from_millis(100);
-
 /// The first wait before a restart after a transient error; it doubles up
 /// to [`MAX_BACKOFF`] and starts over after a batch completes.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -720,7 +716,14 @@ impl Runner {
                     debug!("No new data.");
                     self.monitor
                         .set_status("Waiting for data to arrive", false, false);
-                    let wait = self.interval.unwrap_or(IDLE_POLL);
+                    // The trigger's interval, else the sources' idle poll.
+                    let wait = self.interval.unwrap_or_else(|| {
+                        self.sources
+                            .iter()
+                            .map(|state| state.source.idle_poll())
+                            .min()
+                            .unwrap_or(Duration::from_millis(100))
+                    });
                     wait_or_stop(trigger_start + wait, stop).await;
                     continue;
                 }
@@ -875,22 +878,25 @@ impl Runner {
             .execute(inputs, watermarks)
             .await
             .map_err(|source| Error::Execute { batch_id, source })?;
+        let execute_ms = exec_start.elapsed().as_millis() as u64;
         let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
         // `replayed`: the epoch that planned the batch.
         let already = match replayed {
             Some(_) => self.sink.is_committed(batch_id).await?,
             None => false,
         };
-        let mut sink_commit_ms = 0;
+        let (mut sink_write_ms, mut sink_commit_ms) = (0, 0);
         if already {
             info!(
                 batch_id,
                 "The sink committed this batch before the last stop: not written again."
             );
         } else {
+            let write_start = Instant::now();
             self.sink
                 .prepare(batch_id, self.plan.output_schema(), &output)
                 .await?;
+            sink_write_ms = write_start.elapsed().as_millis() as u64;
             fault::point("sink-data", batch_id);
             if let Some(fence) = &self.fence {
                 fence.check().await?;
@@ -993,6 +999,8 @@ impl Runner {
                 ("latestOffset".to_owned(), latest_offset_ms),
                 ("getBatch".to_owned(), get_batch_ms),
                 ("addBatch".to_owned(), add_batch_ms),
+                ("execute".to_owned(), execute_ms),
+                ("sinkWrite".to_owned(), sink_write_ms),
                 ("sinkCommit".to_owned(), sink_commit_ms),
                 ("commitOffsets".to_owned(), commit_offsets_ms),
                 ("triggerExecution".to_owned(), elapsed.as_millis() as u64),

@@ -400,15 +400,33 @@ fn produce(
             }
         }
     }
+    wait_for_deliveries(producer)
+}
+
+/// How often [`wait_for_deliveries`] looks at the producer's queue.
+const DELIVERY_POLL: Duration = Duration::from_millis(1);
+
+/// Waits until every record sent was delivered (or refused: the delivery
+/// callbacks note it), while the brokers take records.
+///
+/// NB: not `producer.flush`: rdkafka's flush checks the queue, then polls
+/// for events for up to 100 ms before it checks again, and the delivery
+/// reports it waits for are taken by the `ThreadedProducer`'s own polling
+/// thread, so every flush that did not find the queue empty at once took
+/// 100 ms: most of a small batch's time, and the floor of Kafka -> Kafka
+/// latency (`bench/latency.sh`). The queue's length counts delivery reports
+/// not yet served, so an empty queue means every callback ran.
+fn wait_for_deliveries(
+    producer: &ThreadedProducer<Deliveries>,
+) -> std::result::Result<(), KafkaError> {
     let mut progress = Progress::new(producer);
-    loop {
-        match producer.flush(Duration::from_secs(1)) {
-            Ok(()) => return Ok(()),
-            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
-                if !progress.stalled(producer) => {}
-            Err(err) => return Err(err),
+    while producer.in_flight_count() > 0 {
+        if progress.stalled(producer) {
+            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
         }
+        std::thread::sleep(DELIVERY_POLL);
     }
+    Ok(())
 }
 
 /// Whether the brokers are taking records: the producer's records in

@@ -638,6 +638,13 @@ impl Source for KafkaSource {
         Ok(offsets_json(&self.starting_offsets().await?))
     }
 
+    /// 10 ms, Spark's `pollingDelay`: asking is a metadata and a
+    /// ListOffsets request, and the wait is the floor of an idle query's
+    /// latency.
+    fn idle_poll(&self) -> Duration {
+        Duration::from_millis(10)
+    }
+
     async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange> {
         let start_value = self.resolve_start(start).await?;
         let mut from =

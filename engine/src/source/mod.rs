@@ -114,6 +114,14 @@ pub trait Source: Send + Sync {
     async fn resolve_start(&mut self, start: &Value) -> Result<Value> {
         Ok(start.clone())
     }
+    /// How long a query whose trigger sets no interval waits before it asks
+    /// again after finding no new data: 100 ms by default, the least of its
+    /// sources'. A source that is cheap to ask (a Kafka ListOffsets) asks
+    /// sooner, as Spark's `pollingDelay` (10 ms) does; one that lists an
+    /// object store does not (a LIST costs).
+    fn idle_poll(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(100)
+    }
     /// Plans the next batch from `start`.
     async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange>;
     /// Reads the rows of a planned range (`start`, `end` and `detail` as

@@ -1,0 +1,63 @@
+"""The Spark side of bench/latency.sh: the stateless query of bench/latency.py
+through Spark Structured Streaming with Spark's Kafka connector (spark.jars
+from e2e/kafka/lib.sh's kafka_spark_jars), read_committed, micro-batches
+back to back (processingTime 0, Spark's default trigger), writing JSON to a
+topic. Runs until it is terminated.
+
+  python3 bench/spark_latency.py --bootstrap HOST:PORT --input TOPIC --output TOPIC --checkpoint DIR
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pyspark.sql import functions as F  # noqa: E402
+from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType  # noqa: E402
+
+from spark_common import session  # noqa: E402
+
+# Keep in step with bench/latency.py's Sluice spec.
+SCHEMA = StructType([StructField("id", LongType()), StructField("user_id", StringType()),
+                     StructField("amount", DoubleType()), StructField("produced_ms", DoubleType())])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    args = parser.parse_args()
+
+    jars = os.environ["SPARK_KAFKA_JARS"]
+    os.environ.setdefault("PYSPARK_SUBMIT_ARGS", f"--jars {jars} pyspark-shell")
+    spark = session("bench-latency", conf={"spark.sql.streaming.numRecentProgressUpdates": "100"})
+    result = (
+        spark.readStream.format("kafka")
+        .option("kafka.bootstrap.servers", args.bootstrap)
+        .option("subscribe", args.input)
+        .option("startingOffsets", "earliest")
+        .option("kafka.isolation.level", "read_committed")
+        .load()
+        .select(F.from_json(F.col("value").cast("string"), SCHEMA).alias("r"))
+        .select("r.*")
+        .where("amount >= 0")
+        .select("id", "user_id", (F.col("amount") * 100).alias("cents"), "produced_ms")
+    )
+    query = (
+        result.select(F.to_json(F.struct("*")).alias("value"))
+        .writeStream.format("kafka")
+        .option("kafka.bootstrap.servers", args.bootstrap)
+        .option("topic", args.output)
+        .option("checkpointLocation", args.checkpoint)
+        .outputMode("append")
+        .trigger(processingTime="0 seconds")
+        .start()
+    )
+    query.awaitTermination()
+
+
+if __name__ == "__main__":
+    main()
