@@ -148,7 +148,9 @@ pub struct Autoscaling {
     /// scale`, KEDA, an HPA): never turn both on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
-    /// The fewest replicas while records flow. Default 1.
+    /// The fewest replicas while records flow. Default 1. A query starts
+    /// on one replica until an engine's report shows it keeps no state (a
+    /// stateful query runs on one replica in this version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub min_replicas: Option<i32>,

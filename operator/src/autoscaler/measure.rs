@@ -29,8 +29,9 @@ pub struct Measured {
     /// the work. 0 when no report names them.
     pub partitions: u32,
     /// Whether the query keeps state (a report names a stateful operator):
-    /// it runs on one replica in this version.
-    pub stateful: bool,
+    /// it runs on one replica in this version. `None` while no replica has
+    /// reported a batch: not known yet.
+    pub stateful: Option<bool>,
     /// The fixed part of a batch's time fitted in this window (the
     /// smallest over the replicas), in milliseconds.
     pub fixed_ms: Option<f64>,
@@ -68,13 +69,13 @@ pub fn measure(
     };
     let mut slowest: Option<f64> = None;
     let mut partitions = BTreeSet::new();
-    let mut stateful = false;
+    let mut stateful = None;
     let mut fixed_ms = None;
     for reports in replicas {
         let Some(last) = reports.last() else {
             continue;
         };
-        stateful |= !last.state_operators.is_empty();
+        stateful = Some(stateful.unwrap_or(false) || !last.state_operators.is_empty());
         seen.lag += behind(last) as f64;
         partitions.extend(topic_partitions(last));
         let recent = in_window(reports, window, now);

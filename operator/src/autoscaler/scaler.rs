@@ -74,8 +74,10 @@ pub struct Memory {
     partitions: u32,
     /// The first step it remembers.
     since: Option<DateTime<Utc>>,
-    /// Whether the engines reported state (kept while none runs).
-    stateful: bool,
+    /// Whether the engines reported state (kept while none runs); `None`
+    /// before any engine reported a batch.
+    #[serde(default)]
+    stateful: Option<bool>,
     /// The fixed part of a batch's time, as last fitted (milliseconds).
     #[serde(default)]
     fixed_ms: Option<f64>,
@@ -111,6 +113,9 @@ pub fn step(
     let policy = policy(spec, memory.partitions);
     let current = match previous {
         Some(p) => p.replicas.max(0) as u32,
+        // Until an engine's report says whether the query keeps state, it
+        // starts on one replica (a stateful query's engine refuses more).
+        None if memory.stateful != Some(false) => 1,
         None => (spec_replicas.unwrap_or(1).max(0) as u32).clamp(
             policy.min_replicas,
             policy.max_replicas.max(policy.min_replicas),
@@ -156,7 +161,9 @@ pub fn step(
             if measured.partitions > 0 {
                 memory.partitions = measured.partitions;
             }
-            memory.stateful = measured.stateful;
+            if measured.stateful.is_some() {
+                memory.stateful = measured.stateful;
+            }
             let mut seen = measured.observation;
             seen.replicas = current;
             if seen.input_rate > 0.0 || seen.lag > 0.0 {
@@ -170,13 +177,19 @@ pub fn step(
     };
     let policy = self::policy(spec, memory.partitions);
     let mut recommended = recommend(&policy, &observation);
-    if memory.stateful && recommended.replicas > 1 {
+    let held = match memory.stateful {
+        Some(false) => None,
+        Some(true) => Some(
+            "held at 1: a stateful query runs on one replica in this version (the repartition of its rows by key is not built)",
+        ),
+        None => Some(
+            "held at 1 until an engine reports a batch: whether the query keeps state is not known yet (a stateful query runs on one replica in this version)",
+        ),
+    };
+    if let (Some(why), true) = (held, recommended.replicas > 1) {
         recommended = Recommendation {
             replicas: 1,
-            reason: format!(
-                "{}; held at 1: a stateful query runs on one replica in this version (the repartition of its rows by key is not built)",
-                recommended.reason
-            ),
+            reason: format!("{}; {why}", recommended.reason),
         };
     }
     let past: Vec<(Duration, u32)> = memory
@@ -299,7 +312,7 @@ mod tests {
                 idle_for: Duration::ZERO,
             },
             partitions: 6,
-            stateful: false,
+            stateful: Some(false),
             fixed_ms: None,
         })
     }
@@ -424,7 +437,7 @@ mod tests {
         let Seen::Running(mut measured) = running(1, 9_000.0, 0.0, 2_000.0) else {
             unreachable!()
         };
-        measured.stateful = true;
+        measured.stateful = Some(true);
         let s = step(
             &mut memory,
             &spec(),
@@ -435,6 +448,50 @@ mod tests {
         );
         assert_eq!((s.replicas, s.recommended_replicas), (1, 1));
         assert!(s.reason.ends_with("held at 1: a stateful query runs on one replica in this version (the repartition of its rows by key is not built)"), "{}", s.reason);
+    }
+
+    #[test]
+    fn min_replicas_wait_for_a_report_that_says_the_query_keeps_no_state() {
+        let three = Autoscaling {
+            min_replicas: Some(3),
+            ..spec()
+        };
+        let mut memory = Memory::default();
+        // No batch reported yet: one replica, not minReplicas (the engine of
+        // a stateful query refuses a second).
+        let first = step(
+            &mut memory,
+            &three,
+            None,
+            None,
+            Seen::Waiting("no engine pod answered".into()),
+            t(0),
+        );
+        assert_eq!(first.replicas, 1, "{}", first.reason);
+        let Seen::Running(mut unknown) = running(1, 100.0, 0.0, 2_000.0) else {
+            unreachable!()
+        };
+        unknown.stateful = None;
+        let s = step(
+            &mut memory,
+            &three,
+            Some(&first),
+            None,
+            Seen::Running(unknown),
+            t(5),
+        );
+        assert_eq!(s.replicas, 1);
+        assert!(s.reason.ends_with("held at 1 until an engine reports a batch: whether the query keeps state is not known yet (a stateful query runs on one replica in this version)"), "{}", s.reason);
+        // A report without state operators: minReplicas.
+        let s = step(
+            &mut memory,
+            &three,
+            Some(&s),
+            None,
+            running(1, 100.0, 0.0, 2_000.0),
+            t(10),
+        );
+        assert_eq!(s.replicas, 3, "{}", s.reason);
     }
 
     #[test]
