@@ -19,7 +19,14 @@
 //! so two runs on one checkpoint (a zombie and its replacement) never write
 //! the same object; `commits/N` names the epoch whose version N is the
 //! committed one. Recovery downloads the files of that version's partitions
-//! and opens them; the local directory is scratch.
+//! and opens them; the local directory is scratch, except for
+//! `<local>/<operator>.files/<p>/`: the files of each partition's last
+//! committed or restored version, by object name (hard links to the ones
+//! RocksDB has), so that a restart on the same disk (a pod on its volume, a
+//! process restarted) takes them from there and downloads only what it
+//! lacks. An object's content never changes once written (its name carries
+//! the batch and the run), so a local file of the same name and size is
+//! that object.
 //!
 //! Keys and values are encoded with [`encoding`] (stable across releases);
 //! the state schema is kept with every version, and a restart whose query
@@ -36,6 +43,7 @@ use rocksdb::{
     checkpoint::Checkpoint as RocksCheckpoint,
 };
 use serde::{Deserialize, Serialize};
+use tracing::info;
 
 use crate::checkpoint::Checkpoint;
 use crate::storage::{Created, Storage};
@@ -120,10 +128,36 @@ struct Partition {
     uploaded: HashMap<String, String>,
 }
 
+/// What opening a store restored, and from where.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Files downloaded from the checkpoint.
+    pub downloaded_files: u64,
+    /// Their bytes.
+    pub downloaded_bytes: u64,
+    /// Files taken from the local copy instead.
+    pub local_files: u64,
+    /// Their bytes.
+    pub local_bytes: u64,
+}
+
+impl Restored {
+    fn add(&mut self, other: Restored) {
+        self.downloaded_files += other.downloaded_files;
+        self.downloaded_bytes += other.downloaded_bytes;
+        self.local_files += other.local_files;
+        self.local_bytes += other.local_bytes;
+    }
+}
+
 /// An operator's state.
 pub struct StateStore {
     operator: String,
     local: PathBuf,
+    /// `<local>/<operator>.files`: the committed files kept on this disk.
+    kept: PathBuf,
+    /// What [`StateStore::open`] restored.
+    restored: Restored,
     partitions: Vec<Partition>,
     remote: Option<Storage>,
     epoch: u64,
@@ -172,6 +206,7 @@ impl StateStore {
         restore: Option<PartitionRef>,
         epoch: u64,
     ) -> Result<Self> {
+        let kept = local.join(format!("{operator}.files"));
         let local = local.join(operator);
         if local.exists() {
             std::fs::remove_dir_all(&local)
@@ -186,6 +221,7 @@ impl StateStore {
         let mut uploaded = vec![HashMap::new(); partitions as usize];
         let mut rows = 0;
         let mut restored_schema = None;
+        let mut restored = Restored::default();
         if let (Some(store), Some(version)) = (&remote, restore) {
             let manifest = read_version(store, operator, version).await?;
             let file = store.name_of(&version_path(operator, version.version, version.epoch));
@@ -200,18 +236,35 @@ impl StateStore {
             }
             rows = manifest.rows;
             restored_schema = manifest.schema.clone();
-            let downloads =
-                manifest.partitions.iter().enumerate().map(|(p, r)| {
-                    restore_partition(store, operator, p, *r, local.join(p.to_string()))
-                });
-            let restored: Vec<HashMap<String, String>> = futures::stream::iter(downloads)
-                .buffered(TRANSFERS)
-                .try_collect()
-                .await?;
-            for (p, files) in restored.into_iter().enumerate() {
+            let downloads = manifest.partitions.iter().enumerate().map(|(p, r)| {
+                restore_partition(
+                    store,
+                    operator,
+                    p,
+                    *r,
+                    local.join(p.to_string()),
+                    kept.join(p.to_string()),
+                )
+            });
+            let partitions: Vec<(HashMap<String, String>, Restored)> =
+                futures::stream::iter(downloads)
+                    .buffered(TRANSFERS)
+                    .try_collect()
+                    .await?;
+            for (p, (files, from)) in partitions.into_iter().enumerate() {
                 uploaded[p] = files;
                 refs[p] = Some(manifest.partitions[p]);
+                restored.add(from);
             }
+            info!(
+                operator,
+                version = version.version,
+                downloaded_files = restored.downloaded_files,
+                downloaded_bytes = restored.downloaded_bytes,
+                local_files = restored.local_files,
+                local_bytes = restored.local_bytes,
+                "Restored the state."
+            );
         }
         let mut dbs = Vec::with_capacity(partitions as usize);
         for (p, (at, uploaded)) in refs.into_iter().zip(uploaded).enumerate() {
@@ -225,6 +278,8 @@ impl StateStore {
         Ok(StateStore {
             operator: operator.to_owned(),
             local,
+            kept,
+            restored,
             partitions: dbs,
             remote,
             epoch,
@@ -235,6 +290,11 @@ impl StateStore {
             commits: 0,
             retain: VERSIONS_TO_RETAIN,
         })
+    }
+
+    /// What opening the store restored, and from where.
+    pub fn restored(&self) -> Restored {
+        self.restored
     }
 
     /// Sets the schema of the state the query keeps; a restored version
@@ -471,13 +531,24 @@ impl StateStore {
             }
             files.push(StoredFile { name, path, size });
         }
-        futures::stream::iter(uploads.into_iter().map(|(local, path)| async move {
-            let data = tokio::fs::read(&local).await.map_err(state_error)?;
-            remote.put(&path, data).await
+        futures::stream::iter(uploads.iter().map(|(local, path)| async move {
+            let data = tokio::fs::read(local).await.map_err(state_error)?;
+            remote.put(path, data).await
         }))
         .buffer_unordered(TRANSFERS)
         .try_collect::<Vec<()>>()
         .await?;
+        // Kept on this disk for a restart: what was uploaded, by its object
+        // name; the rest of the version is there from before.
+        let kept = self.kept.join(p.to_string());
+        std::fs::create_dir_all(&kept).map_err(state_error)?;
+        for (local, path) in &uploads {
+            let target = kept.join(object_name(path));
+            if !target.exists() {
+                link_or_copy(local, &target)?;
+            }
+        }
+        keep_only(&kept, &files)?;
         std::fs::remove_dir_all(&snapshot).map_err(state_error)?;
         let manifest = PartitionManifest {
             partition: p as u32,
@@ -643,44 +714,114 @@ async fn read_partition(remote: &Storage, path: &str) -> Result<PartitionManifes
 
 /// Downloads partition `p` as of `r` into `dir`; returns its SST files'
 /// names and objects.
+/// Restores partition `p` at `r` into `dir`: each file from `kept` when
+/// this disk has it (same object name and size), else downloaded (and
+/// kept). Returns its SST files' objects and what came from where.
 async fn restore_partition(
     remote: &Storage,
     operator: &str,
     p: usize,
     r: PartitionRef,
     dir: PathBuf,
-) -> Result<HashMap<String, String>> {
+    kept: PathBuf,
+) -> Result<(HashMap<String, String>, Restored)> {
     let path = partition_path(operator, p, r);
     let manifest = read_partition(remote, &path).await?;
     tokio::fs::create_dir_all(&dir).await.map_err(state_error)?;
+    tokio::fs::create_dir_all(&kept)
+        .await
+        .map_err(state_error)?;
     let mut ssts = HashMap::new();
     let downloads = manifest.files.iter().map(|file| {
         let target = dir.join(&file.name);
+        let local = kept.join(object_name(&file.path));
         let path = path.clone();
         async move {
-            let data = remote
-                .get(&file.path)
-                .await?
-                .ok_or_else(|| Error::Checkpoint {
-                    file: remote.name_of(&file.path),
-                    message: format!(
-                        "is listed by {} but missing: the checkpoint is damaged",
-                        remote.name_of(&path)
-                    ),
-                })?;
-            tokio::fs::write(&target, &data).await.map_err(state_error)
+            let mut from = Restored::default();
+            let have = tokio::fs::metadata(&local)
+                .await
+                .is_ok_and(|m| m.len() == file.size);
+            if have {
+                from.local_files = 1;
+                from.local_bytes = file.size;
+            } else {
+                let data = remote
+                    .get(&file.path)
+                    .await?
+                    .ok_or_else(|| Error::Checkpoint {
+                        file: remote.name_of(&file.path),
+                        message: format!(
+                            "is listed by {} but missing: the checkpoint is damaged",
+                            remote.name_of(&path)
+                        ),
+                    })?;
+                from.downloaded_files = 1;
+                from.downloaded_bytes = data.len() as u64;
+                // Whole or not at all: a crash leaves no short file.
+                let part = local.with_extension("part");
+                tokio::fs::write(&part, &data).await.map_err(state_error)?;
+                tokio::fs::rename(&part, &local)
+                    .await
+                    .map_err(state_error)?;
+            }
+            // SST files are never written again: RocksDB shares them with
+            // the kept copy. Its other files (MANIFEST, OPTIONS) it may
+            // append to: a copy of their own.
+            if file.name.ends_with(".sst") {
+                link_or_copy(&local, &target)?;
+            } else {
+                tokio::fs::copy(&local, &target)
+                    .await
+                    .map_err(state_error)?;
+            }
+            Ok::<_, Error>(from)
         }
     });
-    futures::stream::iter(downloads)
+    let each: Vec<Restored> = futures::stream::iter(downloads)
         .buffer_unordered(TRANSFERS)
-        .try_collect::<Vec<()>>()
+        .try_collect()
         .await?;
+    let mut restored = Restored::default();
+    each.into_iter().for_each(|r| restored.add(r));
+    keep_only(&kept, &manifest.files)?;
     for file in manifest.files {
         if file.name.ends_with(".sst") {
             ssts.insert(file.name, file.path);
         }
     }
-    Ok(ssts)
+    Ok((ssts, restored))
+}
+
+/// The last part of an object's path: its name in the kept directory.
+fn object_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// A hard link to `from` at `to` (same disk), else a copy.
+fn link_or_copy(from: &LocalPath, to: &LocalPath) -> Result<()> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to).map(|_| ()).map_err(|e| {
+        state_error(format!(
+            "cannot copy {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })
+}
+
+/// Removes from `kept` every file the version (`files`) does not list.
+fn keep_only(kept: &LocalPath, files: &[StoredFile]) -> Result<()> {
+    let listed: HashSet<&str> = files.iter().map(|f| object_name(&f.path)).collect();
+    for entry in std::fs::read_dir(kept).map_err(state_error)? {
+        let entry = entry.map_err(state_error)?;
+        let name = entry.file_name();
+        if !name.to_str().is_some_and(|n| listed.contains(n)) {
+            std::fs::remove_file(entry.path()).map_err(state_error)?;
+        }
+    }
+    Ok(())
 }
 
 fn open_db(path: &LocalPath, cache: &Cache) -> Result<DB> {
@@ -795,6 +936,96 @@ mod tests {
         )
         .await;
         assert_eq!(old.get_many(&keys[..1]).unwrap(), [Some(b"v7".to_vec())]);
+    }
+
+    #[tokio::test]
+    async fn a_restart_on_the_same_disk_downloads_only_what_the_disk_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoint = || Storage::open(dir.path().join("checkpoint").to_str().unwrap(), "f");
+        let open = |disk: &'static str, restore: Option<PartitionRef>, epoch: u64| {
+            let remote = checkpoint().unwrap();
+            let local = dir.path().join(disk);
+            async move {
+                StateStore::open("agg", 4, &local, Some(remote), restore, epoch)
+                    .await
+                    .unwrap()
+            }
+        };
+        let v1 = PartitionRef {
+            version: 1,
+            epoch: 1,
+        };
+        let mut store = open("disk", None, 1).await;
+        let entries: Vec<PartitionedEntry> = (0u32..100)
+            .map(|i| {
+                let (p, k) = key(i);
+                (p, k, format!("v{i}").into_bytes())
+            })
+            .collect();
+        store.put_many(&entries, 100).unwrap();
+        store.commit(0).await.unwrap();
+        let (p, k) = key(7);
+        store.put_many(&[(p, k, b"seven".to_vec())], 0).unwrap();
+        store.commit(1).await.unwrap();
+        drop(store);
+
+        // Another disk downloads every file of version 1.
+        let elsewhere = open("other-disk", Some(v1), 2).await;
+        let all = elsewhere.restored();
+        assert!(all.downloaded_files >= 8, "{all:?}");
+        assert_eq!((all.local_files, all.local_bytes), (0, 0));
+        drop(elsewhere);
+
+        // The same disk downloads none.
+        let again = open("disk", Some(v1), 3).await;
+        assert_eq!(
+            again.restored(),
+            Restored {
+                downloaded_files: 0,
+                downloaded_bytes: 0,
+                local_files: all.downloaded_files,
+                local_bytes: all.downloaded_bytes,
+            }
+        );
+        assert_eq!(
+            again.get_many(&[key(7), key(8)]).unwrap(),
+            [Some(b"seven".to_vec()), Some(b"v8".to_vec())]
+        );
+        drop(again);
+
+        // Not even when the checkpoint lost its SST files (they are read
+        // from the disk, not the store)...
+        let remote_dir = dir.path().join("checkpoint/state/agg");
+        let mut removed = 0;
+        for p in 0..4 {
+            for entry in std::fs::read_dir(remote_dir.join(p.to_string())).unwrap() {
+                let path = entry.unwrap().path();
+                if path.to_str().unwrap().ends_with(".sst") {
+                    std::fs::remove_file(path).unwrap();
+                    removed += 1;
+                }
+            }
+        }
+        assert!(removed >= 4);
+        let again = open("disk", Some(v1), 4).await;
+        assert_eq!(again.restored().downloaded_files, 0);
+        assert_eq!(again.rows(), 100);
+        drop(again);
+
+        // ...and a local file of another size is no copy: downloaded again.
+        let kept = dir.path().join("disk/agg.files/3");
+        let manifest = std::fs::read_dir(&kept)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_str().unwrap().contains("MANIFEST"))
+            .unwrap();
+        std::fs::write(&manifest, b"short").unwrap();
+        let again = open("disk", Some(v1), 5).await;
+        assert_eq!(again.restored().downloaded_files, 1);
+        assert_eq!(
+            again.get_many(&[key(7)]).unwrap(),
+            [Some(b"seven".to_vec())]
+        );
     }
 
     #[tokio::test]
