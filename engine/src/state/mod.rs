@@ -860,11 +860,10 @@ mod tests {
         .unwrap()
     }
 
-    #[tokio::test]
-    async fn state_survives_through_the_checkpoint_and_uploads_only_what_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = open_at(dir.path(), None, 1).await;
-        let entries: Vec<(usize, Vec<u8>, Vec<u8>)> = (0u32..100)
+    /// Version 0: keys 0..100 with values `v<i>`; version 1: key 7 is
+    /// `seven`.
+    async fn commit_two_versions(store: &mut StateStore) {
+        let entries: Vec<PartitionedEntry> = (0u32..100)
             .map(|i| {
                 let (p, k) = key(i);
                 (p, k, format!("v{i}").into_bytes())
@@ -872,10 +871,17 @@ mod tests {
             .collect();
         store.put_many(&entries, 100).unwrap();
         store.commit(0).await.unwrap();
-        // Batch 1 changes one key: one partition gets a new manifest.
         let (p, k) = key(7);
         store.put_many(&[(p, k, b"seven".to_vec())], 0).unwrap();
         store.commit(1).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn state_survives_through_the_checkpoint_and_uploads_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open_at(dir.path(), None, 1).await;
+        // Batch 1 changes one key: one partition gets a new manifest.
+        commit_two_versions(&mut store).await;
         let remote = Storage::open(dir.path().join("checkpoint").to_str().unwrap(), "f").unwrap();
         let v1 = read_version(
             &remote,
@@ -956,17 +962,7 @@ mod tests {
             epoch: 1,
         };
         let mut store = open("disk", None, 1).await;
-        let entries: Vec<PartitionedEntry> = (0u32..100)
-            .map(|i| {
-                let (p, k) = key(i);
-                (p, k, format!("v{i}").into_bytes())
-            })
-            .collect();
-        store.put_many(&entries, 100).unwrap();
-        store.commit(0).await.unwrap();
-        let (p, k) = key(7);
-        store.put_many(&[(p, k, b"seven".to_vec())], 0).unwrap();
-        store.commit(1).await.unwrap();
+        commit_two_versions(&mut store).await;
         drop(store);
 
         // Another disk downloads every file of version 1.
