@@ -29,11 +29,19 @@ pub struct QueryProgress {
     /// Milliseconds spent in each phase: `latestOffset` (planning the
     /// batch: the sources' latest offsets and the offset log), `getBatch`
     /// (reading it), `addBatch` (running the query and writing the sink,
-    /// its commit included), `sinkCommit` (the sink's commit alone: a Kafka
-    /// transaction's commit, a manifest), `commitOffsets` (state, the
-    /// commit log, the sources' commits), `triggerExecution` (the whole
-    /// batch).
+    /// its commit included), within it `execute` (the query), `sinkWrite`
+    /// (writing the output, not yet visible) and `sinkCommit` (the sink's
+    /// commit: a Kafka transaction's commit, a manifest), `commitOffsets`
+    /// (state, the commit log, the sources' commits), `triggerExecution`
+    /// (the whole batch).
     pub duration_ms: BTreeMap<String, u64>,
+    /// CPU time the engine process spent (all its threads) from reading the
+    /// batch to its commit, in milliseconds; Sluice's, not Spark's. Unlike
+    /// the durations it leaves out waiting (for the brokers, the object
+    /// store), so it grows with the records a batch reads even when the
+    /// batch is small: the autoscaler's measure of a replica's cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<f64>,
     /// Event-time statistics of this batch (`min`, `max`, `avg`) and the
     /// `watermark`, RFC 3339; empty when no source declares a watermark.
     #[serde(default)]

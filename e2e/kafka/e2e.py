@@ -361,7 +361,10 @@ spec:
 
     # 7. The broker stopped for 30 s in the middle of a run.
     port = free_port()
-    outage = env.spec("outage", env.kafka_source("transactions", 20000), env.kafka_sink("alerts-outage"),
+    # NB: 2,000 records a batch, ~460 batches: the run must outlast the
+    # broker's clean shutdown (at 20,000 it ended before the broker stopped
+    # once Kafka batches lost their 100 ms flush wait).
+    outage = env.spec("outage", env.kafka_source("transactions", 2000), env.kafka_sink("alerts-outage"),
                       "  trigger: {availableNow: true}\n")
     p = env.start(outage, args=("--http-port", str(port), "--http-address", "127.0.0.1"))
     deadline = time.time() + 300

@@ -157,6 +157,7 @@ mod tests {
             input_rows_per_second: 1.0,
             processed_rows_per_second: 1.0,
             duration_ms: BTreeMap::new(),
+            cpu_ms: None,
             event_time: BTreeMap::new(),
             state_operators: Vec::new(),
             sources: Vec::new(),

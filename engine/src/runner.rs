@@ -315,6 +315,19 @@ fn micros_to_rfc3339(micros: i64) -> String {
     DateTime::from_timestamp_micros(micros).map_or_else(|| micros.to_string(), rfc3339)
 }
 
+/// The CPU time the process has used so far (every thread, user and
+/// system), in milliseconds, to the microsecond; `None` if the system does
+/// not say.
+fn process_cpu_ms() -> Option<f64> {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    Some(ms(usage.ru_utime) + ms(usage.ru_stime))
+}
+
 /// The default local state directory of a query.
 fn default_state_dir(name: &str) -> PathBuf {
     std::env::var_os("SLUICE_STATE_DIR")
@@ -850,6 +863,7 @@ impl Runner {
         replayed: Option<u64>,
     ) -> Result<QueryProgress> {
         let read_start = Instant::now();
+        let cpu_start = process_cpu_ms();
         let mut inputs = Vec::with_capacity(self.sources.len());
         let mut rows_read = Vec::with_capacity(self.sources.len());
         let mut dead_letters = Vec::with_capacity(self.sources.len());
@@ -944,6 +958,9 @@ impl Runner {
         }
 
         let commit_offsets_ms = offsets_start.elapsed().as_millis() as u64;
+        let cpu_ms = cpu_start
+            .zip(process_cpu_ms())
+            .map(|(start, end)| (end - start).max(0.0));
         let elapsed = trigger_start.elapsed();
         let since_previous = previous_start.map(|p| trigger_start.duration_since(p));
         let per_second = |rows: u64, over: Duration| {
@@ -1005,6 +1022,7 @@ impl Runner {
                 ("commitOffsets".to_owned(), commit_offsets_ms),
                 ("triggerExecution".to_owned(), elapsed.as_millis() as u64),
             ]),
+            cpu_ms,
             event_time,
             state_operators: self.plan.state_progress(),
             sources,

@@ -865,6 +865,7 @@ spec:
             input_rows_per_second: rate,
             processed_rows_per_second: rate * 2.0,
             duration_ms: BTreeMap::new(),
+            cpu_ms: None,
             event_time: BTreeMap::from([("watermark".to_owned(), watermark.to_owned())]),
             state_operators: Vec::new(),
             sources: vec![

@@ -87,7 +87,7 @@ pub fn measure(
         let processed: u64 = recent.iter().map(|(r, _)| r.num_input_rows).sum();
         let batches: Vec<(f64, f64)> = recent
             .iter()
-            .map(|(r, _)| (r.num_input_rows as f64, busy(r) as f64))
+            .map(|(r, _)| (r.num_input_rows as f64, busy(r)))
             .collect();
         let fitted = fixed_part(&batches);
         if let Some(f) = fitted {
@@ -128,8 +128,9 @@ pub fn measure(
 /// The part of a batch's time that does not grow with its records, fitted
 /// by least squares to `ms = fixed + per_record × records` over the
 /// batches (`(records, ms)` each) that read records. A micro-batch's time
-/// has such a part (a Kafka transaction's round trips take ~100 ms for one
-/// record or a thousand), and at a low input it is nearly all of it:
+/// has such a part (a Kafka transaction's round trips take ~20 ms for one
+/// record or a thousand; planning the query takes CPU time whatever the
+/// batch reads), and at a low input it is nearly all of it:
 /// counted as load, a replica that idles would look saturated. `None` when
 /// the batches are too alike in size to tell the parts apart (fewer than 4,
 /// or the largest not twice the smallest: a backlog read at
@@ -184,15 +185,22 @@ fn started(report: &QueryProgress) -> Option<DateTime<Utc>> {
 /// (a Kafka transaction's round trips) and the commit log.
 const FIXED_PHASES: [&str; 3] = ["latestOffset", "sinkCommit", "commitOffsets"];
 
-/// The time the batch of `report` took beyond its fixed phases, in
-/// milliseconds: what more records cost. Micro-batches at a low input are
-/// small and nearly all their time is the fixed part (a Kafka sink's
-/// commit takes ~100 ms whatever it wrote): counted in, a replica that
-/// idles would look saturated.
-fn busy(report: &QueryProgress) -> u64 {
+/// What the batch of `report` cost, in milliseconds: the CPU time the
+/// engine spent on it when it reports it (`cpuMs`), else the time it took
+/// beyond its fixed phases. Micro-batches at a low input are small and
+/// nearly all their time is waiting (for the brokers' answers, a
+/// transaction's markers), whatever they read: counted in, a replica that
+/// idles would look saturated, and more replicas (smaller batches each)
+/// would look slower still. The CPU time leaves the waits out, and what it
+/// still has that does not grow with the records (planning the query) is
+/// steady enough for [`fixed_part`] to fit where wall-clock times are not.
+fn busy(report: &QueryProgress) -> f64 {
+    if let Some(cpu) = report.cpu_ms {
+        return cpu;
+    }
     let phase = |name: &str| report.duration_ms.get(name).copied().unwrap_or(0);
     let fixed: u64 = FIXED_PHASES.iter().map(|p| phase(p)).sum();
-    phase("triggerExecution").saturating_sub(fixed)
+    phase("triggerExecution").saturating_sub(fixed) as f64
 }
 
 /// The records behind the latest offsets after the batch of `report`.
@@ -341,6 +349,47 @@ mod tests {
         // More records, no more time: the quickest batch is the fixed part.
         let flat = [(5.0, 110.0), (12.0, 105.0), (3.0, 112.0), (9.0, 108.0)];
         assert_eq!(fixed_part(&flat), Some(105.0));
+    }
+
+    #[test]
+    fn the_cpu_time_a_batch_reports_is_its_cost_not_its_waits() {
+        // Back-to-back batches of a few records: 20 ms each, nearly all of
+        // it waiting for the brokers, so the time beyond the fixed phases
+        // is noise around 12 ms whatever a batch read. The CPU time is
+        // 1.5 ms of planning and 0.05 ms a record (20,000/s a core), give
+        // or take a little noise.
+        let batches: Vec<_> = (0..60)
+            .map(|i| {
+                let records = 5 + (i * 7) % 20;
+                let mut r = report(i as u32, records, 20 + (i * 13) % 5, 0, &[0]);
+                r.duration_ms.insert("latestOffset".into(), 3);
+                r.duration_ms.insert("sinkCommit".into(), 2);
+                r.duration_ms.insert("commitOffsets".into(), 2);
+                let noise = [0.02, -0.03, 0.01, 0.0, -0.01][i as usize % 5];
+                r.cpu_ms = Some(1.5 + 0.05 * records as f64 + noise);
+                r
+            })
+            .collect();
+        let window = Duration::from_secs(60);
+        let m = measure(std::slice::from_ref(&batches), window, at(60), None);
+        let rate = m.observation.slowest_true_rate;
+        assert!((rate - 20_000.0).abs() < 1_000.0, "{m:?}");
+        assert!((m.fixed_ms.unwrap() - 1.5).abs() < 0.1, "{m:?}");
+        // Six replicas sharing the same input read a sixth a batch: the
+        // measure does not fall with the batches (it did on wall-clock
+        // times, so that more replicas asked for more still).
+        let smaller: Vec<_> = (0..60)
+            .map(|i| {
+                let records = 1 + (i * 7) % 4;
+                let mut r = report(i as u32, records, 20, 0, &[0]);
+                let noise = [0.02, -0.03, 0.01, 0.0, -0.01][i as usize % 5];
+                r.cpu_ms = Some(1.5 + 0.05 * records as f64 + noise);
+                r
+            })
+            .collect();
+        let m = measure(&[smaller], window, at(60), None);
+        let rate = m.observation.slowest_true_rate;
+        assert!((rate - 20_000.0).abs() < 2_000.0, "{m:?}");
     }
 
     #[test]
