@@ -49,3 +49,18 @@ def session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def kafka_writer(result, bootstrap: str, topic: str, checkpoint: str):
+    """A stream writer of `result`'s rows as JSON values to `topic`, append
+    mode, with its checkpoint: the caller sets the trigger and starts it."""
+    from pyspark.sql import functions as F
+
+    return (
+        result.select(F.to_json(F.struct("*")).alias("value"))
+        .writeStream.format("kafka")
+        .option("kafka.bootstrap.servers", bootstrap)
+        .option("topic", topic)
+        .option("checkpointLocation", checkpoint)
+        .outputMode("append")
+    )

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pyspark.sql import functions as F  # noqa: E402
 
-from spark_common import SCHEMA, session  # noqa: E402
+from spark_common import SCHEMA, kafka_writer, session  # noqa: E402
 
 
 def main():
@@ -64,16 +64,7 @@ def main():
             )
         )
     start = time.time()
-    query = (
-        result.select(F.to_json(F.struct("*")).alias("value"))
-        .writeStream.format("kafka")
-        .option("kafka.bootstrap.servers", args.bootstrap)
-        .option("topic", args.output)
-        .option("checkpointLocation", args.checkpoint)
-        .outputMode("append")
-        .trigger(availableNow=True)
-        .start()
-    )
+    query = kafka_writer(result, args.bootstrap, args.output, args.checkpoint).trigger(availableNow=True).start()
     query.awaitTermination()
     seconds = time.time() - start
     progress = query.recentProgress

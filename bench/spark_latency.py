@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pyspark.sql import functions as F  # noqa: E402
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType  # noqa: E402
 
-from spark_common import session  # noqa: E402
+from spark_common import kafka_writer, session  # noqa: E402
 
 # Keep in step with bench/latency.py's Sluice spec.
 SCHEMA = StructType([StructField("id", LongType()), StructField("user_id", StringType()),
@@ -46,16 +46,7 @@ def main():
         .where("amount >= 0")
         .select("id", "user_id", (F.col("amount") * 100).alias("cents"), "produced_ms")
     )
-    query = (
-        result.select(F.to_json(F.struct("*")).alias("value"))
-        .writeStream.format("kafka")
-        .option("kafka.bootstrap.servers", args.bootstrap)
-        .option("topic", args.output)
-        .option("checkpointLocation", args.checkpoint)
-        .outputMode("append")
-        .trigger(processingTime="0 seconds")
-        .start()
-    )
+    query = kafka_writer(result, args.bootstrap, args.output, args.checkpoint).trigger(processingTime="0 seconds").start()
     query.awaitTermination()
 
 
