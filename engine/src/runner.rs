@@ -735,7 +735,7 @@ impl Runner {
                             .iter()
                             .map(|state| state.source.idle_poll())
                             .min()
-                            .unwrap_or(Duration::from_millis(100))
+                            .unwrap_or(source::DEFAULT_IDLE_POLL)
                     });
                     wait_or_stop(trigger_start + wait, stop).await;
                     continue;

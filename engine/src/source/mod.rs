@@ -94,6 +94,10 @@ pub struct KafkaRecord {
     pub value: Option<Vec<u8>>,
 }
 
+/// How long a query with no interval waits after finding no new data,
+/// unless its sources ask sooner ([`Source::idle_poll`]).
+pub const DEFAULT_IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A streaming source.
 #[async_trait]
 pub trait Source: Send + Sync {
@@ -120,7 +124,7 @@ pub trait Source: Send + Sync {
     /// sooner, as Spark's `pollingDelay` (10 ms) does; one that lists an
     /// object store does not (a LIST costs).
     fn idle_poll(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(100)
+        DEFAULT_IDLE_POLL
     }
     /// Plans the next batch from `start`.
     async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange>;

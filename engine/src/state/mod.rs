@@ -545,7 +545,7 @@ impl StateStore {
         for (local, path) in &uploads {
             let target = kept.join(object_name(path));
             if !target.exists() {
-                link_or_copy(local, &target)?;
+                link_or_copy(local, &target).await?;
             }
         }
         keep_only(&kept, &files)?;
@@ -712,8 +712,6 @@ async fn read_partition(remote: &Storage, path: &str) -> Result<PartitionManifes
     read_json(remote, path).await
 }
 
-/// Downloads partition `p` as of `r` into `dir`; returns its SST files'
-/// names and objects.
 /// Restores partition `p` at `r` into `dir`: each file from `kept` when
 /// this disk has it (same object name and size), else downloaded (and
 /// kept). Returns its SST files' objects and what came from where.
@@ -768,7 +766,7 @@ async fn restore_partition(
             // the kept copy. Its other files (MANIFEST, OPTIONS) it may
             // append to: a copy of their own.
             if file.name.ends_with(".sst") {
-                link_or_copy(&local, &target)?;
+                link_or_copy(&local, &target).await?;
             } else {
                 tokio::fs::copy(&local, &target)
                     .await
@@ -798,11 +796,11 @@ fn object_name(path: &str) -> &str {
 }
 
 /// A hard link to `from` at `to` (same disk), else a copy.
-fn link_or_copy(from: &LocalPath, to: &LocalPath) -> Result<()> {
-    if std::fs::hard_link(from, to).is_ok() {
+async fn link_or_copy(from: &LocalPath, to: &LocalPath) -> Result<()> {
+    if tokio::fs::hard_link(from, to).await.is_ok() {
         return Ok(());
     }
-    std::fs::copy(from, to).map(|_| ()).map_err(|e| {
+    tokio::fs::copy(from, to).await.map(|_| ()).map_err(|e| {
         state_error(format!(
             "cannot copy {} to {}: {e}",
             from.display(),
