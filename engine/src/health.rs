@@ -139,14 +139,15 @@ impl Health {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use sluice_crds::progress::{QueryProgress, SinkProgress};
 
     use super::*;
 
-    fn progress(batch_id: u64) -> QueryProgress {
+    /// A progress report of batch `batch_id`.
+    pub(crate) fn progress(batch_id: u64) -> QueryProgress {
         QueryProgress {
             id: "q".into(),
             run_id: "r".into(),

@@ -301,6 +301,8 @@ pub struct Monitor {
     ready: AtomicBool,
     failure: Mutex<Option<String>>,
     status: Mutex<QueryStatus>,
+    /// The error the query restarted after, until a batch completes.
+    retrying: Mutex<Option<String>>,
 }
 
 impl Monitor {
@@ -315,6 +317,7 @@ impl Monitor {
                 message: "Initializing sources".into(),
                 ..QueryStatus::default()
             }),
+            retrying: Mutex::new(None),
         }
     }
 
@@ -332,17 +335,29 @@ impl Monitor {
         };
     }
 
-    /// What the query is doing now.
+    /// What the query is doing now. Until a batch completes after a
+    /// restart, the message ends with the error restarted after: a run
+    /// blocked in a call to a store or broker that is still down says so,
+    /// not only that it is getting offsets.
     pub fn status(&self) -> QueryStatus {
-        self.status
+        let mut status = self
+            .status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        if let Some(error) = &*self.retrying.lock().unwrap_or_else(|e| e.into_inner())
+            && !status.message.contains(error.as_str())
+        {
+            status.message = format!("{} (retrying after: {error})", status.message);
+        }
+        status
     }
 
-    /// Counts a restart from the checkpoint after a transient error.
-    pub fn count_restart(&self) {
+    /// Counts a restart from the checkpoint after a transient error, and
+    /// keeps the error in the status until a batch completes.
+    pub fn count_restart(&self, error: String) {
         self.metrics.restarts.inc();
+        *self.retrying.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
 
     /// Records a batch's progress; `source_names` are the sources' table
@@ -350,6 +365,7 @@ impl Monitor {
     pub fn record(&self, progress: QueryProgress, source_names: &[String], watermark_seconds: f64) {
         self.metrics
             .record(&progress, source_names, watermark_seconds);
+        *self.retrying.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() == RECENT_PROGRESS {
             recent.pop_front();
@@ -403,5 +419,38 @@ impl Monitor {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::tests::progress;
+
+    #[test]
+    fn the_status_tells_the_error_restarted_after_until_a_batch_completes() {
+        let monitor = Monitor::new("q");
+        let error = "Kafka is unavailable: broker down".to_owned();
+        monitor.set_status(
+            format!("Restarting from the checkpoint in 1 s after an error a retry can help with: {error}"),
+            false,
+            false,
+        );
+        monitor.count_restart(error.clone());
+        // Said once, not twice.
+        assert_eq!(monitor.status().message.matches(&error).count(), 1);
+        monitor.set_status("Getting offsets from the sources", false, true);
+        assert_eq!(
+            monitor.status().message,
+            format!("Getting offsets from the sources (retrying after: {error})")
+        );
+        monitor.record(progress(0), &[], 0.0);
+        assert_eq!(monitor.status().message, "Getting offsets from the sources");
+        assert!(
+            monitor
+                .metrics()
+                .render()
+                .contains("sluice_query_restarts_total")
+        );
     }
 }

@@ -395,7 +395,7 @@ pub async fn run_query(
                     false,
                     false,
                 );
-                monitor.count_restart();
+                monitor.count_restart(err.to_string());
                 wait_or_stop(Instant::now() + backoff, &mut stop).await;
                 if *stop.borrow() {
                     total.stopped = Stopped::Requested;
