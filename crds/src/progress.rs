@@ -71,6 +71,17 @@ pub struct StateOperatorProgress {
     pub num_rows_dropped_by_watermark: u64,
     /// Bytes of memory the state uses.
     pub memory_used_bytes: u64,
+    /// How long committing the state to the checkpoint took, in ms.
+    #[serde(default)]
+    pub commit_time_ms: u64,
+    /// Counters of the state store, as Spark's `customMetrics`: Sluice's
+    /// `partitionsCommitted` (state partitions the batch changed),
+    /// `snapshotsCommitted` (of them, committed as a snapshot of their
+    /// RocksDB files, the rest as a changelog of the batch's writes),
+    /// `filesUploaded` and `bytesUploaded` (what the commit wrote to the
+    /// checkpoint).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom_metrics: BTreeMap<String, u64>,
 }
 
 /// The progress of one source in a batch.

@@ -2,6 +2,7 @@
 //! are swapped for each batch's rows, and checked to be something this engine
 //! can run on a stream.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -296,6 +297,7 @@ impl QueryPlan {
             return Vec::new();
         };
         let s = stateful.stats();
+        let committed = stateful.store().committed();
         let name = if self.aggregated.is_some_and(|a| a.deduplicates) {
             "dedupe"
         } else {
@@ -308,6 +310,13 @@ impl QueryPlan {
             num_rows_removed: s.rows_removed,
             num_rows_dropped_by_watermark: s.rows_dropped_by_watermark,
             memory_used_bytes: s.memory_used_bytes,
+            commit_time_ms: committed.ms,
+            custom_metrics: BTreeMap::from([
+                ("partitionsCommitted".to_owned(), committed.partitions),
+                ("snapshotsCommitted".to_owned(), committed.snapshots),
+                ("filesUploaded".to_owned(), committed.files),
+                ("bytesUploaded".to_owned(), committed.bytes),
+            ]),
         }]
     }
 

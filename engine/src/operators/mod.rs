@@ -243,6 +243,11 @@ impl Stateful {
     }
 
     /// The state store.
+    pub fn store(&self) -> &StateStore {
+        &self.store
+    }
+
+    /// The state store, to commit it.
     pub fn store_mut(&mut self) -> &mut StateStore {
         &mut self.store
     }

@@ -43,7 +43,7 @@ use rocksdb::{
     checkpoint::Checkpoint as RocksCheckpoint,
 };
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::checkpoint::Checkpoint;
 use crate::storage::{Created, Storage};
@@ -59,6 +59,14 @@ const CLEAN_EVERY: u64 = 10;
 
 /// Files downloaded or uploaded at once.
 const TRANSFERS: usize = 8;
+
+/// A partition's changes are committed as a changelog, and as a snapshot
+/// of its RocksDB files once every this many versions (Spark's
+/// `minDeltasForSnapshot`), staggered over the partitions.
+const SNAPSHOT_EVERY: u64 = 10;
+
+/// The name of a changelog in its partition's manifest.
+const CHANGELOG: &str = "changelog";
 
 /// Which manifest a partition is at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -91,7 +99,12 @@ struct PartitionManifest {
     encoding: String,
     #[serde(default)]
     schema: Option<StateSchema>,
+    /// The snapshot: RocksDB's files as of the last snapshot version.
     files: Vec<StoredFile>,
+    /// The changes of each version since the snapshot, oldest first: RocksDB
+    /// write batches, applied in order over the snapshot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    changelogs: Vec<StoredFile>,
 }
 
 /// `state/<op>/v<N>-<E>.json`.
@@ -126,6 +139,26 @@ struct Partition {
     at: Option<PartitionRef>,
     /// The SST files already in the checkpoint: local name → object path.
     uploaded: HashMap<String, String>,
+    /// The files of its last snapshot, and the changelogs since.
+    snapshot: Vec<StoredFile>,
+    changelogs: Vec<StoredFile>,
+    /// What was written since the last commit: the next changelog.
+    changes: WriteBatch,
+}
+
+/// What the last commit wrote, for `stateOperators` in progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Partitions that changed and were committed.
+    pub partitions: u64,
+    /// Of them, those committed as a snapshot of their files.
+    pub snapshots: u64,
+    /// Objects uploaded (files, changelogs and manifests).
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// How long the commit took, in ms.
+    pub ms: u64,
 }
 
 /// What opening a store restored, and from where.
@@ -170,6 +203,23 @@ pub struct StateStore {
     commits: u64,
     /// How many committed versions [`StateStore::clean`] keeps.
     retain: u64,
+    /// A snapshot of a partition once every this many versions.
+    snapshot_every: u64,
+    /// What the last commit wrote.
+    committed: Committed,
+}
+
+/// Copies the writes of one batch into another (the next changelog).
+struct Record<'a>(&'a mut WriteBatch);
+
+impl rocksdb::WriteBatchIterator for Record<'_> {
+    fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.0.put(key, value);
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.0.delete(key);
+    }
 }
 
 fn state_error(what: impl std::fmt::Display) -> Error {
@@ -219,6 +269,9 @@ impl StateStore {
         let cache = Cache::new_lru_cache(64 << 20);
         let mut refs = vec![None; partitions as usize];
         let mut uploaded = vec![HashMap::new(); partitions as usize];
+        let mut snapshots = vec![Vec::new(); partitions as usize];
+        let mut changelogs = vec![Vec::new(); partitions as usize];
+        let mut replays: Vec<Vec<Vec<u8>>> = vec![Vec::new(); partitions as usize];
         let mut rows = 0;
         let mut restored_schema = None;
         let mut restored = Restored::default();
@@ -246,15 +299,17 @@ impl StateStore {
                     kept.join(p.to_string()),
                 )
             });
-            let partitions: Vec<(HashMap<String, String>, Restored)> =
-                futures::stream::iter(downloads)
-                    .buffered(TRANSFERS)
-                    .try_collect()
-                    .await?;
-            for (p, (files, from)) in partitions.into_iter().enumerate() {
-                uploaded[p] = files;
+            let partitions: Vec<RestoredPartition> = futures::stream::iter(downloads)
+                .buffered(TRANSFERS)
+                .try_collect()
+                .await?;
+            for (p, partition) in partitions.into_iter().enumerate() {
+                uploaded[p] = partition.ssts;
+                snapshots[p] = partition.snapshot;
+                changelogs[p] = partition.changelogs;
+                replays[p] = partition.replay;
                 refs[p] = Some(manifest.partitions[p]);
-                restored.add(from);
+                restored.add(partition.from);
             }
             info!(
                 operator,
@@ -267,12 +322,27 @@ impl StateStore {
             );
         }
         let mut dbs = Vec::with_capacity(partitions as usize);
-        for (p, (at, uploaded)) in refs.into_iter().zip(uploaded).enumerate() {
+        let restored_parts = refs
+            .into_iter()
+            .zip(uploaded)
+            .zip(snapshots.into_iter().zip(changelogs))
+            .zip(replays);
+        for (p, (((at, uploaded), (snapshot, changelogs)), replay)) in restored_parts.enumerate() {
+            let db = open_db(&local.join(p.to_string()), &cache)?;
+            let mut options = WriteOptions::default();
+            options.disable_wal(true);
+            for changes in replay {
+                db.write_opt(WriteBatch::from_data(&changes), &options)
+                    .map_err(state_error)?;
+            }
             dbs.push(Partition {
-                db: open_db(&local.join(p.to_string()), &cache)?,
+                db,
                 dirty: false,
                 at,
                 uploaded,
+                snapshot,
+                changelogs,
+                changes: WriteBatch::default(),
             });
         }
         Ok(StateStore {
@@ -289,12 +359,19 @@ impl StateStore {
             rows,
             commits: 0,
             retain: VERSIONS_TO_RETAIN,
+            snapshot_every: SNAPSHOT_EVERY,
+            committed: Committed::default(),
         })
     }
 
     /// What opening the store restored, and from where.
     pub fn restored(&self) -> Restored {
         self.restored
+    }
+
+    /// What the last commit wrote.
+    pub fn committed(&self) -> Committed {
+        self.committed
     }
 
     /// Sets the schema of the state the query keeps; a restored version
@@ -369,11 +446,14 @@ impl StateStore {
             if batch.is_empty() {
                 continue;
             }
-            self.partitions[p]
+            let partition = &mut self.partitions[p];
+            // Kept for the next changelog too.
+            batch.iterate(&mut Record(&mut partition.changes));
+            partition
                 .db
                 .write_opt(batch, &options)
                 .map_err(state_error)?;
-            self.partitions[p].dirty = true;
+            partition.dirty = true;
         }
         Ok(())
     }
@@ -456,22 +536,88 @@ impl StateStore {
     }
 
     /// Makes this state version `version` (the batch that wrote it): with a
-    /// checkpoint location, uploads what changed and writes the manifests.
+    /// checkpoint location, writes what changed and the manifests. A
+    /// partition that changed is written as a changelog of the batch's
+    /// writes, or, once every [`SNAPSHOT_EVERY`] versions, as a snapshot of
+    /// its RocksDB files (only those not uploaded before).
     pub async fn commit(&mut self, version: u64) -> Result<()> {
+        let started = std::time::Instant::now();
         let Some(remote) = self.remote.clone() else {
-            self.partitions.iter_mut().for_each(|p| p.dirty = false);
+            for partition in &mut self.partitions {
+                partition.dirty = false;
+                partition.changes.clear();
+            }
+            self.committed = Committed::default();
             return Ok(());
         };
         let here = PartitionRef {
             version,
             epoch: self.epoch,
         };
+        let mut committed = Committed::default();
+        let mut changelogs = Vec::new();
         for p in 0..self.partitions.len() {
+            let partition = &self.partitions[p];
             // A partition not written since its last checkpoint keeps it.
-            if !self.partitions[p].dirty && self.partitions[p].at.is_some() {
+            if !partition.dirty && partition.at.is_some() {
                 continue;
             }
-            self.commit_partition(&remote, p, here).await?;
+            committed.partitions += 1;
+            let every = self.snapshot_every.max(1);
+            let snapshot = partition.at.is_none()
+                || partition.changelogs.len() as u64 + 1 >= 2 * every
+                || (version + p as u64).is_multiple_of(every);
+            if snapshot {
+                let (files, bytes) = self.commit_partition(&remote, p, here).await?;
+                committed.snapshots += 1;
+                committed.files += files;
+                committed.bytes += bytes;
+                continue;
+            }
+            let data = partition.changes.data().to_vec();
+            let file = StoredFile {
+                name: CHANGELOG.into(),
+                path: format!(
+                    "state/{}/{p}/{}-{}-{CHANGELOG}",
+                    self.operator, here.version, here.epoch
+                ),
+                size: data.len() as u64,
+            };
+            let mut chain = partition.changelogs.clone();
+            chain.push(file);
+            let manifest = PartitionManifest {
+                partition: p as u32,
+                version,
+                epoch: self.epoch,
+                encoding: ENCODING.into(),
+                schema: self.schema.clone(),
+                files: partition.snapshot.clone(),
+                changelogs: chain,
+            };
+            changelogs.push((data, manifest));
+        }
+        // Changelogs go up in parallel, each before its manifest.
+        let operator = &self.operator;
+        let remote_ref = &remote;
+        let written: Vec<PartitionManifest> =
+            futures::stream::iter(changelogs.into_iter().map(|(data, manifest)| async move {
+                let log = manifest.changelogs.last().expect("a changelog");
+                remote_ref.put(&log.path, data).await?;
+                let path = partition_path(operator, manifest.partition as usize, here);
+                create(remote_ref, &path, &manifest).await?;
+                Ok::<_, Error>(manifest)
+            }))
+            .buffer_unordered(TRANSFERS)
+            .try_collect()
+            .await?;
+        for manifest in written {
+            committed.files += 1;
+            committed.bytes += manifest.changelogs.last().map_or(0, |f| f.size);
+            let partition = &mut self.partitions[manifest.partition as usize];
+            partition.changelogs = manifest.changelogs;
+            partition.at = Some(here);
+            partition.dirty = false;
+            partition.changes.clear();
         }
         let manifest = VersionManifest {
             version,
@@ -488,15 +634,29 @@ impl StateStore {
         let path = version_path(&self.operator, version, self.epoch);
         create(&remote, &path, &manifest).await?;
         self.commits += 1;
+        committed.ms = started.elapsed().as_millis() as u64;
+        debug!(
+            operator = self.operator,
+            version,
+            partitions = committed.partitions,
+            snapshots = committed.snapshots,
+            files = committed.files,
+            bytes = committed.bytes,
+            ms = committed.ms,
+            "Committed the state."
+        );
+        self.committed = committed;
         Ok(())
     }
 
+    /// Commits partition `p` as a snapshot of its RocksDB files; returns
+    /// the files uploaded and their bytes.
     async fn commit_partition(
         &mut self,
         remote: &Storage,
         p: usize,
         here: PartitionRef,
-    ) -> Result<()> {
+    ) -> Result<(u64, u64)> {
         let snapshot = self.local.join(format!("checkpoint-{p}-{}", here.version));
         if snapshot.exists() {
             std::fs::remove_dir_all(&snapshot).map_err(state_error)?;
@@ -511,6 +671,7 @@ impl StateStore {
         names.sort();
         let mut files = Vec::new();
         let mut uploads = Vec::new();
+        let mut uploaded_bytes = 0;
         for name in names {
             let local = snapshot.join(&name);
             let size = std::fs::metadata(&local).map_err(state_error)?.len();
@@ -522,6 +683,7 @@ impl StateStore {
                 )
             });
             if known.is_none() {
+                uploaded_bytes += size;
                 uploads.push((local, path.clone()));
                 if name.ends_with(".sst") {
                     self.partitions[p]
@@ -557,11 +719,16 @@ impl StateStore {
             encoding: ENCODING.into(),
             schema: self.schema.clone(),
             files,
+            changelogs: Vec::new(),
         };
         create(remote, &partition_path(&self.operator, p, here), &manifest).await?;
-        self.partitions[p].at = Some(here);
-        self.partitions[p].dirty = false;
-        Ok(())
+        let partition = &mut self.partitions[p];
+        partition.snapshot = manifest.files;
+        partition.changelogs.clear();
+        partition.changes.clear();
+        partition.at = Some(here);
+        partition.dirty = false;
+        Ok((uploads.len() as u64 + 1, uploaded_bytes))
     }
 
     /// After batch `committed` committed: once every few commits, deletes
@@ -627,6 +794,7 @@ impl StateStore {
             referenced.insert(path.clone());
             let manifest = read_partition(&remote, &path).await?;
             referenced.extend(manifest.files.into_iter().map(|f| f.path));
+            referenced.extend(manifest.changelogs.into_iter().map(|f| f.path));
         }
         for (&version, epochs) in versions.range(..=committed) {
             for &epoch in epochs {
@@ -712,9 +880,23 @@ async fn read_partition(remote: &Storage, path: &str) -> Result<PartitionManifes
     read_json(remote, path).await
 }
 
-/// Restores partition `p` at `r` into `dir`: each file from `kept` when
-/// this disk has it (same object name and size), else downloaded (and
-/// kept). Returns its SST files' objects and what came from where.
+/// A partition restored: its snapshot's files are in place, its changelogs
+/// still to be applied.
+struct RestoredPartition {
+    /// Its SST files' objects, by name.
+    ssts: HashMap<String, String>,
+    /// The manifest's snapshot files and changelogs.
+    snapshot: Vec<StoredFile>,
+    changelogs: Vec<StoredFile>,
+    /// The changelogs' write batches, oldest first.
+    replay: Vec<Vec<u8>>,
+    /// What came from where.
+    from: Restored,
+}
+
+/// Restores partition `p` at `r` into `dir`: each file of its snapshot from
+/// `kept` when this disk has it (same object name and size), else
+/// downloaded (and kept); its changelogs downloaded.
 async fn restore_partition(
     remote: &Storage,
     operator: &str,
@@ -722,7 +904,7 @@ async fn restore_partition(
     r: PartitionRef,
     dir: PathBuf,
     kept: PathBuf,
-) -> Result<(HashMap<String, String>, Restored)> {
+) -> Result<RestoredPartition> {
     let path = partition_path(operator, p, r);
     let manifest = read_partition(remote, &path).await?;
     tokio::fs::create_dir_all(&dir).await.map_err(state_error)?;
@@ -782,12 +964,39 @@ async fn restore_partition(
     let mut restored = Restored::default();
     each.into_iter().for_each(|r| restored.add(r));
     keep_only(&kept, &manifest.files)?;
-    for file in manifest.files {
+    for file in &manifest.files {
         if file.name.ends_with(".sst") {
-            ssts.insert(file.name, file.path);
+            ssts.insert(file.name.clone(), file.path.clone());
         }
     }
-    Ok((ssts, restored))
+    let replay: Vec<Vec<u8>> = futures::stream::iter(manifest.changelogs.iter().map(|log| {
+        let path = &path;
+        async move {
+            remote
+                .get(&log.path)
+                .await?
+                .map(|b| b.to_vec())
+                .ok_or_else(|| Error::Checkpoint {
+                    file: remote.name_of(&log.path),
+                    message: format!(
+                        "is listed by {} but missing: the checkpoint is damaged",
+                        remote.name_of(path)
+                    ),
+                })
+        }
+    }))
+    .buffered(TRANSFERS)
+    .try_collect()
+    .await?;
+    restored.downloaded_files += replay.len() as u64;
+    restored.downloaded_bytes += replay.iter().map(|d| d.len() as u64).sum::<u64>();
+    Ok(RestoredPartition {
+        ssts,
+        snapshot: manifest.files,
+        changelogs: manifest.changelogs,
+        replay,
+        from: restored,
+    })
 }
 
 /// The last part of an object's path: its name in the kept directory.
@@ -960,6 +1169,8 @@ mod tests {
             epoch: 1,
         };
         let mut store = open("disk", None, 1).await;
+        // Snapshots only: what this test shows is the reuse of their files.
+        store.snapshot_every = 1;
         commit_two_versions(&mut store).await;
         drop(store);
 
@@ -1020,6 +1231,103 @@ mod tests {
             again.get_many(&[key(7)]).unwrap(),
             [Some(b"seven".to_vec())]
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_commits_its_changes_as_a_changelog_and_a_snapshot_once_every_few_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Storage::open(dir.path().join("checkpoint").to_str().unwrap(), "f").unwrap();
+        let mut store = open_at(dir.path(), None, 1).await;
+        store.snapshot_every = 3;
+        // Version 0: every partition's first commit is a snapshot.
+        let entries: Vec<PartitionedEntry> = (0u32..1000)
+            .map(|i| {
+                let (p, k) = key(i);
+                (p, k, vec![b'x'; 100])
+            })
+            .collect();
+        store.put_many(&entries, 1000).unwrap();
+        store.commit(0).await.unwrap();
+        let first = store.committed();
+        assert_eq!((first.partitions, first.snapshots), (4, 4));
+        assert!(first.bytes > 4000, "{first:?}");
+        // Versions 1-7 change key 7 (partition 3); version 2 deletes key 8
+        // (partition 0) too.
+        let mut kinds = Vec::new();
+        for version in 1..=7u64 {
+            let (p, k) = key(7);
+            store
+                .put_many(&[(p, k, format!("v{version}").into_bytes())], 0)
+                .unwrap();
+            if version == 2 {
+                store.delete_many(&[key(8)]).unwrap();
+            }
+            store.commit(version).await.unwrap();
+            let committed = store.committed();
+            kinds.push((committed.partitions, committed.snapshots));
+            if committed.snapshots == 0 {
+                // A changelog costs what changed, not what is kept.
+                assert!(committed.bytes < 100, "{committed:?}");
+            }
+        }
+        // Partition 3 snapshots when (version + 3) % 3 == 0: versions 3 and 6.
+        assert_eq!(
+            kinds,
+            [(1, 0), (2, 0), (1, 1), (1, 0), (1, 0), (1, 1), (1, 0)]
+        );
+        let manifest = read_partition(
+            &remote,
+            &partition_path(
+                "agg",
+                3,
+                PartitionRef {
+                    version: 7,
+                    epoch: 1,
+                },
+            ),
+        )
+        .await
+        .unwrap();
+        let snapshot = read_partition(
+            &remote,
+            &partition_path(
+                "agg",
+                3,
+                PartitionRef {
+                    version: 6,
+                    epoch: 1,
+                },
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(snapshot.changelogs.is_empty());
+        assert_eq!(manifest.files, snapshot.files, "version 6's snapshot");
+        assert_eq!(manifest.changelogs.len(), 1, "and version 7's changes");
+        drop(store);
+        // Another disk restores each version: snapshot, then changelogs.
+        for (version, seven) in [(7u64, "v7"), (5, "v5"), (1, "v1")] {
+            let restored = open_at(
+                dir.path(),
+                Some(PartitionRef { version, epoch: 1 }),
+                2 + version,
+            )
+            .await;
+            assert_eq!(
+                restored.get_many(&[key(7), key(8), key(9)]).unwrap(),
+                [
+                    Some(seven.as_bytes().to_vec()),
+                    if version >= 2 {
+                        None
+                    } else {
+                        Some(vec![b'x'; 100])
+                    },
+                    Some(vec![b'x'; 100])
+                ],
+                "version {version}"
+            );
+            assert_eq!(restored.rows(), if version >= 2 { 999 } else { 1000 });
+        }
     }
 
     #[tokio::test]
