@@ -207,6 +207,11 @@ pub struct StateStore {
     snapshot_every: u64,
     /// What the last commit wrote.
     committed: Committed,
+    /// Manifests read by [`StateStore::clean`], which never change once
+    /// written: each version's partitions, each partition manifest's
+    /// objects.
+    read_versions: HashMap<(u64, u64), Vec<PartitionRef>>,
+    read_partitions: HashMap<String, Vec<String>>,
 }
 
 /// Copies the writes of one batch into another (the next changelog).
@@ -361,6 +366,8 @@ impl StateStore {
             retain: VERSIONS_TO_RETAIN,
             snapshot_every: SNAPSHOT_EVERY,
             committed: Committed::default(),
+            read_versions: HashMap::new(),
+            read_partitions: HashMap::new(),
         })
     }
 
@@ -596,12 +603,18 @@ impl StateStore {
             };
             changelogs.push((data, manifest));
         }
-        // Changelogs go up in parallel, each before its manifest.
+        // Changelogs go up in parallel, each before its manifest, and are
+        // kept on this disk with the snapshot's files.
         let operator = &self.operator;
         let remote_ref = &remote;
+        let kept = &self.kept;
         let written: Vec<PartitionManifest> =
             futures::stream::iter(changelogs.into_iter().map(|(data, manifest)| async move {
                 let log = manifest.changelogs.last().expect("a changelog");
+                let local = kept
+                    .join(manifest.partition.to_string())
+                    .join(object_name(&log.path));
+                tokio::fs::write(&local, &data).await.map_err(state_error)?;
                 remote_ref.put(&log.path, data).await?;
                 let path = partition_path(operator, manifest.partition as usize, here);
                 create(remote_ref, &path, &manifest).await?;
@@ -782,19 +795,37 @@ impl StateStore {
         let kept: HashSet<(u64, u64)> = committed_versions[keep_from..].iter().copied().collect();
         let mut referenced: HashSet<String> = HashSet::new();
         let mut partition_refs: BTreeSet<(usize, PartitionRef)> = BTreeSet::new();
+        // Manifests never change: each is read once by this store.
+        self.read_versions.retain(|key, _| kept.contains(key));
         for &(version, epoch) in &kept {
-            let manifest =
-                read_version(&remote, &self.operator, PartitionRef { version, epoch }).await?;
-            for (p, r) in manifest.partitions.iter().enumerate() {
+            if !self.read_versions.contains_key(&(version, epoch)) {
+                let manifest =
+                    read_version(&remote, &self.operator, PartitionRef { version, epoch }).await?;
+                self.read_versions
+                    .insert((version, epoch), manifest.partitions);
+            }
+            for (p, r) in self.read_versions[&(version, epoch)].iter().enumerate() {
                 partition_refs.insert((p, *r));
             }
         }
-        for (p, r) in &partition_refs {
-            let path = partition_path(&self.operator, *p, *r);
-            referenced.insert(path.clone());
-            let manifest = read_partition(&remote, &path).await?;
-            referenced.extend(manifest.files.into_iter().map(|f| f.path));
-            referenced.extend(manifest.changelogs.into_iter().map(|f| f.path));
+        let paths: HashSet<String> = partition_refs
+            .iter()
+            .map(|(p, r)| partition_path(&self.operator, *p, *r))
+            .collect();
+        self.read_partitions.retain(|path, _| paths.contains(path));
+        for path in paths {
+            if !self.read_partitions.contains_key(&path) {
+                let manifest = read_partition(&remote, &path).await?;
+                let objects = manifest
+                    .files
+                    .into_iter()
+                    .chain(manifest.changelogs)
+                    .map(|f| f.path)
+                    .collect();
+                self.read_partitions.insert(path.clone(), objects);
+            }
+            referenced.extend(self.read_partitions[&path].iter().cloned());
+            referenced.insert(path);
         }
         for (&version, epochs) in versions.range(..=committed) {
             for &epoch in epochs {
@@ -963,33 +994,55 @@ async fn restore_partition(
         .await?;
     let mut restored = Restored::default();
     each.into_iter().for_each(|r| restored.add(r));
-    keep_only(&kept, &manifest.files)?;
     for file in &manifest.files {
         if file.name.ends_with(".sst") {
             ssts.insert(file.name.clone(), file.path.clone());
         }
     }
-    let replay: Vec<Vec<u8>> = futures::stream::iter(manifest.changelogs.iter().map(|log| {
-        let path = &path;
-        async move {
-            remote
-                .get(&log.path)
-                .await?
-                .map(|b| b.to_vec())
-                .ok_or_else(|| Error::Checkpoint {
-                    file: remote.name_of(&log.path),
-                    message: format!(
-                        "is listed by {} but missing: the checkpoint is damaged",
-                        remote.name_of(path)
-                    ),
-                })
-        }
-    }))
-    .buffered(TRANSFERS)
-    .try_collect()
-    .await?;
-    restored.downloaded_files += replay.len() as u64;
-    restored.downloaded_bytes += replay.iter().map(|d| d.len() as u64).sum::<u64>();
+    let replay: Vec<(Vec<u8>, Restored)> =
+        futures::stream::iter(manifest.changelogs.iter().map(|log| {
+            let (path, local) = (&path, kept.join(object_name(&log.path)));
+            async move {
+                let mut from = Restored::default();
+                if let Ok(data) = tokio::fs::read(&local).await
+                    && data.len() as u64 == log.size
+                {
+                    from.local_files = 1;
+                    from.local_bytes = log.size;
+                    return Ok((data, from));
+                }
+                let data = remote
+                    .get(&log.path)
+                    .await?
+                    .map(|b| b.to_vec())
+                    .ok_or_else(|| Error::Checkpoint {
+                        file: remote.name_of(&log.path),
+                        message: format!(
+                            "is listed by {} but missing: the checkpoint is damaged",
+                            remote.name_of(path)
+                        ),
+                    })?;
+                from.downloaded_files = 1;
+                from.downloaded_bytes = log.size;
+                let part = local.with_extension("part");
+                tokio::fs::write(&part, &data).await.map_err(state_error)?;
+                tokio::fs::rename(&part, &local)
+                    .await
+                    .map_err(state_error)?;
+                Ok::<_, Error>((data, from))
+            }
+        }))
+        .buffered(TRANSFERS)
+        .try_collect()
+        .await?;
+    let replay = replay
+        .into_iter()
+        .map(|(data, from)| {
+            restored.add(from);
+            data
+        })
+        .collect();
+    keep_only(&kept, manifest.files.iter().chain(&manifest.changelogs))?;
     Ok(RestoredPartition {
         ssts,
         snapshot: manifest.files,
@@ -1019,8 +1072,8 @@ async fn link_or_copy(from: &LocalPath, to: &LocalPath) -> Result<()> {
 }
 
 /// Removes from `kept` every file the version (`files`) does not list.
-fn keep_only(kept: &LocalPath, files: &[StoredFile]) -> Result<()> {
-    let listed: HashSet<&str> = files.iter().map(|f| object_name(&f.path)).collect();
+fn keep_only<'a>(kept: &LocalPath, files: impl IntoIterator<Item = &'a StoredFile>) -> Result<()> {
+    let listed: HashSet<&str> = files.into_iter().map(|f| object_name(&f.path)).collect();
     for entry in std::fs::read_dir(kept).map_err(state_error)? {
         let entry = entry.map_err(state_error)?;
         let name = entry.file_name();
@@ -1328,6 +1381,23 @@ mod tests {
             );
             assert_eq!(restored.rows(), if version >= 2 { 999 } else { 1000 });
         }
+        // The writer's disk kept the changelogs too: it downloads nothing.
+        let again = open_at(
+            dir.path(),
+            Some(PartitionRef {
+                version: 7,
+                epoch: 1,
+            }),
+            1,
+        )
+        .await;
+        assert_eq!(
+            again.restored().downloaded_files,
+            0,
+            "{:?}",
+            again.restored()
+        );
+        assert_eq!(again.get_many(&[key(7)]).unwrap(), [Some(b"v7".to_vec())]);
     }
 
     #[tokio::test]
