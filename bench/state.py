@@ -59,7 +59,7 @@ spec:
 """
 
 COMMITTED = re.compile(r"Committed the state\..*?version=(\d+) partitions=(\d+) snapshots=(\d+) "
-                       r"files=(\d+) bytes=(\d+) ms=(\d+)")
+                       r"files=(\d+) bytes=(\d+) changelog_bytes=(\d+) ms=(\d+)")
 RESTORED = re.compile(r"Restored the state\..*?downloaded_files=(\d+) downloaded_bytes=(\d+) "
                       r"local_files=(\d+) local_bytes=(\d+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -97,7 +97,8 @@ def run(args, name, spec, state_dir):
 
 
 def commits(text):
-    return [dict(zip(("version", "partitions", "snapshots", "files", "bytes", "ms"), map(int, m.groups())))
+    return [dict(zip(("version", "partitions", "snapshots", "files", "bytes", "changelog", "ms"),
+                     map(int, m.groups())))
             for m in COMMITTED.finditer(text)]
 
 
@@ -198,14 +199,15 @@ def main():
     rows = commits(text)
     print(f"\n2. Checkpoint cost when 1% of the state changes: {args.changed_batches} batches of {changed:,} "
           f"updated keys ({seconds:.1f} s in all, peak RSS {mib(rss)})")
-    print(f"   {'batch':>5} {'commit ms':>9} {'partitions':>10} {'snapshots':>9} {'uploaded':>12}")
+    print(f"   {'batch':>5} {'commit ms':>9} {'partitions':>10} {'snapshots':>9} {'uploaded':>12} "
+          f"{'changelogs':>12} {'snapshots':>12}")
     for c in rows:
-        print(f"   {c['version']:>5} {c['ms']:>9} {c['partitions']:>10} {c['snapshots']:>9} {mib(c['bytes']):>12}")
-    logs = [c for c in rows if c["snapshots"] == 0]
-    if logs:
-        mean = sum(c["bytes"] for c in logs) / len(logs)
-        print(f"   changelog-only batches: {mean / changed:.0f} bytes uploaded per changed key, "
-              f"{sum(c['ms'] for c in logs) / len(logs):.0f} ms a commit on average")
+        print(f"   {c['version']:>5} {c['ms']:>9} {c['partitions']:>10} {c['snapshots']:>9} {mib(c['bytes']):>12} "
+              f"{mib(c['changelog']):>12} {mib(c['bytes'] - c['changelog']):>12}")
+    if rows:
+        mean = sum(c["changelog"] for c in rows) / len(rows)
+        print(f"   the changelogs: {mean / changed:.0f} bytes per changed key; the snapshots: the new SST files "
+              f"(memtable flushes and compactions) of the 1-2 partitions whose snapshot falls due")
     sys.stdout.flush()
 
     # 3. Restart after SIGKILL.

@@ -130,6 +130,7 @@ pub struct Recovery {
 }
 
 /// A query's checkpoint location.
+#[derive(Clone)]
 pub struct Checkpoint {
     storage: Storage,
 }

@@ -155,8 +155,10 @@ pub struct Committed {
     pub snapshots: u64,
     /// Objects uploaded (files, changelogs and manifests).
     pub files: u64,
-    /// Their bytes.
+    /// Their bytes (manifests aside).
     pub bytes: u64,
+    /// Of them, the changelogs' bytes.
+    pub changelog_bytes: u64,
     /// How long the commit took, in ms.
     pub ms: u64,
 }
@@ -201,17 +203,13 @@ pub struct StateStore {
     restored_schema: Option<StateSchema>,
     rows: u64,
     commits: u64,
-    /// How many committed versions [`StateStore::clean`] keeps.
-    retain: u64,
     /// A snapshot of a partition once every this many versions.
     snapshot_every: u64,
     /// What the last commit wrote.
     committed: Committed,
-    /// Manifests read by [`StateStore::clean`], which never change once
-    /// written: each version's partitions, each partition manifest's
-    /// objects.
-    read_versions: HashMap<(u64, u64), Vec<PartitionRef>>,
-    read_partitions: HashMap<String, Vec<String>>,
+    /// Deletes old versions; `None` while it runs in the background.
+    cleaner: Option<Cleaner>,
+    cleaning: Option<tokio::task::JoinHandle<(Cleaner, Result<()>)>>,
 }
 
 /// Copies the writes of one batch into another (the next changelog).
@@ -350,6 +348,7 @@ impl StateStore {
                 changes: WriteBatch::default(),
             });
         }
+        let cleaner = remote.as_ref().map(|remote| Cleaner::new(operator, remote));
         Ok(StateStore {
             operator: operator.to_owned(),
             local,
@@ -363,11 +362,10 @@ impl StateStore {
             restored_schema,
             rows,
             commits: 0,
-            retain: VERSIONS_TO_RETAIN,
             snapshot_every: SNAPSHOT_EVERY,
             committed: Committed::default(),
-            read_versions: HashMap::new(),
-            read_partitions: HashMap::new(),
+            cleaner,
+            cleaning: None,
         })
     }
 
@@ -624,8 +622,10 @@ impl StateStore {
             .try_collect()
             .await?;
         for manifest in written {
+            let size = manifest.changelogs.last().map_or(0, |f| f.size);
             committed.files += 1;
-            committed.bytes += manifest.changelogs.last().map_or(0, |f| f.size);
+            committed.bytes += size;
+            committed.changelog_bytes += size;
             let partition = &mut self.partitions[manifest.partition as usize];
             partition.changelogs = manifest.changelogs;
             partition.at = Some(here);
@@ -655,6 +655,7 @@ impl StateStore {
             snapshots = committed.snapshots,
             files = committed.files,
             bytes = committed.bytes,
+            changelog_bytes = committed.changelog_bytes,
             ms = committed.ms,
             "Committed the state."
         );
@@ -744,21 +745,81 @@ impl StateStore {
         Ok((uploads.len() as u64 + 1, uploaded_bytes))
     }
 
-    /// After batch `committed` committed: once every few commits, deletes
-    /// what no kept version needs. Kept: the newest [`VERSIONS_TO_RETAIN`]
-    /// committed versions and everything they list. Deleted: older
-    /// versions, versions of batches that another run committed, and files
-    /// and partition manifests that only those list. Nothing of a batch
-    /// after `committed` is touched: a run may still be writing it.
+    /// After batch `committed` committed: once every few commits, starts
+    /// deleting what no kept version needs, in the background (the next
+    /// batches run meanwhile; an error is returned by the next call). Kept:
+    /// the newest [`VERSIONS_TO_RETAIN`] committed versions and everything
+    /// they list. Deleted: older versions, versions of batches that another
+    /// run committed, and files and partition manifests that only those
+    /// list. Nothing of a batch after `committed` is touched: a run may
+    /// still be writing it, and a newer version lists no file of a batch up
+    /// to `committed` that version `committed` does not.
     pub async fn clean(&mut self, checkpoint: &Checkpoint, committed: u64) -> Result<()> {
-        let Some(remote) = self.remote.clone() else {
-            return Ok(());
-        };
-        if !self.commits.is_multiple_of(CLEAN_EVERY) || self.commits == 0 {
+        if self.remote.is_none() {
             return Ok(());
         }
+        let due = self.commits.is_multiple_of(CLEAN_EVERY) && self.commits > 0;
+        if !due && !self.cleaning.as_ref().is_some_and(|c| c.is_finished()) {
+            return Ok(());
+        }
+        self.cleaned().await?;
+        if due {
+            let mut cleaner = self.cleaner.take().expect("no clean is running");
+            let checkpoint = checkpoint.clone();
+            self.cleaning = Some(tokio::spawn(async move {
+                let result = cleaner.clean(&checkpoint, committed).await;
+                (cleaner, result)
+            }));
+        }
+        Ok(())
+    }
+
+    /// Waits for a clean running in the background; its error if it failed.
+    pub async fn cleaned(&mut self) -> Result<()> {
+        let Some(running) = self.cleaning.take() else {
+            return Ok(());
+        };
+        match running.await {
+            Ok((cleaner, result)) => {
+                self.cleaner = Some(cleaner);
+                result
+            }
+            Err(e) => {
+                if let Some(remote) = &self.remote {
+                    self.cleaner = Some(Cleaner::new(&self.operator, remote));
+                }
+                Err(state_error(format!("the state clean-up task failed: {e}")))
+            }
+        }
+    }
+}
+
+/// Deletes what no kept state version needs; remembers the manifests it
+/// read, which never change once written.
+struct Cleaner {
+    operator: String,
+    remote: Storage,
+    /// How many committed versions it keeps.
+    retain: u64,
+    /// Each version's partitions, each partition manifest's objects.
+    read_versions: HashMap<(u64, u64), Vec<PartitionRef>>,
+    read_partitions: HashMap<String, Vec<String>>,
+}
+
+impl Cleaner {
+    fn new(operator: &str, remote: &Storage) -> Self {
+        Self {
+            operator: operator.to_owned(),
+            remote: remote.clone(),
+            retain: VERSIONS_TO_RETAIN,
+            read_versions: HashMap::new(),
+            read_partitions: HashMap::new(),
+        }
+    }
+
+    async fn clean(&mut self, checkpoint: &Checkpoint, committed: u64) -> Result<()> {
         let prefix = format!("state/{}", self.operator);
-        let objects = remote.list(&prefix).await?;
+        let objects = self.remote.list(&prefix).await?;
         // What the objects are, from their names.
         let mut versions: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         let mut others: Vec<(String, u64, u64)> = Vec::new(); // (path, version, epoch)
@@ -799,8 +860,12 @@ impl StateStore {
         self.read_versions.retain(|key, _| kept.contains(key));
         for &(version, epoch) in &kept {
             if !self.read_versions.contains_key(&(version, epoch)) {
-                let manifest =
-                    read_version(&remote, &self.operator, PartitionRef { version, epoch }).await?;
+                let manifest = read_version(
+                    &self.remote,
+                    &self.operator,
+                    PartitionRef { version, epoch },
+                )
+                .await?;
                 self.read_versions
                     .insert((version, epoch), manifest.partitions);
             }
@@ -815,7 +880,7 @@ impl StateStore {
         self.read_partitions.retain(|path, _| paths.contains(path));
         for path in paths {
             if !self.read_partitions.contains_key(&path) {
-                let manifest = read_partition(&remote, &path).await?;
+                let manifest = read_partition(&self.remote, &path).await?;
                 let objects = manifest
                     .files
                     .into_iter()
@@ -827,20 +892,29 @@ impl StateStore {
             referenced.extend(self.read_partitions[&path].iter().cloned());
             referenced.insert(path);
         }
+        let mut garbage = Vec::new();
         for (&version, epochs) in versions.range(..=committed) {
             for &epoch in epochs {
                 if !kept.contains(&(version, epoch)) {
-                    remote
-                        .delete(&version_path(&self.operator, version, epoch))
-                        .await?;
+                    garbage.push(version_path(&self.operator, version, epoch));
                 }
             }
         }
         for (path, version, _) in others {
             if version <= committed && !referenced.contains(&path) {
-                remote.delete(&path).await?;
+                garbage.push(path);
             }
         }
+        // NB: each future owns what it uses: a closure over borrowed paths
+        // makes the spawned clean-up not `Send` for every lifetime.
+        let deletes = garbage.into_iter().map(|path| {
+            let remote = self.remote.clone();
+            async move { remote.delete(&path).await }
+        });
+        futures::stream::iter(deletes)
+            .buffer_unordered(TRANSFERS)
+            .try_collect::<Vec<()>>()
+            .await?;
         Ok(())
     }
 }
@@ -1120,6 +1194,11 @@ mod tests {
         .unwrap()
     }
 
+    /// Version `version` as committed by epoch 1.
+    fn at(version: u64) -> PartitionRef {
+        PartitionRef { version, epoch: 1 }
+    }
+
     /// Version 0: keys 0..100 with values `v<i>`; version 1: key 7 is
     /// `seven`.
     async fn commit_two_versions(store: &mut StateStore) {
@@ -1328,44 +1407,19 @@ mod tests {
             kinds,
             [(1, 0), (2, 0), (1, 1), (1, 0), (1, 0), (1, 1), (1, 0)]
         );
-        let manifest = read_partition(
-            &remote,
-            &partition_path(
-                "agg",
-                3,
-                PartitionRef {
-                    version: 7,
-                    epoch: 1,
-                },
-            ),
-        )
-        .await
-        .unwrap();
-        let snapshot = read_partition(
-            &remote,
-            &partition_path(
-                "agg",
-                3,
-                PartitionRef {
-                    version: 6,
-                    epoch: 1,
-                },
-            ),
-        )
-        .await
-        .unwrap();
+        let manifest = read_partition(&remote, &partition_path("agg", 3, at(7)))
+            .await
+            .unwrap();
+        let snapshot = read_partition(&remote, &partition_path("agg", 3, at(6)))
+            .await
+            .unwrap();
         assert!(snapshot.changelogs.is_empty());
         assert_eq!(manifest.files, snapshot.files, "version 6's snapshot");
         assert_eq!(manifest.changelogs.len(), 1, "and version 7's changes");
         drop(store);
         // Another disk restores each version: snapshot, then changelogs.
         for (version, seven) in [(7u64, "v7"), (5, "v5"), (1, "v1")] {
-            let restored = open_at(
-                dir.path(),
-                Some(PartitionRef { version, epoch: 1 }),
-                2 + version,
-            )
-            .await;
+            let restored = open_at(dir.path(), Some(at(version)), 2 + version).await;
             assert_eq!(
                 restored.get_many(&[key(7), key(8), key(9)]).unwrap(),
                 [
@@ -1382,15 +1436,7 @@ mod tests {
             assert_eq!(restored.rows(), if version >= 2 { 999 } else { 1000 });
         }
         // The writer's disk kept the changelogs too: it downloads nothing.
-        let again = open_at(
-            dir.path(),
-            Some(PartitionRef {
-                version: 7,
-                epoch: 1,
-            }),
-            1,
-        )
-        .await;
+        let again = open_at(dir.path(), Some(at(7)), 1).await;
         assert_eq!(
             again.restored().downloaded_files,
             0,
@@ -1485,8 +1531,9 @@ mod tests {
         }
         let remote = Storage::open(dir.path().join("checkpoint").to_str().unwrap(), "f").unwrap();
         store.commits = 10 * 4;
-        store.retain = 5;
+        store.cleaner.as_mut().unwrap().retain = 5;
         store.clean(&checkpoint, 29).await.unwrap();
+        store.cleaned().await.unwrap();
         let names: HashSet<String> = remote
             .list("state/agg")
             .await
