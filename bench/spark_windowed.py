@@ -6,7 +6,7 @@ Streaming (PySpark, local mode).
 Per user, sliding windows of 5 minutes every minute over event_time, count,
 sum and average of amount, a 10-minute watermark, append mode, HAVING
 count >= MIN_COUNT (20); JSON-lines input with a declared schema, one file a
-micro-batch (maxFilesPerTrigger 1), trigger availableNow; Parquet output with
+micro-batch (maxFilesPerTrigger $FILES_PER_TRIGGER, default 1), trigger availableNow; Parquet output with
 a checkpoint. Writes the Spark version, the streaming query's own time and
 the batches to RESULT_JSON.
 
@@ -30,7 +30,7 @@ def main() -> None:
     min_count = int(os.environ.get("MIN_COUNT", "20"))
     spark = session("sluice-bench-windowed")
     source = (
-        spark.readStream.schema(SCHEMA).option("maxFilesPerTrigger", 1).json(input_dir)
+        spark.readStream.schema(SCHEMA).option("maxFilesPerTrigger", int(os.environ.get("FILES_PER_TRIGGER", "1"))).json(input_dir)
     ).withWatermark("event_time", "10 minutes")
     # Keep in step with QUERY in bench/windowed.sh (the Sluice side).
     result = (

@@ -9,11 +9,17 @@
 #     time, up to 2 s out of order), JSON-lines files of 50,000 rows;
 #   - query: per user, sliding windows of 5 minutes every minute, count, sum
 #     and average of amount, a 10-minute watermark, append mode,
-#     HAVING count >= MIN_COUNT; one file a micro-batch (maxFilesPerTrigger
-#     1), trigger availableNow, Parquet output with a checkpoint;
-#   - Sluice: the wall time of `sluice run` (release build) and its peak
-#     resident memory (VmHWM); Spark: the streaming query's own time, and the
-#     process's wall time with JVM start;
+#     HAVING count >= MIN_COUNT; FILES_PER_TRIGGER files a micro-batch
+#     (maxFilesPerTrigger, default 1), trigger availableNow, Parquet output
+#     with a checkpoint;
+#   - Sluice: the wall time of `sluice run` (release build), its CPU time
+#     (how many of the cores it kept busy) and its peak resident memory
+#     (VmHWM); Spark: the streaming query's own time, and the process's wall
+#     time with JVM start;
+#   - the limit: the same aggregation as one batch query on DataFusion (the
+#     engine under Sluice; its Python package) over the same files, with the
+#     same naive window expansion (bench/datafusion_windowed.py), and
+#     Sluice's fraction of its rate;
 #   - correctness: both outputs are read with pyarrow and compared row for
 #     row (sums and averages to 1e-9 relative: the engines add floating-point
 #     numbers in different orders); the script exits 1 if they differ.
@@ -25,7 +31,7 @@
 #
 # Run: bench/windowed.sh        (ROWS=200000 for a quick look)
 # Settings: ROWS (1000000), USERS (2000), RATE (100), MIN_COUNT (20),
-# RUNS (1), BENCH_DIR, SLUICE_BENCH_TARGET (~/.cache/sluice/bench-target),
+# FILES_PER_TRIGGER (1), RUNS (1), BENCH_DIR, SLUICE_BENCH_TARGET (~/.cache/sluice/bench-target),
 # SLUICE_BIN (use this binary instead of building), SPARK_MASTER (local[2]).
 set -euo pipefail
 
@@ -36,11 +42,15 @@ USERS=${USERS:-2000}
 RATE=${RATE:-100}
 RUNS=${RUNS:-1}
 export MIN_COUNT=${MIN_COUNT:-20}
+export FILES_PER_TRIGGER=${FILES_PER_TRIGGER:-1}
 export SPARK_MASTER=${SPARK_MASTER:-local[2]}
 KEYS_ONLY=${KEYS_ONLY:-}
 
 source "$here/lib.sh"
-[ -n "$KEYS_ONLY" ] || ensure_spark
+if [ -z "$KEYS_ONLY" ]; then
+  ensure_spark
+  python3 -c 'import datafusion' 2>/dev/null || python3 -m pip install -q "datafusion==55.*"
+fi
 build_sluice
 make_work_dir sluice-windowed
 generate_transactions "$ROWS" "$USERS" "$RATE"
@@ -58,7 +68,7 @@ metadata: {name: bench-windowed}
 spec:
   sources:
     - name: transactions
-      files: {path: $work/input, maxFilesPerTrigger: 1}
+      files: {path: $work/input, maxFilesPerTrigger: $FILES_PER_TRIGGER}
       format: json
 $TRANSACTIONS_SCHEMA
       watermark: {column: event_time, delay: 10m}
@@ -81,10 +91,14 @@ for run in $(seq 1 "$RUNS"); do
   SLUICE_STATE_DIR="$work/state" "$sluice" run "$work/windowed.yaml" 2>"$log" &
   pid=$!
   peak=0
+  ticks=0
   while kill -0 "$pid" 2>/dev/null; do
     hwm=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
     [ "${hwm:-0}" -gt "$peak" ] && peak=$hwm
-    sleep 0.2
+    # utime + stime (fields 14 and 15, after the command's parenthesis).
+    t=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0)
+    [ "${t:-0}" -gt "$ticks" ] && ticks=$t
+    sleep 0.1
   done
   wait "$pid" || { tail -20 "$log" >&2; exit 1; }
   t1=$(now)
@@ -96,9 +110,10 @@ print(max((json.load(open(os.path.join(d, f)))["rows"] for f in os.listdir(d) if
 PY
 )
   batches=$(grep -c 'Batch completed' "$log" || true)
-  echo "   ${secs}s, $batches batches, peak RSS $((peak / 1024)) MiB, at most $state_max keys in state after a batch" >&2
-  printf '{"engine": "sluice", "run": %d, "seconds": %s, "batches": %d, "peak_rss_kib": %d, "state_rows_max": %d}\n' \
-    "$run" "$secs" "$batches" "$peak" "$state_max" >>"$results"
+  cpu=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }')
+  echo "   ${secs}s, ${cpu}s of CPU, $batches batches, peak RSS $((peak / 1024)) MiB, at most $state_max keys in state after a batch" >&2
+  printf '{"engine": "sluice", "run": %d, "seconds": %s, "cpu_seconds": %s, "batches": %d, "peak_rss_kib": %d, "state_rows_max": %d}\n' \
+    "$run" "$secs" "$cpu" "$batches" "$peak" "$state_max" >>"$results"
   [ -n "$KEYS_ONLY" ] && continue
 
   rm -rf "$work/spark"
@@ -115,6 +130,10 @@ r = json.load(open(sys.argv[1]))
 r.update(engine="spark", run=int(sys.argv[2]), seconds=float(sys.argv[3]))
 print(json.dumps(r))
 PY
+  say "datafusion (batch) run $run/$RUNS"
+  python3 "$here/datafusion_windowed.py" "$work/input" "$MIN_COUNT" | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read()); r.update(engine="datafusion", run=int(sys.argv[1])); print(json.dumps(r))' "$run" >>"$results"
 done
 
 python3 - "$results" "$work" "$ROWS" "$KEYS_ONLY" <<'PY'
@@ -124,8 +143,10 @@ runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 work, rows, keys_only = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 sl = [r for r in runs if r["engine"] == "sluice"]
 best_sluice = min(sl, key=lambda r: r["seconds"])
-print(f"\nWindowed fraud query, {rows:,} input rows, {os.cpu_count()} cores")
+files = os.environ.get("FILES_PER_TRIGGER", "1")
+print(f"\nWindowed fraud query, {rows:,} input rows, {files} files a trigger, {os.cpu_count()} cores")
 print(f"  Sluice: {best_sluice['seconds']:.2f} s ({rows / best_sluice['seconds']:,.0f} rows/s), "
+      f"{best_sluice['cpu_seconds'] / best_sluice['seconds']:.2f} cores busy on average, "
       f"peak RSS {best_sluice['peak_rss_kib'] / 1024:,.0f} MiB, up to {best_sluice['state_rows_max']:,} keys in state")
 if keys_only:
     sys.exit(0)
@@ -136,6 +157,13 @@ print(f"  Spark {best_spark['spark_version']}: query {best_spark['query_seconds'
       f"{best_spark['batches']} batches, up to {best_spark['state_rows_max']:,} keys in state")
 print(f"  Sluice is {best_spark['query_seconds'] / best_sluice['seconds']:.1f}x Spark's query time "
       f"({best_spark['seconds'] / best_sluice['seconds']:.1f}x its process time)")
+df = min((r for r in runs if r["engine"] == "datafusion"), key=lambda r: r["seconds"])
+print(f"  the limit, DataFusion as one batch query: {df['seconds']:.2f} s ({rows / df['seconds']:,.0f} rows/s, "
+      f"{df['rows']:,} rows: every window); Sluice runs at {df['seconds'] / best_sluice['seconds']:.0%} of it")
+summary = {"rows": rows, "files_per_trigger": int(files), "sluice_seconds": best_sluice["seconds"],
+           "sluice_cores_busy": best_sluice["cpu_seconds"] / best_sluice["seconds"],
+           "spark_query_seconds": best_spark["query_seconds"], "datafusion_seconds": df["seconds"]}
+json.dump(summary, open(os.path.join(work, "summary.json"), "w"))
 
 import pyarrow.parquet as pq
 def read(path, committed=None):
@@ -147,11 +175,18 @@ def read(path, committed=None):
             out.append(r)
     return out
 def committed(out):
-    files = []
+    # The newest compact manifest (every batch up to it), then the later ones.
     meta = os.path.join(out, "_sluice_metadata")
-    for name in sorted(os.listdir(meta), key=int):
-        files += [os.path.join(out, f["path"]) for f in json.load(open(os.path.join(meta, name)))["files"]]
-    return files
+    names = os.listdir(meta)
+    compacts = sorted(int(n[:-len(".compact")]) for n in names if n.endswith(".compact"))
+    batches = {}
+    if compacts:
+        for m in json.load(open(os.path.join(meta, f"{compacts[-1]}.compact")))["batches"]:
+            batches[m["batchId"]] = m["files"]
+    for name in names:
+        if name.isdigit() and (not compacts or int(name) > compacts[-1]):
+            batches[int(name)] = json.load(open(os.path.join(meta, name)))["files"]
+    return [os.path.join(out, f["path"]) for b in sorted(batches) for f in batches[b]]
 s_rows = read(None, committed(os.path.join(work, "sluice", "out")))
 p_rows = read(os.path.join(work, "spark", "out"))
 key = lambda r: (r["window_start"], r["window_end"], r["user_id"])
