@@ -473,10 +473,17 @@ from confluent_kafka import Producer
 bootstrap, topic, first, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
 for i in range(first, first + count):
-    p.produce(topic, key=str(i).encode(), value=('{"id": %d}' % i).encode())
+    while True:
+        try:
+            p.produce(topic, key=str(i).encode(), value=('{"id": %d}' % i).encode())
+            break
+        except BufferError:
+            # The local queue (100,000 messages) is full: wait for the broker.
+            p.poll(0.1)
     if i % 5000 == 0:
         p.poll(0)
-p.flush()
+if p.flush(120) != 0:
+    sys.exit(f"{len(p)} records to {topic} were not delivered")
 PY
 }
 kafka_topic_create auto-in 4 && kafka_topic_create auto-out 1
