@@ -28,7 +28,7 @@ use crate::operators::{Kind, Stateful};
 use crate::state::{PartitionRef, StateStore};
 use crate::storage::Storage;
 use crate::watermark::BatchWatermarks;
-use crate::window::{self, WINDOW_END, WindowFunction};
+use crate::window::{self, WINDOW_END, WINDOW_START, WindowFunction};
 use crate::{Error, Result};
 
 /// A table that holds the current batch's rows of one source.
@@ -112,6 +112,9 @@ pub struct QueryPlan {
     /// For `SELECT DISTINCT`: the position of the distinct column that is
     /// a source's watermark column (by lineage: aliases do not hide it).
     dedup_event_time: Option<usize>,
+    /// The hop window's panes, when the aggregation keeps its state per
+    /// pane (see [`window::Panes`]).
+    panes: Option<window::Panes>,
 }
 
 impl QueryPlan {
@@ -202,7 +205,19 @@ impl QueryPlan {
         let watermark_columns: Vec<&str> =
             watermarks.iter().flatten().map(String::as_str).collect();
         let dedup_event_time = distinct_event_time(&plan, &watermark_columns);
+        let panes = match windows.as_slice() {
+            [only]
+                if aggregated.is_some_and(|a| !a.deduplicates)
+                    && output_mode != OutputMode::Complete
+                    && std::env::var(PANES_ENV).as_deref() != Ok("off")
+                    && groups_by_window_only(&plan) =>
+            {
+                only.function.panes()
+            }
+            _ => None,
+        };
         Ok(Self {
+            panes,
             dedup_event_time,
             ctx,
             plan,
@@ -237,6 +252,15 @@ impl QueryPlan {
         };
         let store =
             StateStore::open("aggregate", partitions, local, remote, restore, epoch).await?;
+        if self.panes.is_some()
+            && store
+                .restored_schema()
+                .is_some_and(|s| s.keys.iter().any(|c| c.name == WINDOW_END))
+        {
+            // A checkpoint written before panes: it goes on with windows.
+            tracing::info!("The restored state keeps windows, not panes: the query goes on so.");
+            self.panes = None;
+        }
         let kind = if shape.deduplicates {
             Kind::Deduplicate {
                 event_time: self.dedup_event_time,
@@ -248,6 +272,7 @@ impl QueryPlan {
         } else {
             Kind::Aggregate {
                 evicts: shape.windowed_with_watermark && self.output_mode != OutputMode::Complete,
+                panes: self.panes,
             }
         };
         // The plan over empty batches: the state's schema.
@@ -361,10 +386,17 @@ impl QueryPlan {
         for window in &self.windows {
             let mut expanded = Vec::new();
             for batch in &inputs[window.source] {
-                let (rows, dropped) = window
-                    .function
-                    .expand(batch, &window.schema, late_watermark)
-                    .map_err(|e| DataFusionError::Execution(e.to_string()))?;
+                let (rows, dropped) = match self.panes {
+                    Some(panes) => {
+                        window
+                            .function
+                            .expand_panes(panes, batch, &window.schema, late_watermark)
+                    }
+                    None => window
+                        .function
+                        .expand(batch, &window.schema, late_watermark),
+                }
+                .map_err(|e| DataFusionError::Execution(e.to_string()))?;
                 late += dropped;
                 expanded.push(rows);
             }
@@ -387,6 +419,63 @@ impl QueryPlan {
         let df = self.ctx.execute_logical_plan(self.plan.clone()).await?;
         df.collect().await
     }
+}
+
+/// Set to `off` to keep a hop window's state per window, not per pane (for
+/// comparisons: both give the same results).
+pub const PANES_ENV: &str = "SLUICE_WINDOW_PANES";
+
+/// Whether the query's one aggregation groups by `window_start` and
+/// `window_end` as the window table gives them and nothing below the
+/// aggregation reads them otherwise (a filter, a join condition, an
+/// aggregate's argument, a computed column would see panes instead of
+/// windows): then its state can be kept per pane.
+fn groups_by_window_only(plan: &LogicalPlan) -> bool {
+    let is_window = |name: &str| name == WINDOW_START || name == WINDOW_END;
+    let reads_window = |e: &Expr| e.column_refs().iter().any(|c| is_window(&c.name));
+    let bare = |e: &Expr| matches!(e, Expr::Column(_));
+    let mut aggregates = Vec::new();
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::Aggregate(a) = node {
+            aggregates.push(a.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    let [aggregate] = aggregates.as_slice() else {
+        return false;
+    };
+    let grouped: Vec<&str> = aggregate
+        .group_expr
+        .iter()
+        .filter_map(|e| match e {
+            Expr::Column(c) => Some(c.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    if !grouped.contains(&WINDOW_START) || !grouped.contains(&WINDOW_END) {
+        return false;
+    }
+    if aggregate
+        .group_expr
+        .iter()
+        .any(|e| !bare(e) && reads_window(e))
+        || aggregate.aggr_expr.iter().any(reads_window)
+    {
+        return false;
+    }
+    let mut clean = true;
+    let _ = aggregate.input.apply(|node| {
+        clean &= match node {
+            LogicalPlan::Projection(p) => !p.expr.iter().any(|e| !bare(e) && reads_window(e)),
+            other => !other.expressions().iter().any(reads_window),
+        };
+        Ok(if clean {
+            TreeNodeRecursion::Continue
+        } else {
+            TreeNodeRecursion::Stop
+        })
+    });
+    clean
 }
 
 /// For `SELECT DISTINCT`: the position of the distinct column that is one
@@ -751,6 +840,323 @@ mod tests {
                 err.contains("keeps the stream on the outer side"),
                 "{sql}: {err}"
             );
+        }
+    }
+
+    /// The rows of `batches`, formatted and sorted.
+    fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
+        let text = datafusion::arrow::util::pretty::pretty_format_batches(batches)
+            .unwrap()
+            .to_string();
+        let mut rows: Vec<String> = text
+            .lines()
+            .skip(3)
+            .filter(|l| l.starts_with('|'))
+            .map(str::to_owned)
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[tokio::test]
+    async fn a_hop_window_kept_as_panes_writes_what_windows_would() {
+        use datafusion::arrow::array::TimestampMicrosecondArray;
+        let events = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
+                false,
+            ),
+        ]));
+        let sources = [("events".to_owned(), events.clone())];
+        // 20 s slide, 50 s size: 10 s panes, windows of 5 panes.
+        let sql = "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total, min(v) AS lo \
+                   FROM hop(events, ts, '20 seconds', '50 seconds') \
+                   GROUP BY window_start, window_end, k HAVING count(*) >= 2";
+        // Seeded events, up to 60 s out of order, some far behind (late).
+        let mut seed = 42u64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut batches = Vec::new();
+        let mut clock = 0i64;
+        for _ in 0..12 {
+            let (mut k, mut v, mut ts) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..200 {
+                clock += 150_000;
+                let behind = if next(20) == 0 { 300 } else { next(60) } as i64;
+                k.push(next(7) as i64);
+                v.push(next(1000) as i64);
+                ts.push(clock - behind * 1_000_000);
+            }
+            batches.push(
+                RecordBatch::try_new(
+                    events.clone(),
+                    vec![
+                        Arc::new(Int64Array::from(k)),
+                        Arc::new(Int64Array::from(v)),
+                        Arc::new(TimestampMicrosecondArray::from(ts)),
+                    ],
+                )
+                .unwrap(),
+            );
+        }
+        for mode in [OutputMode::Append, OutputMode::Update] {
+            let mut outputs = Vec::new();
+            let mut state_rows = Vec::new();
+            for panes in [true, false] {
+                let dir = tempfile::tempdir().unwrap();
+                let mut plan = QueryPlan::new(sql, &sources, &[Some("ts".into())], &[], mode)
+                    .await
+                    .unwrap();
+                assert!(plan.panes.is_some(), "{mode:?}: the plan keeps panes");
+                if !panes {
+                    plan.panes = None;
+                }
+                plan.open_state(4, dir.path(), None, None, 1).await.unwrap();
+                // As the runner: late rows are judged by the previous
+                // batch's eviction watermark.
+                let (mut max_ts, mut last_eviction) = (None::<i64>, None::<Option<i64>>);
+                let mut written = Vec::new();
+                for (n, batch) in batches.iter().enumerate() {
+                    // The watermark: 30 s behind the largest event time seen
+                    // before the batch (milliseconds), as the tracker keeps it.
+                    let eviction = max_ts.map(|t| t / 1000 - 30_000);
+                    let watermarks = BatchWatermarks {
+                        eviction_ms: eviction,
+                        late_events_ms: last_eviction.unwrap_or(eviction),
+                    };
+                    let out = plan
+                        .execute(vec![vec![batch.clone()]], watermarks)
+                        .await
+                        .unwrap();
+                    plan.commit_state(n as u64).await.unwrap();
+                    written.push(sorted_rows(&out));
+                    last_eviction = Some(eviction);
+                    let times = batch
+                        .column(2)
+                        .as_any()
+                        .downcast_ref::<TimestampMicrosecondArray>()
+                        .unwrap();
+                    max_ts = max_ts.max(times.values().iter().copied().max());
+                }
+                // A batch without data, far ahead: every window closes.
+                let end = max_ts.map(|t| t / 1000 + 3_600_000);
+                let out = plan
+                    .execute(
+                        vec![vec![RecordBatch::new_empty(events.clone())]],
+                        BatchWatermarks {
+                            eviction_ms: end,
+                            late_events_ms: last_eviction.flatten(),
+                        },
+                    )
+                    .await
+                    .unwrap();
+                written.push(sorted_rows(&out));
+                let progress = &plan.state_progress()[0];
+                state_rows.push((
+                    progress.num_rows_total,
+                    progress.num_rows_dropped_by_watermark,
+                ));
+                outputs.push(written);
+            }
+            let total: usize = outputs[0].iter().map(Vec::len).sum();
+            assert!(total > 50, "{mode:?}: {total} rows written");
+            for (n, (panes, windows)) in outputs[0].iter().zip(&outputs[1]).enumerate() {
+                assert_eq!(panes, windows, "{mode:?}, batch {n}");
+            }
+            // Everything closed and left the state; the same late pairs.
+            assert_eq!(state_rows[0].0, 0, "{mode:?}");
+            assert_eq!(state_rows[1].0, 0, "{mode:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn large_batches_merge_over_the_cores_to_every_window_once() {
+        use std::collections::BTreeMap as Map;
+
+        use datafusion::arrow::array::TimestampMicrosecondArray;
+        let events = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
+                false,
+            ),
+        ]));
+        let sql = "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total \
+                   FROM hop(events, ts, '20 seconds', '50 seconds') \
+                   GROUP BY window_start, window_end, k";
+        // Batches of 30,000 rows over 6,000 keys (merges of more than
+        // PARALLEL_ROWS states), up to 60 s out of order, none late.
+        let mut seed = 7u64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut expected: Map<(i64, i64), (i64, i64)> = Map::new();
+        let mut batches = Vec::new();
+        let mut clock = 0i64;
+        for _ in 0..3 {
+            let (mut k, mut v, mut ts) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..30_000 {
+                clock += 5_000;
+                let (key, value) = (next(6_000) as i64, next(1000) as i64);
+                let t = clock - next(60) as i64 * 1_000_000;
+                let mut start = t - t.rem_euclid(20_000_000);
+                while start + 50_000_000 > t {
+                    let e = expected.entry((start, key)).or_default();
+                    *e = (e.0 + 1, e.1 + value);
+                    start -= 20_000_000;
+                }
+                k.push(key);
+                v.push(value);
+                ts.push(t);
+            }
+            batches.push(
+                RecordBatch::try_new(
+                    events.clone(),
+                    vec![
+                        Arc::new(Int64Array::from(k)),
+                        Arc::new(Int64Array::from(v)),
+                        Arc::new(TimestampMicrosecondArray::from(ts)),
+                    ],
+                )
+                .unwrap(),
+            );
+        }
+        let sources = [("events".to_owned(), events.clone())];
+        for panes in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut plan =
+                QueryPlan::new(sql, &sources, &[Some("ts".into())], &[], OutputMode::Append)
+                    .await
+                    .unwrap();
+            if !panes {
+                plan.panes = None;
+            }
+            plan.open_state(4, dir.path(), None, None, 1).await.unwrap();
+            let mut got: Map<(i64, i64), (i64, i64)> = Map::new();
+            let mut last = None;
+            let mut outputs = Vec::new();
+            for (n, batch) in batches.iter().enumerate() {
+                // 10 minutes behind the newest event: nothing is late.
+                let eviction = (n > 0).then(|| clock / 1000 * n as i64 / 3 - 600_000);
+                let watermarks = BatchWatermarks {
+                    eviction_ms: eviction,
+                    late_events_ms: last,
+                };
+                outputs.extend(
+                    plan.execute(vec![vec![batch.clone()]], watermarks)
+                        .await
+                        .unwrap(),
+                );
+                last = eviction;
+            }
+            outputs.extend(
+                plan.execute(
+                    vec![vec![RecordBatch::new_empty(events.clone())]],
+                    BatchWatermarks {
+                        eviction_ms: Some(clock / 1000 + 3_600_000),
+                        late_events_ms: last,
+                    },
+                )
+                .await
+                .unwrap(),
+            );
+            for out in &outputs {
+                let col = |i: usize| out.column(i).clone();
+                let starts = col(0);
+                let starts = starts
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .unwrap();
+                let ints = |a: &datafusion::arrow::array::ArrayRef| {
+                    a.as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                };
+                let (keys, counts, totals) = (ints(&col(2)), ints(&col(3)), ints(&col(4)));
+                for i in 0..out.num_rows() {
+                    let previous = got.insert((starts.value(i), keys[i]), (counts[i], totals[i]));
+                    assert!(previous.is_none(), "panes {panes}: a window written twice");
+                }
+            }
+            assert_eq!(got.len(), expected.len(), "panes {panes}");
+            assert!(
+                got == expected,
+                "panes {panes}: other values than the windows'"
+            );
+        }
+    }
+
+    #[test]
+    fn panes_need_the_window_columns_untouched_below_the_aggregation() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let events = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
+                false,
+            ),
+        ]));
+        let sources = [("events".to_owned(), events)];
+        let from = "FROM hop(events, ts, '1 minute', '5 minutes')";
+        for (sql, panes) in [
+            (
+                format!(
+                    "SELECT window_start, window_end, k, count(*) AS n {from} GROUP BY window_start, window_end, k"
+                ),
+                true,
+            ),
+            (
+                format!(
+                    "SELECT window_end, k, count(*) AS n {from} GROUP BY window_start, window_end, k HAVING max(k) > 1"
+                ),
+                true,
+            ),
+            (
+                format!(
+                    "SELECT window_start, window_end, count(*) AS n {from} WHERE window_start > TIMESTAMP '2026-01-01 00:00:00' GROUP BY window_start, window_end"
+                ),
+                false,
+            ),
+            (
+                format!(
+                    "SELECT window_start, window_end, max(window_start) AS m {from} GROUP BY window_start, window_end"
+                ),
+                false,
+            ),
+            (
+                format!("SELECT window_end, count(*) AS n {from} GROUP BY window_end"),
+                false,
+            ),
+            (
+                "SELECT window_start, window_end, k, count(*) AS n FROM hop(events, ts, '5 minutes', '5 minutes') GROUP BY window_start, window_end, k".to_string(),
+                false,
+            ),
+        ] {
+            let plan = rt
+                .block_on(QueryPlan::new(
+                    &sql,
+                    &sources,
+                    &[Some("ts".into())],
+                    &[],
+                    OutputMode::Update,
+                ))
+                .unwrap();
+            assert_eq!(plan.panes.is_some(), panes, "{sql}");
         }
     }
 

@@ -144,6 +144,125 @@ impl WindowFunction {
     }
 }
 
+/// A hop window's grid cut into panes, as Flink's slicing windows and
+/// Arroyo cut it: `pane` is the greatest common divisor of the size and the
+/// slide, so every window is a run of whole panes and every row falls in
+/// one pane. The state keeps one row per key and pane instead of one per
+/// key and window (a 5-minute window sliding by 1 minute: one instead of
+/// five), and a window is the merge of its panes when it is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Panes {
+    /// The windows' size, in microseconds.
+    pub size: i64,
+    /// How far apart windows start.
+    pub slide: i64,
+    /// A pane's length.
+    pub pane: i64,
+}
+
+impl Panes {
+    /// The end of every window holding the pane that starts at
+    /// `pane_start`, latest first.
+    pub fn window_ends(&self, pane_start: i64) -> impl Iterator<Item = i64> + use<> {
+        let Panes { size, slide, pane } = *self;
+        let last_start = pane_start - pane_start.rem_euclid(slide);
+        (0..)
+            .map(move |k| last_start - k * slide)
+            .take_while(move |start| start + size >= pane_start + pane)
+            .map(move |start| start + size)
+    }
+
+    /// The start of every pane of the window ending at `end`.
+    pub fn pane_starts(&self, end: i64) -> impl Iterator<Item = i64> + use<> {
+        let Panes { size, pane, .. } = *self;
+        (0..size / pane).map(move |k| end - size + k * pane)
+    }
+
+    /// With the watermark at `watermark`, every window holding a pane that
+    /// ends at or before the returned time is closed: the state no longer
+    /// needs those panes.
+    pub fn needed_after(&self, watermark: i64) -> i64 {
+        let first = watermark.saturating_sub(self.size);
+        first - first.rem_euclid(self.slide) + self.slide
+    }
+}
+
+/// Greatest common divisor.
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+impl WindowFunction {
+    /// The panes of a hop window (one whose windows overlap); `None` for
+    /// tumble and session windows, which copy no row.
+    pub fn panes(&self) -> Option<Panes> {
+        (!self.session && self.slide_micros < self.size_micros).then(|| Panes {
+            size: self.size_micros,
+            slide: self.slide_micros,
+            pane: gcd(self.size_micros, self.slide_micros),
+        })
+    }
+
+    /// Each row of `batch` once, with the pane its event time falls in as
+    /// `window_start` and `window_end`: no column is copied when no row is
+    /// dropped. A row whose every window ended at or before `watermark` is
+    /// late and left out; returns how many (row, window) pairs were late,
+    /// as [`Self::expand`] counts them (a row late for some of its windows
+    /// stays: the others take it).
+    pub fn expand_panes(
+        &self,
+        panes: Panes,
+        batch: &RecordBatch,
+        schema: &SchemaRef,
+        watermark: Option<i64>,
+    ) -> Result<(RecordBatch, u64)> {
+        let times = batch
+            .column_by_name(&self.column)
+            .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+            .ok_or_else(|| Error::Plan(format!("no timestamp column {}", self.column)))?;
+        let mut rows = Vec::with_capacity(batch.num_rows());
+        let mut starts = Vec::with_capacity(batch.num_rows());
+        let mut late = 0u64;
+        for (row, t) in times.iter().enumerate() {
+            let Some(t) = t else { continue };
+            let start = t - t.rem_euclid(panes.pane);
+            let (mut windows, mut late_windows) = (0u64, 0u64);
+            for end in panes.window_ends(start) {
+                windows += 1;
+                if watermark.is_some_and(|w| end <= w) {
+                    late_windows += 1;
+                }
+            }
+            late += late_windows;
+            if late_windows < windows {
+                rows.push(row as u32);
+                starts.push(start);
+            }
+        }
+        let mut columns: Vec<ArrayRef> = if rows.len() == batch.num_rows() {
+            batch.columns().to_vec()
+        } else {
+            let indices = UInt32Array::from(rows);
+            batch
+                .columns()
+                .iter()
+                .map(|c| take(c.as_ref(), &indices, None))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| Error::Plan(e.to_string()))?
+        };
+        let ends: Vec<i64> = starts.iter().map(|s| s + panes.pane).collect();
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(starts).with_timezone("UTC"),
+        ));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(ends).with_timezone("UTC"),
+        ));
+        let out = RecordBatch::try_new(schema.clone(), columns)
+            .map_err(|e| Error::Plan(e.to_string()))?;
+        Ok((out, late))
+    }
+}
+
 /// Finds the window table functions in `sql` and rewrites them into reads
 /// of the tables the engine fills; returns the SQL to plan and the windows.
 pub fn rewrite(sql: &str, sources: &[String]) -> Result<(String, Vec<WindowFunction>)> {
@@ -444,5 +563,84 @@ mod tests {
         // With the watermark at 120, windows ending at or before it are late.
         let (out, late) = w.expand(&batch, &schema, Some(120)).unwrap();
         assert_eq!((out.num_rows(), late), (3, 3));
+    }
+
+    #[test]
+    fn a_hop_window_is_a_run_of_panes_and_each_row_falls_in_one() {
+        let w = |slide, size| WindowFunction {
+            table: "w".into(),
+            source: "s".into(),
+            column: "ts".into(),
+            slide_micros: slide,
+            size_micros: size,
+            session: false,
+        };
+        assert_eq!(w(60, 60).panes(), None);
+        let panes = w(40, 100).panes().unwrap();
+        assert_eq!(panes.pane, 20);
+        // Every window holding a pane holds all of it, and every pane of a
+        // window lists that window among its own.
+        for start in (-200..200).step_by(20) {
+            for end in panes.window_ends(start) {
+                assert!(end - 100 <= start && start + 20 <= end, "{start} {end}");
+                assert_eq!(end.rem_euclid(40), 100 % 40);
+                assert!(panes.pane_starts(end).any(|s| s == start));
+            }
+            // As many windows as the naive expansion gives a row in it.
+            let naive = (start..start + 20)
+                .map(|t| {
+                    let mut n = 0;
+                    let mut s = t - t.rem_euclid(40);
+                    while s + 100 > t {
+                        n += 1;
+                        s -= 40;
+                    }
+                    n
+                })
+                .max()
+                .unwrap();
+            assert!(panes.window_ends(start).count() <= naive);
+        }
+        // Watermark 250: windows end at 20 + 40k; those ending at or before
+        // 250 are closed; the pane [160, 180) is in the window [160, 260).
+        assert_eq!(panes.needed_after(250), 160);
+        assert!(panes.window_ends(140).all(|end| end <= 250));
+        assert!(panes.window_ends(160).any(|end| end > 250));
+
+        let source = Arc::new(Schema::new(vec![Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            true,
+        )]));
+        let f = w(60, 180);
+        let schema = f.schema(&source).unwrap();
+        let batch = RecordBatch::try_new(
+            source,
+            vec![Arc::new(TimestampMicrosecondArray::from(vec![
+                Some(130),
+                None,
+                Some(-10),
+            ]))],
+        )
+        .unwrap();
+        let panes = f.panes().unwrap();
+        let (out, late) = f.expand_panes(panes, &batch, &schema, None).unwrap();
+        assert_eq!((out.num_rows(), late), (2, 0));
+        // Watermark 120: -10's windows all ended by then (3 late pairs, as
+        // the naive expansion counts them); 130's are open.
+        let (out, late) = f.expand_panes(panes, &batch, &schema, Some(120)).unwrap();
+        assert_eq!((out.num_rows(), late), (1, 3));
+        // Watermark 200: 130's window [0, 180) is closed, [60, 240) and
+        // [120, 300) take it.
+        let (out, late) = f.expand_panes(panes, &batch, &schema, Some(200)).unwrap();
+        assert_eq!((out.num_rows(), late), (1, 4));
+        let starts = out
+            .column(1)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .unwrap()
+            .values()
+            .to_vec();
+        assert_eq!(starts, [120]);
     }
 }

@@ -15,11 +15,12 @@
 //! A value is the whole state row.
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch, TimestampMicrosecondArray};
+use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{FieldRef, SchemaRef};
 use datafusion::error::{DataFusionError, Result as DfResult};
 
 use crate::state::encoding::{self, StateSchema};
-use crate::state::{PartitionedKey, StateStore};
+use crate::state::{PartitionedKey, StateStore, spread};
 
 /// Where a key's time goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,8 +110,14 @@ impl Codec {
         self.encode_cols(batch, &self.partition_cols)
     }
 
-    /// Each row's key and partition.
+    /// Each row's key and partition (large batches in slices over the
+    /// cores).
     pub fn keys(&self, batch: &RecordBatch, store: &StateStore) -> DfResult<Vec<PartitionedKey>> {
+        let partitions = store.partitions();
+        by_slices(batch, |slice| self.keys_in(slice, partitions))
+    }
+
+    fn keys_in(&self, batch: &RecordBatch, partitions: usize) -> DfResult<Vec<PartitionedKey>> {
         let groups = self.groups_of(batch)?;
         let times = self.time.map(|(col, _)| micros(batch, col)).transpose()?;
         // The whole group (windows included) for a prefix key; the session
@@ -123,7 +130,7 @@ impl Codec {
             .into_iter()
             .enumerate()
             .map(|(i, group)| {
-                let partition = store.partition_of(&group);
+                let partition = StateStore::partition_in(&group, partitions);
                 let key = match (self.time, &whole, &times) {
                     (Some((_, TimeAt::Prefix)), Some(whole), Some(times)) => {
                         let mut key = time_bytes(times[i]).to_vec();
@@ -143,22 +150,101 @@ impl Codec {
             .collect())
     }
 
-    /// Each row, encoded whole: the state values.
+    /// Each row, encoded whole: the state values (large batches in slices
+    /// over the cores).
     pub fn values(&self, batch: &RecordBatch) -> DfResult<Vec<Vec<u8>>> {
         if batch.num_columns() == 0 {
             return Ok(vec![Vec::new(); batch.num_rows()]);
         }
-        encoding::encode(batch.columns(), false).map_err(internal)
+        by_slices(batch, |slice| {
+            encoding::encode(slice.columns(), false).map_err(internal)
+        })
     }
 
-    /// State values back into rows.
+    /// State values back into rows (many in slices over the cores).
     pub fn decode<'a>(&self, values: impl IntoIterator<Item = &'a [u8]>) -> DfResult<RecordBatch> {
         let values: Vec<&[u8]> = values.into_iter().collect();
         if values.is_empty() {
             return Ok(RecordBatch::new_empty(self.schema.clone()));
         }
         let fields: Vec<FieldRef> = self.schema.fields().iter().cloned().collect();
-        let columns = encoding::decode(&fields, &values).map_err(internal)?;
-        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+        let decode = |values: &[&[u8]]| -> DfResult<RecordBatch> {
+            let columns = encoding::decode(&fields, values).map_err(internal)?;
+            Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+        };
+        if values.len() < SLICE_ROWS {
+            return decode(&values);
+        }
+        let parts = spread(values.chunks(SLICE_ROWS).collect(), decode)
+            .into_iter()
+            .collect::<DfResult<Vec<_>>>()?;
+        Ok(concat_batches(&self.schema, &parts)?)
+    }
+}
+
+/// Batches at least this long are encoded and decoded in slices, side by
+/// side on the cores.
+const SLICE_ROWS: usize = 8192;
+
+/// `f` over `batch` in slices of [`SLICE_ROWS`] rows spread over the cores,
+/// the results in row order.
+fn by_slices<R: Send>(
+    batch: &RecordBatch,
+    f: impl Fn(&RecordBatch) -> DfResult<Vec<R>> + Sync,
+) -> DfResult<Vec<R>> {
+    let rows = batch.num_rows();
+    if rows < 2 * SLICE_ROWS {
+        return f(batch);
+    }
+    let slices: Vec<RecordBatch> = (0..rows)
+        .step_by(SLICE_ROWS)
+        .map(|start| batch.slice(start, SLICE_ROWS.min(rows - start)))
+        .collect();
+    let mut out = Vec::with_capacity(rows);
+    for part in spread(slices, |slice| f(&slice)) {
+        out.extend(part?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_in_slices_encode_and_decode_as_one() {
+        let rows = 3 * SLICE_ROWS + 17;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    (0..rows).map(|i| format!("u{i}")),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    (0..rows as i64).map(|i| i * 3),
+                )),
+            ],
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open("agg", 8, dir.path(), None, None, 1)
+            .await
+            .unwrap();
+        let codec = Codec::new(schema, 1, &[], None);
+        let keys = codec.keys(&batch, &store).unwrap();
+        assert_eq!(keys, codec.keys_in(&batch, 8).unwrap());
+        let values = codec.values(&batch).unwrap();
+        assert_eq!(values, encoding::encode(batch.columns(), false).unwrap());
+        let decoded = codec.decode(values.iter().map(Vec::as_slice)).unwrap();
+        assert_eq!(decoded, batch);
     }
 }

@@ -27,14 +27,23 @@ use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
-use datafusion::physical_plan::{ExecutionPlan, collect};
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning, collect};
 use datafusion::prelude::SessionContext;
 use sluice_crds::OutputMode;
 
 use crate::state::StateStore;
 use crate::watermark::BatchWatermarks;
+use crate::window::{WINDOW_END, WINDOW_START};
+
+/// The name a pane's start has in the state's schema.
+pub const PANE_START: &str = "pane_start";
+/// The name a pane's end has in the state's schema.
+pub const PANE_END: &str = "pane_end";
 
 /// What the state did in the last batch, for `stateOperators` in progress.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -60,6 +69,9 @@ pub enum Kind {
     Aggregate {
         /// See above.
         evicts: bool,
+        /// A hop window's aggregation kept as panes (the state's window
+        /// columns are named `pane_start` and `pane_end`).
+        panes: Option<crate::window::Panes>,
     },
     /// Aggregates per session window: a key's sessions that overlap or
     /// touch are merged into one; with `evicts`, the watermark closes
@@ -165,22 +177,48 @@ pub(crate) fn store_error(error: crate::Error) -> DataFusionError {
 
 /// The aggregation's `mode` phase over `states` (rows of the partial
 /// phase's schema): `PartialReduce` merges them into one state per group,
-/// `Final` evaluates them.
+/// `Final` evaluates them. Many rows are hash-partitioned by group over the
+/// cores first, so that each core merges its own groups.
 pub(crate) fn phase_over(
     mode: AggregateMode,
     partial: &AggregateExec,
     states: Vec<RecordBatch>,
     input_schema: SchemaRef,
 ) -> DfResult<Arc<AggregateExec>> {
+    let rows: usize = states.iter().map(RecordBatch::num_rows).sum();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let source = MemorySourceConfig::try_new_exec(&[states], partial.schema(), None)?;
+    let (input, mode): (Arc<dyn ExecutionPlan>, _) = if rows >= PARALLEL_ROWS && cores > 1 {
+        let schema = partial.schema();
+        let groups = (0..partial.group_expr().expr().len())
+            .map(|i| Arc::new(Column::new(schema.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
+            .collect();
+        let mode = match mode {
+            AggregateMode::Final => AggregateMode::FinalPartitioned,
+            other => other,
+        };
+        (
+            Arc::new(RepartitionExec::try_new(
+                source,
+                Partitioning::Hash(groups, cores),
+            )?),
+            mode,
+        )
+    } else {
+        (source, mode)
+    };
     Ok(Arc::new(AggregateExec::try_new(
         mode,
         partial.group_expr().as_final(),
         partial.aggr_expr().to_vec(),
         vec![None; partial.aggr_expr().len()],
-        MemorySourceConfig::try_new_exec(&[states], partial.schema(), None)?,
+        input,
         input_schema,
     )?))
 }
+
+/// From this many state rows, merges run over the cores.
+const PARALLEL_ROWS: usize = 8192;
 
 /// Merges `states` (several rows per group possible) into one state row
 /// per group.
@@ -209,9 +247,14 @@ impl Stateful {
         mut store: StateStore,
     ) -> crate::Result<Self> {
         let phases = find_phases(plan).map_err(|e| crate::Error::Plan(e.to_string()))?;
+        // As `aggregate::Aggregate::new` decides.
+        let keeps_panes = matches!(kind, Kind::Aggregate { panes: Some(_), .. })
+            && mode != OutputMode::Complete
+            && phases.group_position(WINDOW_START).is_some()
+            && phases.group_position(WINDOW_END).is_some();
         let (operator, codec): (Box<dyn StatefulOperator>, codec::Codec) = match kind {
-            Kind::Aggregate { evicts } => {
-                let (op, codec) = aggregate::Aggregate::new(&phases, mode, evicts);
+            Kind::Aggregate { evicts, panes } => {
+                let (op, codec) = aggregate::Aggregate::new(&phases, mode, evicts, panes);
                 (Box::new(op), codec)
             }
             Kind::Session { evicts } => {
@@ -224,7 +267,19 @@ impl Stateful {
                 (Box::new(op), codec)
             }
         };
-        store.set_schema(codec.state_schema()?)?;
+        let mut schema = codec.state_schema()?;
+        if keeps_panes {
+            // Another layout than windows: a version written with one is
+            // never read as the other.
+            for column in schema.keys.iter_mut().chain(schema.values.iter_mut()) {
+                column.name = match column.name.as_str() {
+                    WINDOW_START => PANE_START.to_owned(),
+                    WINDOW_END => PANE_END.to_owned(),
+                    _ => continue,
+                };
+            }
+        }
+        store.set_schema(schema)?;
         let last = StateStats {
             rows_total: store.rows(),
             ..StateStats::default()

@@ -202,6 +202,11 @@ pub struct StateStore {
     /// The schema of the restored version.
     restored_schema: Option<StateSchema>,
     rows: u64,
+    /// Every key below it was taken by [`StateStore::take_below`]: the next
+    /// one seeks past their tombstones instead of reading them again (a
+    /// scan from the start of a partition reads every deleted key until
+    /// RocksDB compacts it away).
+    taken_below: Option<Vec<u8>>,
     commits: u64,
     /// A snapshot of a partition once every this many versions.
     snapshot_every: u64,
@@ -239,6 +244,53 @@ pub fn hash(bytes: &[u8]) -> u64 {
     }
     h
 }
+
+/// `f` over each of `items`, in order, the items spread over the machine's
+/// cores (scoped threads; on the calling thread when there is one item or
+/// one core). Partitions are separate RocksDB instances, so their reads and
+/// writes run side by side.
+pub(crate) fn spread<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len());
+    if threads <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let mut shares: Vec<Vec<(usize, T)>> = (0..threads).map(|_| Vec::new()).collect();
+    let count = items.len();
+    for (i, item) in items.into_iter().enumerate() {
+        shares[i % threads].push((i, item));
+    }
+    let f = &f;
+    let mut out: Vec<Option<R>> = (0..count).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| {
+                scope.spawn(move || {
+                    share
+                        .into_iter()
+                        .map(|(i, item)| (i, f(item)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for handle in handles {
+            let results = handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for (i, result) in results {
+                out[i] = Some(result);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|r| r.expect("every item ran"))
+        .collect()
+}
+
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
 
 /// A key in one partition.
 pub type PartitionedKey = (usize, Vec<u8>);
@@ -360,6 +412,7 @@ impl StateStore {
             cache,
             schema: None,
             restored_schema,
+            taken_below: None,
             rows,
             commits: 0,
             snapshot_every: SNAPSHOT_EVERY,
@@ -377,6 +430,12 @@ impl StateStore {
     /// What the last commit wrote.
     pub fn committed(&self) -> Committed {
         self.committed
+    }
+
+    /// The schema of the restored version (`None`: nothing restored, or a
+    /// version written before schemas were kept).
+    pub fn restored_schema(&self) -> Option<&StateSchema> {
+        self.restored_schema.as_ref()
     }
 
     /// Sets the schema of the state the query keeps; a restored version
@@ -401,24 +460,40 @@ impl StateStore {
     /// The partition of a key whose grouping columns (without the window)
     /// encode to `group`.
     pub fn partition_of(&self, group: &[u8]) -> usize {
-        (hash(group) % self.partitions.len() as u64) as usize
+        Self::partition_in(group, self.partitions.len())
     }
 
-    /// The values of `keys`, in order.
+    /// The partition of `group` among `partitions`.
+    pub fn partition_in(group: &[u8], partitions: usize) -> usize {
+        (hash(group) % partitions as u64) as usize
+    }
+
+    /// How many partitions the state has.
+    pub fn partitions(&self) -> usize {
+        self.partitions.len()
+    }
+
+    /// The values of `keys`, in order. The partitions are read in parallel
+    /// over the cores.
     pub fn get_many(&self, keys: &[PartitionedKey]) -> Result<Vec<Option<Vec<u8>>>> {
-        let mut out = vec![None; keys.len()];
         let mut by_partition: Vec<Vec<usize>> = vec![Vec::new(); self.partitions.len()];
         for (i, (p, _)) in keys.iter().enumerate() {
             by_partition[*p].push(i);
         }
-        for (p, indices) in by_partition.iter().enumerate() {
-            if indices.is_empty() {
-                continue;
-            }
-            let values = self.partitions[p]
-                .db
-                .multi_get(indices.iter().map(|&i| &keys[i].1));
-            for (&i, value) in indices.iter().zip(values) {
+        let work: Vec<(&DB, Vec<usize>)> = self
+            .partitions
+            .iter()
+            .zip(by_partition)
+            .filter(|(_, indices)| !indices.is_empty())
+            .map(|(partition, indices)| (&partition.db, indices))
+            .collect();
+        let found = spread(work, |(db, indices)| {
+            let values = db.multi_get(indices.iter().map(|&i| &keys[i].1));
+            (indices, values)
+        });
+        let mut out = vec![None; keys.len()];
+        for (indices, values) in found {
+            for (i, value) in indices.into_iter().zip(values) {
                 out[i] = value.map_err(state_error)?;
             }
         }
@@ -443,45 +518,78 @@ impl StateStore {
         Ok(())
     }
 
+    /// Applies each partition's batch, the partitions in parallel over the
+    /// cores.
     fn write(&mut self, batches: Vec<WriteBatch>) -> Result<()> {
-        // No write-ahead log: the checkpoint is what makes state durable.
-        let mut options = WriteOptions::default();
-        options.disable_wal(true);
-        for (p, batch) in batches.into_iter().enumerate() {
-            if batch.is_empty() {
-                continue;
-            }
-            let partition = &mut self.partitions[p];
+        let work: Vec<(&mut Partition, WriteBatch)> = self
+            .partitions
+            .iter_mut()
+            .zip(batches)
+            .filter(|(_, batch)| !batch.is_empty())
+            .collect();
+        spread(work, |(partition, batch)| {
+            // No write-ahead log: the checkpoint is what makes state durable.
+            let mut options = WriteOptions::default();
+            options.disable_wal(true);
             // Kept for the next changelog too.
             batch.iterate(&mut Record(&mut partition.changes));
-            partition
-                .db
-                .write_opt(batch, &options)
-                .map_err(state_error)?;
             partition.dirty = true;
-        }
-        Ok(())
+            partition.db.write_opt(batch, &options)
+        })
+        .into_iter()
+        .collect::<std::result::Result<(), _>>()
+        .map_err(state_error)
     }
 
     /// Removes and returns every entry whose key sorts before `bound`, in
     /// every partition (keys that start with a window's end or an event
-    /// time: every closed window).
+    /// time: every closed window). The operators never write a key below a
+    /// bound they took (those rows are late), so the next call starts at
+    /// this one's bound.
     pub fn take_below(&mut self, bound: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
+        let found = self.range(self.taken_below.as_deref(), bound)?;
         let mut batches = self.write_batches();
-        for (p, partition) in self.partitions.iter().enumerate() {
-            for item in partition.db.iterator(IteratorMode::Start) {
-                let (key, value) = item.map_err(state_error)?;
-                if key.as_ref() >= bound {
-                    break;
-                }
+        let mut out = Vec::new();
+        for (p, entries) in found.into_iter().enumerate() {
+            for (key, value) in entries {
                 batches[p].delete(&key);
-                out.push((key.to_vec(), value.to_vec()));
+                out.push((key, value));
             }
         }
         self.write(batches)?;
         self.rows = self.rows.saturating_sub(out.len() as u64);
+        if self.taken_below.as_deref().is_none_or(|low| low < bound) {
+            self.taken_below = Some(bound.to_vec());
+        }
         Ok(out)
+    }
+
+    /// Every entry whose key sorts in `[low, high)`, in every partition.
+    pub fn scan_between(&self, low: &[u8], high: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(self.range(Some(low), high)?.into_iter().flatten().collect())
+    }
+
+    /// Each partition's entries whose key sorts in `[low, high)`, the
+    /// partitions read in parallel over the cores.
+    fn range(&self, low: Option<&[u8]>, high: &[u8]) -> Result<Vec<Vec<Entry>>> {
+        let dbs: Vec<&DB> = self.partitions.iter().map(|p| &p.db).collect();
+        spread(dbs, |db| {
+            let mode = match low {
+                Some(low) => IteratorMode::From(low, rocksdb::Direction::Forward),
+                None => IteratorMode::Start,
+            };
+            let mut out = Vec::new();
+            for item in db.iterator(mode) {
+                let (key, value) = item.map_err(state_error)?;
+                if key.as_ref() >= high {
+                    break;
+                }
+                out.push((key.to_vec(), value.to_vec()));
+            }
+            Ok(out)
+        })
+        .into_iter()
+        .collect()
     }
 
     /// Removes `keys` (each present in state).
@@ -1213,6 +1321,52 @@ mod tests {
         let (p, k) = key(7);
         store.put_many(&[(p, k, b"seven".to_vec())], 0).unwrap();
         store.commit(1).await.unwrap();
+    }
+
+    #[test]
+    fn spread_keeps_the_order_of_its_items() {
+        for n in [0usize, 1, 2, 3, 17] {
+            let out = spread((0..n).collect(), |i| i * 10);
+            assert_eq!(out, (0..n).map(|i| i * 10).collect::<Vec<_>>());
+        }
+    }
+
+    #[tokio::test]
+    async fn taking_below_a_bound_twice_takes_each_key_once_and_scans_leave_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open_at(dir.path(), None, 1).await;
+        let entries: Vec<PartitionedEntry> = (0u32..100)
+            .map(|i| {
+                let (p, k) = key(i);
+                (p, k, vec![i as u8])
+            })
+            .collect();
+        store.put_many(&entries, 100).unwrap();
+        let keys: Vec<PartitionedKey> = (0u32..100).map(key).collect();
+        let values = store.get_many(&keys).unwrap();
+        assert!(
+            values
+                .iter()
+                .enumerate()
+                .all(|(i, v)| v.as_deref() == Some(&[i as u8][..]))
+        );
+        let between = store
+            .scan_between(&30u32.to_be_bytes(), &40u32.to_be_bytes())
+            .unwrap();
+        assert_eq!(between.len(), 10);
+        let first = store.take_below(&50u32.to_be_bytes()).unwrap();
+        assert_eq!(first.len(), 50);
+        assert_eq!(store.rows(), 50);
+        // The next take starts where this one stopped.
+        let second = store.take_below(&60u32.to_be_bytes()).unwrap();
+        let mut taken: Vec<u32> = second
+            .iter()
+            .map(|(k, _)| u32::from_be_bytes(k[..4].try_into().unwrap()))
+            .collect();
+        taken.sort_unstable();
+        assert_eq!(taken, (50..60).collect::<Vec<_>>());
+        assert!(store.take_below(&60u32.to_be_bytes()).unwrap().is_empty());
+        assert_eq!(store.scan().unwrap().len(), 40);
     }
 
     #[tokio::test]

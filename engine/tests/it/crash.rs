@@ -38,14 +38,15 @@ pub const STATELESS: Workload = Workload {
     points: &["offsets", "sink-data", "sink", "commit"],
 };
 
-/// A windowed aggregation in append mode: state in RocksDB, checkpointed
-/// with each batch, windows written when the watermark closes them. Integer
+/// A sliding-window aggregation in append mode: state in RocksDB (the
+/// windows' panes), checkpointed with each batch, windows written when the
+/// watermark closes them. Integer
 /// aggregates only, so that a replay's output is byte for byte the same.
 pub const WINDOWED: Workload = Workload {
     query: "query: >-
     SELECT window_start, window_end, device_type, count(*) AS n,
            sum(CAST(amount * 100 AS BIGINT)) AS cents, min(amount) AS smallest, max(amount) AS largest
-    FROM tumble(transactions, event_time, INTERVAL '1' SECOND)
+    FROM hop(transactions, event_time, INTERVAL '1' SECOND, INTERVAL '3' SECOND)
     GROUP BY window_start, window_end, device_type
   outputMode: append",
     points: &["offsets", "sink-data", "sink", "state", "commit"],
