@@ -1100,6 +1100,120 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_checkpoint_whose_state_keeps_windows_goes_on_with_windows() {
+        use datafusion::arrow::array::TimestampMicrosecondArray;
+        let events = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
+                false,
+            ),
+        ]));
+        let sources = [("events".to_owned(), events.clone())];
+        let sql = "SELECT window_start, window_end, k, count(*) AS n \
+                   FROM hop(events, ts, '1 minute', '5 minutes') GROUP BY window_start, window_end, k";
+        let batch = |keys: Vec<i64>, minutes: Vec<i64>| {
+            RecordBatch::try_new(
+                events.clone(),
+                vec![
+                    Arc::new(Int64Array::from(keys)),
+                    Arc::new(TimestampMicrosecondArray::from(
+                        minutes.iter().map(|m| m * 60_000_000).collect::<Vec<_>>(),
+                    )),
+                ],
+            )
+            .unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let remote = || Storage::open(dir.path().join("cp").to_str().unwrap(), "f").unwrap();
+        let open = |panes: bool, scratch: &'static str, restore: Option<PartitionRef>, epoch| {
+            let sources = sources.clone();
+            let remote = remote();
+            let scratch = dir.path().join(scratch);
+            async move {
+                let mut plan =
+                    QueryPlan::new(sql, &sources, &[Some("ts".into())], &[], OutputMode::Update)
+                        .await
+                        .unwrap();
+                if !panes {
+                    plan.panes = None;
+                }
+                plan.open_state(4, &scratch, Some(remote), restore, epoch)
+                    .await
+                    .map(|()| plan)
+            }
+        };
+        // Version 0 written per window (as before panes).
+        let mut old = open(false, "s1", None, 1).await.unwrap();
+        let out = old
+            .execute(
+                vec![vec![batch(vec![1, 1], vec![10, 11])]],
+                BatchWatermarks::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sorted_rows(&out).len(), 6);
+        old.commit_state(0).await.unwrap();
+        // A newer engine restores it: windows still.
+        let at = Some(PartitionRef {
+            version: 0,
+            epoch: 1,
+        });
+        let mut new = open(true, "s2", at.clone(), 2).await.unwrap();
+        assert!(new.panes.is_none());
+        let out = new
+            .execute(
+                vec![vec![batch(vec![1], vec![12])]],
+                BatchWatermarks::default(),
+            )
+            .await
+            .unwrap();
+        // The windows from [8, 13) to [11, 16) hold 12:00 with what the
+        // restored state held of 10:00 and 11:00; [12, 17) is new.
+        let counts: Vec<String> = sorted_rows(&out)
+            .iter()
+            .map(|r| r.split('|').nth(4).unwrap().trim().to_owned())
+            .collect();
+        assert_eq!(counts, ["3", "3", "3", "2", "1"]);
+        // A fresh checkpoint keeps panes; a state kept per pane is not read
+        // as windows: refused, naming the columns.
+        let fresh = tempfile::tempdir().unwrap();
+        let remote = Storage::open(fresh.path().join("cp").to_str().unwrap(), "f").unwrap();
+        let mut panes =
+            QueryPlan::new(sql, &sources, &[Some("ts".into())], &[], OutputMode::Update)
+                .await
+                .unwrap();
+        panes
+            .open_state(4, &fresh.path().join("s"), Some(remote.clone()), None, 1)
+            .await
+            .unwrap();
+        assert!(panes.panes.is_some());
+        panes
+            .execute(
+                vec![vec![batch(vec![1], vec![10])]],
+                BatchWatermarks::default(),
+            )
+            .await
+            .unwrap();
+        panes.commit_state(0).await.unwrap();
+        let mut windows =
+            QueryPlan::new(sql, &sources, &[Some("ts".into())], &[], OutputMode::Update)
+                .await
+                .unwrap();
+        windows.panes = None;
+        let err = windows
+            .open_state(4, &fresh.path().join("s2"), Some(remote), at, 2)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pane_start") || err.contains("window_start"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn panes_need_the_window_columns_untouched_below_the_aggregation() {
         let rt = tokio::runtime::Runtime::new().unwrap();
