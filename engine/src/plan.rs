@@ -1161,7 +1161,7 @@ mod tests {
             version: 0,
             epoch: 1,
         });
-        let mut new = open(true, "s2", at.clone(), 2).await.unwrap();
+        let mut new = open(true, "s2", at, 2).await.unwrap();
         assert!(new.panes.is_none());
         let out = new
             .execute(
