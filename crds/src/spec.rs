@@ -366,12 +366,15 @@ pub struct KafkaDeadLetter {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GeneratorSource {
     /// What to generate: `rate` (columns `timestamp`, `value`, as Spark's
-    /// rate source) or `transactions` (card transactions for fraud
+    /// rate source), `transactions` (card transactions for fraud
     /// detection: `transaction_id`, `user_id`, `amount`, `merchant_id`,
-    /// `event_time`, `device_type`).
+    /// `event_time`, `device_type`), or one table of the Nexmark benchmark's
+    /// auction stream: `nexmarkPerson`, `nexmarkAuction` or `nexmarkBid`.
     pub kind: GeneratorKind,
     /// Rows per second of event time. Unless `rowsPerBatch` is set, rows are
-    /// also released at this rate of wall-clock time.
+    /// also released at this rate of wall-clock time. For the Nexmark kinds,
+    /// rows are events of the whole stream (persons, auctions and bids in
+    /// the standard 1:3:46 mix), of which the source keeps its table's.
     pub rows_per_second: u64,
     /// A fixed number of rows per batch, not tied to the wall clock (as
     /// Spark's `rate-micro-batch` source): runs are reproducible and run as
@@ -410,6 +413,18 @@ pub enum GeneratorKind {
     /// Card transactions: `transaction_id`, `user_id`, `amount`,
     /// `merchant_id`, `event_time`, `device_type`.
     Transactions,
+    /// Nexmark's new persons: `id`, `name`, `emailaddress`, `creditcard`,
+    /// `city`, `state`, `datetime`, `extra`. Column names are Nexmark's in
+    /// lower case, so that its queries as written (`dateTime`) resolve:
+    /// SQL lower-cases unquoted names.
+    NexmarkPerson,
+    /// Nexmark's new auctions: `id`, `itemname`, `description`,
+    /// `initialbid`, `reserve`, `datetime`, `expires`, `seller`,
+    /// `category`, `extra`.
+    NexmarkAuction,
+    /// Nexmark's bids: `auction`, `bidder`, `price`, `channel`, `url`,
+    /// `datetime`, `extra`.
+    NexmarkBid,
 }
 
 /// Kafka topics to read. Set exactly one of `topic`, `topics` or

@@ -547,3 +547,29 @@ fn autoscaling_needs_a_query_that_scales_out_and_sound_bounds() {
         ]
     );
 }
+
+#[test]
+fn a_nexmark_generator_has_its_tables_columns_and_no_transaction_settings() {
+    let bids = VALID
+        .replace("kind: transactions", "kind: nexmarkBid")
+        .replace(", users: 50", "")
+        .replace("column: event_time", "column: datetime")
+        .replace(
+            "SELECT user_id, amount FROM transactions WHERE amount > 100",
+            "SELECT auction, price FROM transactions WHERE auction % 123 = 0",
+        );
+    load(&bids, "test.yaml").unwrap();
+    assert_eq!(
+        problems_of(&bids.replace("seed: 42", "seed: 42, users: 50, maxDisorder: 1s")),
+        vec![
+            "spec.sources[0].generator.users: applies to kind transactions only: remove it, or set kind: transactions",
+            "spec.sources[0].generator.maxDisorder: applies to kind transactions only: remove it, or set kind: transactions",
+        ]
+    );
+    assert_eq!(
+        problems_of(&bids.replace("column: datetime", "column: price")),
+        vec![
+            r#"spec.sources[0].watermark.column: "price" is of type Long: a watermark needs a timestamp column"#
+        ]
+    );
+}

@@ -459,7 +459,7 @@ fn check_generator(
             format!("{start:?} is not an RFC 3339 time: write e.g. \"2026-01-01T00:00:00Z\""),
         );
     }
-    if generator.kind == GeneratorKind::Rate {
+    if generator.kind != GeneratorKind::Transactions {
         for (field, set) in [
             ("users", generator.users.is_some()),
             ("merchants", generator.merchants.is_some()),
@@ -512,6 +512,37 @@ pub fn generator_columns(kind: GeneratorKind) -> &'static [(&'static str, Column
             ("merchant_id", ColumnType::String),
             ("event_time", ColumnType::Timestamp),
             ("device_type", ColumnType::String),
+        ],
+        GeneratorKind::NexmarkPerson => &[
+            ("id", ColumnType::Long),
+            ("name", ColumnType::String),
+            ("emailaddress", ColumnType::String),
+            ("creditcard", ColumnType::String),
+            ("city", ColumnType::String),
+            ("state", ColumnType::String),
+            ("datetime", ColumnType::Timestamp),
+            ("extra", ColumnType::String),
+        ],
+        GeneratorKind::NexmarkAuction => &[
+            ("id", ColumnType::Long),
+            ("itemname", ColumnType::String),
+            ("description", ColumnType::String),
+            ("initialbid", ColumnType::Long),
+            ("reserve", ColumnType::Long),
+            ("datetime", ColumnType::Timestamp),
+            ("expires", ColumnType::Timestamp),
+            ("seller", ColumnType::Long),
+            ("category", ColumnType::Long),
+            ("extra", ColumnType::String),
+        ],
+        GeneratorKind::NexmarkBid => &[
+            ("auction", ColumnType::Long),
+            ("bidder", ColumnType::Long),
+            ("price", ColumnType::Long),
+            ("channel", ColumnType::String),
+            ("url", ColumnType::String),
+            ("datetime", ColumnType::Timestamp),
+            ("extra", ColumnType::String),
         ],
     }
 }

@@ -1,6 +1,7 @@
-//! The seeded generators: `rate` (Spark's rate source) and `transactions`
-//! (card transactions for the fraud-detection scenario). The row at offset
-//! `i` is a pure function of the seed, the start time and `i`.
+//! The seeded generators: `rate` (Spark's rate source), `transactions`
+//! (card transactions for the fraud-detection scenario) and the Nexmark
+//! tables (`nexmark.rs`). The row at offset `i` is a pure function of the
+//! seed, the start time and `i`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +11,15 @@ use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
     ArrayRef, Float64Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use serde_json::Value;
 use sluice_crds::duration::parse_duration;
+use sluice_crds::validate::generator_columns;
 use sluice_crds::{GeneratorKind, GeneratorSource as GeneratorSpec, Source as SourceSpec};
 
+use super::files::arrow_type;
+use super::nexmark::{Nexmark, event_kept};
 use super::{BatchRange, ReadMode, Source};
 use crate::{Error, Result};
 
@@ -111,9 +115,15 @@ impl GeneratorSource {
     }
 
     fn generate(&self, start: u64, end: u64) -> RecordBatch {
-        match self.kind {
-            GeneratorKind::Rate => self.rate_rows(start, end),
-            GeneratorKind::Transactions => self.transaction_rows(start, end),
+        match (self.kind, event_kept(self.kind)) {
+            (_, Some(event)) => Nexmark {
+                seed: self.seed,
+                start_micros: self.start_micros,
+                events_per_second: self.rows_per_second,
+            }
+            .rows(event, start, end, self.schema.clone()),
+            (GeneratorKind::Rate, _) => self.rate_rows(start, end),
+            (_, None) => self.transaction_rows(start, end),
         }
     }
 
@@ -191,21 +201,10 @@ fn pick_device(u: f64) -> &'static str {
 
 /// The Arrow schema of a generator's rows.
 pub fn schema_of(kind: GeneratorKind) -> SchemaRef {
-    let timestamp = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    let fields = match kind {
-        GeneratorKind::Rate => vec![
-            Field::new("timestamp", timestamp, false),
-            Field::new("value", DataType::Int64, false),
-        ],
-        GeneratorKind::Transactions => vec![
-            Field::new("transaction_id", DataType::Utf8, false),
-            Field::new("user_id", DataType::Utf8, false),
-            Field::new("amount", DataType::Float64, false),
-            Field::new("merchant_id", DataType::Utf8, false),
-            Field::new("event_time", timestamp, false),
-            Field::new("device_type", DataType::Utf8, false),
-        ],
-    };
+    let fields: Vec<Field> = generator_columns(kind)
+        .iter()
+        .map(|(name, ty)| Field::new(*name, arrow_type(*ty), false))
+        .collect();
     Arc::new(Schema::new(fields))
 }
 
@@ -235,6 +234,9 @@ impl Source for GeneratorSource {
         let kind = match self.kind {
             GeneratorKind::Rate => "rate",
             GeneratorKind::Transactions => "transactions",
+            GeneratorKind::NexmarkPerson => "nexmarkPerson",
+            GeneratorKind::NexmarkAuction => "nexmarkAuction",
+            GeneratorKind::NexmarkBid => "nexmarkBid",
         };
         format!(
             "GeneratorSource[{kind}, seed={}, rowsPerSecond={}]",
@@ -297,14 +299,14 @@ impl Source for GeneratorSource {
 
 /// SplitMix64: a tiny, fast, well-mixed generator, seeded per row so that any
 /// row can be produced without producing the ones before it.
-struct SplitMix64(u64);
+pub(super) struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn new(seed: u64) -> Self {
+    pub(super) fn new(seed: u64) -> Self {
         Self(seed)
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -313,8 +315,13 @@ impl SplitMix64 {
     }
 
     /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
+    pub(super) fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub(super) fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
     }
 
     /// Standard normal, by Box–Muller.

@@ -17,6 +17,7 @@
 mod files;
 pub(crate) use files::arrow_type;
 mod generator;
+mod nexmark;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;

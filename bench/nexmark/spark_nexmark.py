@@ -1,0 +1,70 @@
+"""One Nexmark query (bench/nexmark/queries.py) on Apache Spark Structured
+Streaming (PySpark, local mode).
+
+    python3 bench/nexmark/spark_nexmark.py QUERY INPUT_DIR OUTPUT_DIR CHECKPOINT_DIR RESULT_JSON
+
+Reads the bid table's JSON-lines files (maxFilesPerTrigger FILES_PER_TRIGGER,
+default 1; trigger availableNow) with Nexmark's 4-second watermark, runs the
+query's Spark SQL over a streaming view, writes JSON lines in append mode
+with a checkpoint, and writes the Spark version, the streaming query's own
+time and the batches to RESULT_JSON.
+
+Settings from the environment: FILES_PER_TRIGGER, SPARK_MASTER (local[2]),
+SPARK_SHUFFLE_PARTITIONS (2), SPARK_DRIVER_MEMORY (2g).
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pyspark.sql.types import LongType, StringType, StructField, StructType, TimestampType  # noqa: E402
+from queries import BID_COLUMNS, QUERIES, WATERMARK_SECONDS  # noqa: E402
+from spark_common import session  # noqa: E402
+
+TYPES = {"long": LongType(), "string": StringType(), "timestamp": TimestampType()}
+
+
+def main() -> None:
+    if len(sys.argv) != 6:
+        sys.exit(__doc__)
+    name, input_dir, output_dir, checkpoint_dir, result_path = sys.argv[1:]
+    spark = session(f"sluice-bench-nexmark-{name}")
+    schema = StructType([StructField(column, TYPES[ty]) for column, ty in BID_COLUMNS])
+    bids = (
+        spark.readStream.schema(schema)
+        .option("maxFilesPerTrigger", int(os.environ.get("FILES_PER_TRIGGER", "1")))
+        .json(input_dir)
+        .withWatermark("datetime", f"{WATERMARK_SECONDS} seconds")
+    )
+    bids.createOrReplaceTempView("bid")
+    result = spark.sql(QUERIES[name]["spark"])
+    started = time.perf_counter()
+    query = (
+        result.writeStream.format("json")
+        .outputMode("append")
+        .option("path", output_dir)
+        .option("checkpointLocation", checkpoint_dir)
+        .trigger(availableNow=True)
+        .start()
+    )
+    query.awaitTermination()
+    query_seconds = time.perf_counter() - started
+    progress = query.recentProgress
+    with open(result_path, "w") as out:
+        json.dump(
+            {
+                "spark_version": spark.version,
+                "query_seconds": query_seconds,
+                "batches": len({p["batchId"] for p in progress}),
+                "input_rows": sum(p["numInputRows"] for p in progress),
+            },
+            out,
+        )
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
