@@ -51,6 +51,25 @@ def session(
     return spark
 
 
+def run_available_now(result, fmt: str, output_dir: str, checkpoint_dir: str):
+    """Runs `result` into `fmt` files under `output_dir` in append mode, with
+    its checkpoint, trigger availableNow, to its end. Returns the finished
+    query and the seconds from its start to its end."""
+    import time
+
+    started = time.perf_counter()
+    query = (
+        result.writeStream.format(fmt)
+        .outputMode("append")
+        .option("path", output_dir)
+        .option("checkpointLocation", checkpoint_dir)
+        .trigger(availableNow=True)
+        .start()
+    )
+    query.awaitTermination()
+    return query, time.perf_counter() - started
+
+
 def kafka_writer(result, bootstrap: str, topic: str, checkpoint: str):
     """A stream writer of `result`'s rows as JSON values to `topic`, append
     mode, with its checkpoint: the caller sets the trigger and starts it."""

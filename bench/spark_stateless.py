@@ -19,9 +19,8 @@ sink writes).
 import json
 import os
 import sys
-import time
 
-from spark_common import SCHEMA, session
+from spark_common import SCHEMA, run_available_now, session
 
 
 # Keep in step with the query in bench/stateless.sh (the Sluice side).
@@ -66,16 +65,7 @@ def main() -> None:
     source.createOrReplaceTempView("transactions")
     result = spark.sql(QUERY)
 
-    started = time.perf_counter()
-    query = (
-        result.writeStream.format("parquet")
-        .option("path", output_dir)
-        .option("checkpointLocation", checkpoint_dir)
-        .trigger(availableNow=True)
-        .start()
-    )
-    query.awaitTermination()
-    query_seconds = time.perf_counter() - started
+    query, query_seconds = run_available_now(result, "parquet", output_dir, checkpoint_dir)
 
     # Spark's numInputRows counts the rows its JSON scan returns, after the
     # filters it pushes down into the parser, so it is not the input's size:

@@ -17,10 +17,9 @@ SPARK_SHUFFLE_PARTITIONS (2), SPARK_DRIVER_MEMORY (2g).
 import json
 import os
 import sys
-import time
 
 from pyspark.sql import functions as F
-from spark_common import SCHEMA, session
+from spark_common import SCHEMA, run_available_now, session
 
 
 def main() -> None:
@@ -50,17 +49,7 @@ def main() -> None:
             "avg_amount",
         )
     )
-    started = time.perf_counter()
-    query = (
-        result.writeStream.format("parquet")
-        .outputMode("append")
-        .option("path", output_dir)
-        .option("checkpointLocation", checkpoint_dir)
-        .trigger(availableNow=True)
-        .start()
-    )
-    query.awaitTermination()
-    query_seconds = time.perf_counter() - started
+    query, query_seconds = run_available_now(result, "parquet", output_dir, checkpoint_dir)
     progress = query.recentProgress
     with open(result_path, "w") as out:
         json.dump(

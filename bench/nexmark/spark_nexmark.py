@@ -16,13 +16,12 @@ SPARK_SHUFFLE_PARTITIONS (2), SPARK_DRIVER_MEMORY (2g).
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyspark.sql.types import LongType, StringType, StructField, StructType, TimestampType  # noqa: E402
 from queries import BID_COLUMNS, QUERIES, WATERMARK_SECONDS  # noqa: E402
-from spark_common import session  # noqa: E402
+from spark_common import run_available_now, session  # noqa: E402
 
 TYPES = {"long": LongType(), "string": StringType(), "timestamp": TimestampType()}
 
@@ -41,17 +40,7 @@ def main() -> None:
     )
     bids.createOrReplaceTempView("bid")
     result = spark.sql(QUERIES[name]["spark"])
-    started = time.perf_counter()
-    query = (
-        result.writeStream.format("json")
-        .outputMode("append")
-        .option("path", output_dir)
-        .option("checkpointLocation", checkpoint_dir)
-        .trigger(availableNow=True)
-        .start()
-    )
-    query.awaitTermination()
-    query_seconds = time.perf_counter() - started
+    query, query_seconds = run_available_now(result, "json", output_dir, checkpoint_dir)
     progress = query.recentProgress
     with open(result_path, "w") as out:
         json.dump(

@@ -68,7 +68,7 @@ fn a_wrong_enum_value_is_named_with_its_path() {
     assert_eq!(
         problems_of(&text),
         vec![
-            r#"spec.sources[0].generator.kind: "trades" is not a supported value: use "rate" or "transactions""#
+            r#"spec.sources[0].generator.kind: "trades" is not a supported value: use "rate", "transactions", "nexmarkPerson", "nexmarkAuction" or "nexmarkBid""#
         ]
     );
 }

@@ -858,18 +858,24 @@ mod tests {
         rows
     }
 
+    /// Events of `Int64` columns `columns` and a timestamp `ts`.
+    fn events_schema(columns: &[&str]) -> SchemaRef {
+        let mut fields: Vec<Field> = columns
+            .iter()
+            .map(|c| Field::new(*c, DataType::Int64, false))
+            .collect();
+        fields.push(Field::new(
+            "ts",
+            DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
+            false,
+        ));
+        Arc::new(Schema::new(fields))
+    }
+
     #[tokio::test]
     async fn a_hop_window_kept_as_panes_writes_what_windows_would() {
         use datafusion::arrow::array::TimestampMicrosecondArray;
-        let events = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new("v", DataType::Int64, false),
-            Field::new(
-                "ts",
-                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
-                false,
-            ),
-        ]));
+        let events = events_schema(&["k", "v"]);
         let sources = [("events".to_owned(), events.clone())];
         // 20 s slide, 50 s size: 10 s panes, windows of 5 panes.
         let sql = "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total, min(v) AS lo \
@@ -981,15 +987,7 @@ mod tests {
         use std::collections::BTreeMap as Map;
 
         use datafusion::arrow::array::TimestampMicrosecondArray;
-        let events = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new("v", DataType::Int64, false),
-            Field::new(
-                "ts",
-                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
-                false,
-            ),
-        ]));
+        let events = events_schema(&["k", "v"]);
         let sql = "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total \
                    FROM hop(events, ts, '20 seconds', '50 seconds') \
                    GROUP BY window_start, window_end, k";
@@ -1103,14 +1101,7 @@ mod tests {
     #[tokio::test]
     async fn a_checkpoint_whose_state_keeps_windows_goes_on_with_windows() {
         use datafusion::arrow::array::TimestampMicrosecondArray;
-        let events = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new(
-                "ts",
-                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
-                false,
-            ),
-        ]));
+        let events = events_schema(&["k"]);
         let sources = [("events".to_owned(), events.clone())];
         let sql = "SELECT window_start, window_end, k, count(*) AS n \
                    FROM hop(events, ts, '1 minute', '5 minutes') GROUP BY window_start, window_end, k";
@@ -1217,14 +1208,7 @@ mod tests {
     #[test]
     fn panes_need_the_window_columns_untouched_below_the_aggregation() {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let events = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new(
-                "ts",
-                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
-                false,
-            ),
-        ]));
+        let events = events_schema(&["k"]);
         let sources = [("events".to_owned(), events)];
         let from = "FROM hop(events, ts, '1 minute', '5 minutes')";
         for (sql, panes) in [

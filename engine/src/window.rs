@@ -124,23 +124,10 @@ impl WindowFunction {
                 start -= self.slide_micros;
             }
         }
-        let indices = UInt32Array::from(rows);
-        let mut columns: Vec<ArrayRef> = batch
-            .columns()
-            .iter()
-            .map(|c| take(c.as_ref(), &indices, None))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| Error::Plan(e.to_string()))?;
-        let ends: Vec<i64> = starts.iter().map(|s| s + self.size_micros).collect();
-        columns.push(Arc::new(
-            TimestampMicrosecondArray::from(starts).with_timezone("UTC"),
-        ));
-        columns.push(Arc::new(
-            TimestampMicrosecondArray::from(ends).with_timezone("UTC"),
-        ));
-        let out = RecordBatch::try_new(schema.clone(), columns)
-            .map_err(|e| Error::Plan(e.to_string()))?;
-        Ok((out, late))
+        Ok((
+            with_windows(batch, schema, rows, starts, self.size_micros)?,
+            late,
+        ))
     }
 }
 
@@ -239,28 +226,41 @@ impl WindowFunction {
                 starts.push(start);
             }
         }
-        let mut columns: Vec<ArrayRef> = if rows.len() == batch.num_rows() {
-            batch.columns().to_vec()
-        } else {
-            let indices = UInt32Array::from(rows);
-            batch
-                .columns()
-                .iter()
-                .map(|c| take(c.as_ref(), &indices, None))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| Error::Plan(e.to_string()))?
-        };
-        let ends: Vec<i64> = starts.iter().map(|s| s + panes.pane).collect();
-        columns.push(Arc::new(
-            TimestampMicrosecondArray::from(starts).with_timezone("UTC"),
-        ));
-        columns.push(Arc::new(
-            TimestampMicrosecondArray::from(ends).with_timezone("UTC"),
-        ));
-        let out = RecordBatch::try_new(schema.clone(), columns)
-            .map_err(|e| Error::Plan(e.to_string()))?;
-        Ok((out, late))
+        Ok((with_windows(batch, schema, rows, starts, panes.pane)?, late))
     }
+}
+
+/// `batch`'s rows at `rows`, each with a `window_start` of `starts` and a
+/// `window_end` `width` later appended, in `schema`. The columns are not
+/// copied when `rows` is every row in order.
+fn with_windows(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+    rows: Vec<u32>,
+    starts: Vec<i64>,
+    width: i64,
+) -> Result<RecordBatch> {
+    let every_row =
+        rows.len() == batch.num_rows() && rows.iter().enumerate().all(|(i, r)| *r as usize == i);
+    let mut columns: Vec<ArrayRef> = if every_row {
+        batch.columns().to_vec()
+    } else {
+        let indices = UInt32Array::from(rows);
+        batch
+            .columns()
+            .iter()
+            .map(|c| take(c.as_ref(), &indices, None))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Plan(e.to_string()))?
+    };
+    let ends: Vec<i64> = starts.iter().map(|s| s + width).collect();
+    columns.push(Arc::new(
+        TimestampMicrosecondArray::from(starts).with_timezone("UTC"),
+    ));
+    columns.push(Arc::new(
+        TimestampMicrosecondArray::from(ends).with_timezone("UTC"),
+    ));
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| Error::Plan(e.to_string()))
 }
 
 /// Finds the window table functions in `sql` and rewrites them into reads

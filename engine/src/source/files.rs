@@ -236,6 +236,9 @@ fn decode_file(
                     .collect::<std::result::Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())
             };
+            if let Some(batches) = decode_in_pieces(&bytes, &decode) {
+                return Ok((batches, Vec::new()));
+            }
             decode_lines(&bytes, None, file_name, set_aside, decode)
         }
         Format::Csv => {
@@ -256,6 +259,43 @@ fn decode_file(
             decode_lines(body, Some(header), file_name, set_aside, decode)
         }
     }
+}
+
+/// A JSON-lines file of at least this many bytes a core decodes in pieces,
+/// one a core.
+const PIECE_BYTES: usize = 1 << 20;
+
+/// Decodes JSON lines cut at line ends into one piece a core (for files of
+/// [`PIECE_BYTES`] a core or more), the pieces side by side, their batches
+/// in the file's order. `None` when the file is smaller, or when a piece
+/// does not decode (a malformed line, or a record over several lines cut
+/// in two): the caller decodes the whole then, as before.
+fn decode_in_pieces(
+    text: &[u8],
+    decode: &(impl Fn(&[u8]) -> std::result::Result<Vec<RecordBatch>, String> + Sync),
+) -> Option<Vec<RecordBatch>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pieces = cores.min(text.len() / PIECE_BYTES);
+    if pieces <= 1 {
+        return None;
+    }
+    let mut cuts = vec![0];
+    for k in 1..pieces {
+        let from = (k * text.len() / pieces).max(*cuts.last().unwrap_or(&0));
+        match text[from..].iter().position(|b| *b == b'\n') {
+            Some(at) => cuts.push(from + at + 1),
+            None => break,
+        }
+    }
+    cuts.push(text.len());
+    cuts.dedup();
+    let slices: Vec<&[u8]> = cuts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+    let decoded = crate::state::spread(slices, decode);
+    let mut batches = Vec::new();
+    for piece in decoded {
+        batches.extend(piece.ok()?);
+    }
+    Some(batches)
 }
 
 /// Decodes a line-oriented file. When the whole does not decode, each line is
@@ -493,6 +533,57 @@ mod tests {
             ReadMode::Continuous,
         )
         .unwrap()
+    }
+
+    /// A large file decodes in one piece a core, to the rows of the whole
+    /// in its order; a record over two lines that a cut would split makes
+    /// the pieces fail, and the whole decodes as before.
+    #[test]
+    fn a_large_json_file_decodes_in_pieces_to_the_rows_of_the_whole() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("amount", DataType::Float64, true),
+        ]));
+        let line = |id: &str| format!("{{\"id\": \"{id}\", \"amount\": 1.5}}\n");
+        let expected: Vec<String> = (0..80_000).map(|i| format!("r{i}")).collect();
+        let text: String = expected.iter().map(|id| line(id)).collect();
+        let decode = |bytes: &str| {
+            let (batches, bad) = decode_file(
+                Format::Json,
+                &schema,
+                bytes::Bytes::from(bytes.to_owned()),
+                "f.jsonl",
+                false,
+            )
+            .unwrap();
+            assert!(bad.is_empty());
+            ids(&batches)
+        };
+        assert_eq!(decode(&text), expected);
+        let by_pieces = |bytes: &str| {
+            let json = |piece: &[u8]| {
+                JsonReaderBuilder::new(schema.clone())
+                    .build(BufReader::new(piece))
+                    .map_err(|e| e.to_string())?
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
+            };
+            decode_in_pieces(bytes.as_bytes(), &json)
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            by_pieces(&text).map(|b| ids(&b)),
+            (cores > 1).then(|| expected.clone())
+        );
+
+        // A 3 MB record whose line break is where the cut falls.
+        let long_id = "x".repeat(3 << 20);
+        let split = format!("{{\"id\": \"{long_id}\",\n \"amount\": 2.5}}\n");
+        let text = format!("{split}{text}");
+        assert!(by_pieces(&text).is_none());
+        let mut all = vec![long_id];
+        all.extend(expected);
+        assert_eq!(decode(&text), all);
     }
 
     fn json_file(dir: &Path, name: &str, ids: &[&str]) {
