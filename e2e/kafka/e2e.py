@@ -224,7 +224,7 @@ def main():
     env = Env(args)
     if args.growing_only:
         return growing(env)
-    for topic in ["transactions"] + [f"alerts-{n}" for n in ("clean", "killed", "open", "outage")]:
+    for topic in ["transactions"] + [f"alerts-{n}" for n in ("clean", "killed", "open", "aborted", "outage")]:
         env.topic(topic, 4)
 
     start = time.time()
@@ -286,6 +286,33 @@ def main():
        f"read_uncommitted {len(uncommitted)}")
     env.run(opened)
     same(env, "alerts-open", expected, "restarted after the open transaction")
+
+    # 4b. A transaction the coordinator aborts: the engine holds batch 3
+    # (it has output rows, as step 4 showed: a transaction without records
+    # is not open at the coordinator yet) open past transaction.timeout.ms (as a broker outage does), the
+    # coordinator aborts it and bumps the producer's epoch. No other run
+    # claimed the checkpoint, so the run restarts from it, not fenced.
+    aborted = env.spec("aborted", env.kafka_source("transactions", 50000),
+                       f'{{kafka: {{bootstrapServers: "{env.bootstrap}", topic: alerts-aborted, '
+                       f'options: {{transaction.timeout.ms: "5000", socket.timeout.ms: "5000"}}}}}}',
+                       "  trigger: {availableNow: true}\n")
+    port = free_port()
+    p = env.start(aborted, {"SLUICE_FAIL_POINT": "sink-data:3:pause25000"},
+                  args=("--http-port", str(port), "--http-address", "127.0.0.1"))
+    restarts = None
+    while p.poll() is None:
+        seen = restarts_total(port)
+        restarts = restarts if seen is None else seen
+        time.sleep(0.5)
+    log = open(aborted + ".log").read()
+    if p.returncode != 0:
+        fail(f"the run whose transaction the coordinator aborted exited {p.returncode}:\n" + log[-3000:])
+    if "coordinator aborted the transaction" not in log:
+        fail("the transaction held 25 s past its 5 s timeout was not aborted by the coordinator "
+             f"(restarts {restarts}); the log ends:\n" + log[-2000:])
+    same(env, "alerts-aborted", expected,
+         f"batch 3 held 25 s past transaction.timeout.ms 5 s, aborted by the coordinator, restarted "
+         f"(sluice_query_restarts_total {restarts})")
 
     # 5. Lag: the consumer group against /progress.
     port = free_port()

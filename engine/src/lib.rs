@@ -99,6 +99,19 @@ pub enum Error {
         /// Who took over, and where it was seen.
         message: String,
     },
+    /// The broker refused this run's transaction for its producer epoch:
+    /// either another run opened the sink with the same transactional id
+    /// (a zombie is fenced), or the transaction coordinator aborted the
+    /// transaction and bumped the epoch because it stayed open past
+    /// `transaction.timeout.ms` (as it does through a broker outage). The
+    /// runner tells the two apart by its checkpoint's fence: fenced when a
+    /// newer run claimed the checkpoint, else restarted like
+    /// [`Error::Unavailable`].
+    #[error("{message}")]
+    TransactionAborted {
+        /// What was done, and the broker's answer.
+        message: String,
+    },
     /// The checkpoint's state was written by a query that kept other state
     /// (another aggregation, other grouping columns): refused, naming them.
     #[error(

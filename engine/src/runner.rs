@@ -672,6 +672,34 @@ impl Runner {
         })
     }
 
+    /// Tells apart the two causes of [`Error::TransactionAborted`]: when a
+    /// newer run claimed the checkpoint, this run is fenced; otherwise the
+    /// transaction coordinator aborted a transaction that stayed open too
+    /// long (a broker outage), and the run restarts from the checkpoint,
+    /// where the batch's sink marker says it is still to be written. Other
+    /// errors are returned as they are.
+    async fn judge_refused_transaction(&self, err: Error) -> Error {
+        let Error::TransactionAborted { message } = err else {
+            return err;
+        };
+        if let Some(fence) = &self.fence
+            && let Err(fenced) = fence.check().await
+        {
+            return match fenced {
+                Error::Fenced { message: by } => Error::Fenced {
+                    message: format!("{message}; {by}"),
+                },
+                other => other,
+            };
+        }
+        Error::Unavailable {
+            what: "Kafka".into(),
+            message: format!(
+                "{message}; no newer run claimed the checkpoint, so the coordinator aborted the transaction"
+            ),
+        }
+    }
+
     async fn run_until(
         &mut self,
         options: &RunOptions,
@@ -778,7 +806,7 @@ impl Runner {
             self.tracker.set_global(watermarks.eviction_ms);
             self.monitor.set_status("Processing new data", true, true);
             let latest_offset_ms = trigger_start.elapsed().as_millis() as u64;
-            let progress = self
+            let progress = match self
                 .run_batch(
                     batch_id,
                     timestamp,
@@ -789,7 +817,11 @@ impl Runner {
                     watermarks,
                     replayed,
                 )
-                .await?;
+                .await
+            {
+                Ok(progress) => progress,
+                Err(err) => return Err(self.judge_refused_transaction(err).await),
+            };
             self.summary.batches += 1;
             self.summary.input_rows += progress.num_input_rows;
             self.summary.output_rows += progress.sink.num_output_rows;

@@ -129,9 +129,12 @@ fn transient(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// Whether a Kafka error says that another producer with this
-/// transactional id took over.
-fn fenced(code: RDKafkaErrorCode) -> bool {
+/// Whether a Kafka error refuses the producer's epoch: another producer
+/// with this transactional id took over, or the coordinator aborted a
+/// transaction that outlived `transaction.timeout.ms` and bumped the epoch
+/// (brokers answer either with either code, depending on the request and
+/// its version).
+fn epoch_refused(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
     matches!(code, Fenced | ProducerFenced | InvalidProducerEpoch)
 }
@@ -145,9 +148,9 @@ pub fn classify(what: String, err: &KafkaError, user_error: impl FnOnce(String) 
     };
     let message = format!("{what}: {err}");
     match code {
-        Some(code) if fenced(code) => Error::Fenced {
+        Some(code) if epoch_refused(code) => Error::TransactionAborted {
             message: format!(
-                "{message}: another run of this query opened the sink with the same transactional id; this run stops without writing more"
+                "{message}: the broker no longer takes this run's transaction (another run opened the sink with the same transactional id, or the coordinator aborted the transaction after transaction.timeout.ms)"
             ),
         },
         Some(code) if transient(code) => Error::Unavailable {
@@ -174,6 +177,38 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_epoch_is_told_apart_from_an_outage_and_a_user_error() {
+        let user = |message| Error::Sink {
+            sink: "k".into(),
+            message,
+        };
+        for code in [
+            RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::ProducerFenced,
+        ] {
+            let err = classify(
+                "committing".into(),
+                &KafkaError::MessageProduction(code),
+                user,
+            );
+            assert!(matches!(err, Error::TransactionAborted { .. }), "{err}");
+            assert!(!err.is_transient(), "judged by the runner's fence first");
+        }
+        let err = classify(
+            "committing".into(),
+            &KafkaError::MessageProduction(RDKafkaErrorCode::BrokerTransportFailure),
+            user,
+        );
+        assert!(err.is_transient(), "{err}");
+        let err = classify(
+            "committing".into(),
+            &KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed),
+            user,
+        );
+        assert!(matches!(err, Error::Sink { .. }), "{err}");
+    }
 
     #[test]
     fn offsets_are_sparks_json() {
