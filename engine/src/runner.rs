@@ -11,6 +11,15 @@
 //! 5. **commit**: check the fence, write `commits/N` with the watermark
 //!    tracker's state; tell the sources; report progress.
 //!
+//! When the next batch starts at once (no trigger interval), its ranges
+//! are planned and read **ahead**, from where batch N ends, while batch N
+//! executes, writes its sink and commits its state: reading has no effect
+//! outside the process, and the ranges read ahead become batch N + 1 only
+//! when written to `offsets/N+1` after `commits/N`, as any plan does. A
+//! crash or a stop before that drops them; a read ahead that fails is
+//! dropped too, and the next batch plans and reads as usual (meeting the
+//! error itself). The second core reads while the first commits.
+//!
 //! A batch planned before a crash is run again with exactly its
 //! `offsets/N` entry: its ranges and its watermarks, nothing recomputed from
 //! the current spec. Fail points (`crate::fault`) sit between the steps.
@@ -102,6 +111,57 @@ impl Default for Summary {
     }
 }
 
+/// Which reads a batch uses and makes (see [`Runner::run_batch`]).
+struct Reads {
+    /// This batch's rows, read ahead by the previous batch.
+    this: Option<Vec<SourceRead>>,
+    /// Whether to read the next batch ahead.
+    next: bool,
+}
+
+/// The next batch, planned and read while the previous one ran.
+struct ReadAhead {
+    /// Each source's range, from where the previous batch ended.
+    ranges: Vec<BatchRange>,
+    /// Each source's rows and malformed records for its range.
+    reads: Vec<SourceRead>,
+}
+
+/// What one source read for a batch: its rows, and the malformed records it
+/// set aside.
+type SourceRead = (Vec<RecordBatch>, Vec<crate::source::BadRecord>);
+
+/// Plans and reads the batch after the one whose ranges end at `starts`
+/// (see the module's documentation). `None` when no source has new data or
+/// one fails: the next batch then plans and reads as usual.
+async fn read_ahead(sources: &mut [SourceState], starts: Vec<Value>) -> Option<ReadAhead> {
+    let mut ranges = Vec::with_capacity(sources.len());
+    for (state, start) in sources.iter_mut().zip(&starts) {
+        match state.source.plan_batch(start).await {
+            Ok(range) => ranges.push(range),
+            Err(err) => {
+                debug!(error = %err, "Reading ahead failed: the next batch plans again.");
+                return None;
+            }
+        }
+    }
+    if !ranges.iter().any(|r| r.rows > 0) {
+        return None;
+    }
+    let mut reads = Vec::with_capacity(sources.len());
+    for (state, range) in sources.iter_mut().zip(&ranges) {
+        match state.source.read(range).await {
+            Ok(batches) => reads.push((batches, state.source.take_bad_records())),
+            Err(err) => {
+                let _ = state.source.take_bad_records();
+                debug!(error = %err, "Reading ahead failed: the next batch reads again.");
+                return None;
+            }
+        }
+    }
+    Some(ReadAhead { ranges, reads })
+}
+
 struct SourceState {
     source: Box<dyn Source>,
     offset: Value,
@@ -130,6 +190,8 @@ pub struct Runner {
     /// exactly its offsets entry.
     replay: Option<OffsetEntry>,
     tracker: Tracker,
+    /// The next batch, read while the last one ran.
+    ahead: Option<ReadAhead>,
     /// The eviction watermark of the last batch that ran (in this run or,
     /// from the checkpoint, before it); `None` before any batch.
     last_eviction: Option<Option<i64>>,
@@ -646,6 +708,7 @@ impl Runner {
             next_batch,
             replay,
             tracker,
+            ahead: None,
             last_eviction,
             summary: Summary::default(),
             joined: None,
@@ -724,6 +787,7 @@ impl Runner {
             }
             let trigger_start = Instant::now();
             let timestamp = Utc::now();
+            let mut reads = None;
             let (ranges, watermarks, replayed) = if let Some(entry) = self.replay.take() {
                 info!(
                     batch_id,
@@ -735,12 +799,21 @@ impl Runner {
                     Some(entry.epoch),
                 )
             } else {
-                self.monitor
-                    .set_status("Getting offsets from the sources", false, true);
-                let mut ranges = Vec::with_capacity(self.sources.len());
-                for state in &mut self.sources {
-                    ranges.push(state.source.plan_batch(&state.offset).await?);
-                }
+                let ranges = match self.ahead.take() {
+                    Some(ahead) => {
+                        reads = Some(ahead.reads);
+                        ahead.ranges
+                    }
+                    None => {
+                        self.monitor
+                            .set_status("Getting offsets from the sources", false, true);
+                        let mut ranges = Vec::with_capacity(self.sources.len());
+                        for state in &mut self.sources {
+                            ranges.push(state.source.plan_batch(&state.offset).await?);
+                        }
+                        ranges
+                    }
+                };
                 let next = self.tracker.global_at(timestamp.timestamp_millis());
                 let has_data = ranges.iter().any(|r| r.rows > 0);
                 // As in Spark, a batch runs without new data when the
@@ -806,6 +879,12 @@ impl Runner {
             self.tracker.set_global(watermarks.eviction_ms);
             self.monitor.set_status("Processing new data", true, true);
             let latest_offset_ms = trigger_start.elapsed().as_millis() as u64;
+            // The next batch starts at once: read it while this one runs.
+            let next_at_once = self.interval.is_none()
+                && !options.drain
+                && options
+                    .max_batches
+                    .is_none_or(|max| self.summary.batches + 1 < max);
             let progress = match self
                 .run_batch(
                     batch_id,
@@ -816,6 +895,10 @@ impl Runner {
                     ranges,
                     watermarks,
                     replayed,
+                    Reads {
+                        this: reads,
+                        next: next_at_once,
+                    },
                 )
                 .await
             {
@@ -883,6 +966,9 @@ impl Runner {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Runs batch `batch_id` over `ranges`: with `reads.this`, over the rows
+    /// read ahead for them; with `reads.next`, reading the next batch ahead
+    /// while this one executes and commits.
     async fn run_batch(
         &mut self,
         batch_id: u64,
@@ -893,6 +979,7 @@ impl Runner {
         ranges: Vec<BatchRange>,
         watermarks: BatchWatermarks,
         replayed: Option<u64>,
+        reads: Reads,
     ) -> Result<QueryProgress> {
         let read_start = Instant::now();
         let cpu_start = process_cpu_ms();
@@ -901,10 +988,16 @@ impl Runner {
         let mut dead_letters = Vec::with_capacity(self.sources.len());
         let mut max_events = Vec::with_capacity(self.sources.len());
         let mut event_stats = EventTimeStats::default();
+        let mut read = reads.this.map(Vec::into_iter);
         for (i, (state, range)) in self.sources.iter_mut().zip(&ranges).enumerate() {
-            let batches = state.source.read(range).await?;
+            let (batches, bad) = match read.as_mut().and_then(Iterator::next) {
+                Some(ahead) => ahead,
+                None => {
+                    let batches = state.source.read(range).await?;
+                    (batches, state.source.take_bad_records())
+                }
+            };
             rows_read.push(batches.iter().map(|b| b.num_rows() as u64).sum::<u64>());
-            let bad = state.source.take_bad_records();
             if let (Some(dead), false) = (&mut state.dead_letter, bad.is_empty()) {
                 let to = dead.write(state.source.name(), batch_id, &bad).await?;
                 warn!(source = state.source.name(), batch_id, records = bad.len(), to = %to, "Set malformed records aside.");
@@ -918,67 +1011,94 @@ impl Runner {
             inputs.push(batches);
         }
         let get_batch_ms = read_start.elapsed().as_millis() as u64;
-        let exec_start = Instant::now();
-        let output = self
-            .plan
-            .execute(inputs, watermarks)
-            .await
-            .map_err(|source| Error::Execute { batch_id, source })?;
-        let execute_ms = exec_start.elapsed().as_millis() as u64;
-        let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
-        // `replayed`: the epoch that planned the batch.
-        let already = match replayed {
-            Some(_) => self.sink.is_committed(batch_id).await?,
-            None => false,
-        };
-        let (mut sink_write_ms, mut sink_commit_ms) = (0, 0);
-        if already {
-            info!(
-                batch_id,
-                "The sink committed this batch before the last stop: not written again."
-            );
-        } else {
-            let write_start = Instant::now();
-            self.sink
-                .prepare(batch_id, self.plan.output_schema(), &output)
-                .await?;
-            sink_write_ms = write_start.elapsed().as_millis() as u64;
-            fault::point("sink-data", batch_id);
-            if let Some(fence) = &self.fence {
-                fence.check().await?;
+        // The next batch is read while this one executes and commits (the
+        // sources are not used until this one has committed).
+        let mut sources = std::mem::take(&mut self.sources);
+        let starts: Option<Vec<Value>> = reads
+            .next
+            .then(|| ranges.iter().map(|r| r.end.clone()).collect());
+        let next = async {
+            match starts {
+                Some(starts) => read_ahead(&mut sources, starts).await,
+                None => None,
             }
-            let commit_start = Instant::now();
-            self.sink.commit(batch_id).await?;
-            sink_commit_ms = commit_start.elapsed().as_millis() as u64;
-        }
-        if let (Some(planned_by), Some(fence)) = (replayed, &self.fence) {
-            self.sink
-                .discard_attempts(batch_id, planned_by..fence.epoch())
-                .await?;
-        }
-        let add_batch_ms = exec_start.elapsed().as_millis() as u64;
-        let offsets_start = Instant::now();
-        fault::point("sink", batch_id);
-        self.plan.commit_state(batch_id).await?;
-        fault::point("state", batch_id);
-        let now_ms = timestamp.timestamp_millis();
-        for (i, (rows, max)) in rows_read.iter().zip(&max_events).enumerate() {
-            self.tracker.observe(i, *rows, *max, now_ms);
-        }
-        if let (Some(store), Some(fence)) = (&self.checkpoint, &self.fence) {
-            fence.check().await?;
-            store
-                .write_commit(&CommitEntry {
+        };
+        let this = async {
+            let exec_start = Instant::now();
+            let output = self
+                .plan
+                .execute(inputs, watermarks)
+                .await
+                .map_err(|source| Error::Execute { batch_id, source })?;
+            let execute_ms = exec_start.elapsed().as_millis() as u64;
+            let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+            // `replayed`: the epoch that planned the batch.
+            let already = match replayed {
+                Some(_) => self.sink.is_committed(batch_id).await?,
+                None => false,
+            };
+            let (mut sink_write_ms, mut sink_commit_ms) = (0, 0);
+            if already {
+                info!(
                     batch_id,
-                    epoch: fence.epoch(),
-                    run_id: self.run_id.clone(),
-                    timestamp_ms: Utc::now().timestamp_millis(),
-                    watermark: self.tracker.state().clone(),
-                    version: checkpoint::VERSION,
-                })
-                .await?;
-            fault::point("commit", batch_id);
-        }
+                    "The sink committed this batch before the last stop: not written again."
+                );
+            } else {
+                let write_start = Instant::now();
+                self.sink
+                    .prepare(batch_id, self.plan.output_schema(), &output)
+                    .await?;
+                sink_write_ms = write_start.elapsed().as_millis() as u64;
+                fault::point("sink-data", batch_id);
+                if let Some(fence) = &self.fence {
+                    fence.check().await?;
+                }
+                let commit_start = Instant::now();
+                self.sink.commit(batch_id).await?;
+                sink_commit_ms = commit_start.elapsed().as_millis() as u64;
+            }
+            if let (Some(planned_by), Some(fence)) = (replayed, &self.fence) {
+                self.sink
+                    .discard_attempts(batch_id, planned_by..fence.epoch())
+                    .await?;
+            }
+            let add_batch_ms = exec_start.elapsed().as_millis() as u64;
+            let offsets_start = Instant::now();
+            fault::point("sink", batch_id);
+            self.plan.commit_state(batch_id).await?;
+            fault::point("state", batch_id);
+            let now_ms = timestamp.timestamp_millis();
+            for (i, (rows, max)) in rows_read.iter().zip(&max_events).enumerate() {
+                self.tracker.observe(i, *rows, *max, now_ms);
+            }
+            if let (Some(store), Some(fence)) = (&self.checkpoint, &self.fence) {
+                fence.check().await?;
+                store
+                    .write_commit(&CommitEntry {
+                        batch_id,
+                        epoch: fence.epoch(),
+                        run_id: self.run_id.clone(),
+                        timestamp_ms: Utc::now().timestamp_millis(),
+                        watermark: self.tracker.state().clone(),
+                        version: checkpoint::VERSION,
+                    })
+                    .await?;
+                fault::point("commit", batch_id);
+            }
+            Ok::<_, Error>((
+                output_rows,
+                execute_ms,
+                sink_write_ms,
+                sink_commit_ms,
+                add_batch_ms,
+                offsets_start,
+            ))
+        };
+        let (this, next) = tokio::join!(this, next);
+        self.sources = sources;
+        let (output_rows, execute_ms, sink_write_ms, sink_commit_ms, add_batch_ms, offsets_start) =
+            this?;
+        self.ahead = next;
         self.last_eviction = Some(watermarks.eviction_ms);
         for (state, range) in self.sources.iter_mut().zip(&ranges) {
             state.offset = range.end.clone();

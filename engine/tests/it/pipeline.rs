@@ -286,3 +286,79 @@ spec:
         )
     );
 }
+
+/// Each batch after the first is read ahead while the one before it
+/// commits: its rows and its malformed records still belong to the batch
+/// its offsets entry names, file by file.
+#[tokio::test]
+async fn a_batch_read_ahead_holds_the_rows_and_dead_letters_its_offsets_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    for f in 0..4 {
+        let mut text = String::new();
+        for i in 0..50 {
+            text.push_str(&format!("{{\"id\": {}, \"file\": {f}}}\n", f * 100 + i));
+        }
+        text.push_str(&format!("{{broken in file {f}\n"));
+        std::fs::write(input.join(format!("{f}.json")), text).unwrap();
+    }
+    let yaml = format!(
+        r#"
+apiVersion: sluice.dev/v1alpha1
+kind: StreamingQuery
+metadata: {{name: read-ahead}}
+spec:
+  sources:
+    - name: rows
+      files: {{path: "{}", maxFilesPerTrigger: 1}}
+      schema: [{{name: id, type: long}}, {{name: file, type: long}}]
+      deadLetter: {{path: "{}"}}
+  query: SELECT id, file FROM rows
+  sink: {{files: {{path: "{}"}}}}
+  checkpoint: {{location: "{}"}}
+  trigger: {{availableNow: true}}
+"#,
+        input.display(),
+        dir.path().join("dead").display(),
+        dir.path().join("out").display(),
+        dir.path().join("checkpoint").display(),
+    );
+    let summary = run(&yaml, None).await;
+    assert_eq!((summary.batches, summary.output_rows), (4, 200));
+    for batch in 0..4u64 {
+        let offsets: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join(format!("checkpoint/offsets/{batch}"))).unwrap(),
+        )
+        .unwrap();
+        let named = offsets.to_string();
+        assert!(
+            named.contains(&format!("{batch}.json")),
+            "offsets/{batch}: {named}"
+        );
+        let files: Vec<_> = sluice_engine::sink::committed_files(&dir.path().join("out"))
+            .unwrap()
+            .into_iter()
+            .filter(|f| {
+                f.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("part-{batch:08}-"))
+            })
+            .collect();
+        assert_eq!(files.len(), 1, "batch {batch}: {files:?}");
+        let rows = std::fs::read_to_string(&files[0]).unwrap();
+        assert_eq!(rows.lines().count(), 50, "batch {batch}");
+        assert!(
+            rows.lines()
+                .all(|l| l.ends_with(&format!("\"file\":{batch}}}"))),
+            "batch {batch} holds rows of another file: {rows}"
+        );
+        let dead = std::fs::read_to_string(dir.path().join(format!("dead/rows-{batch:08}.jsonl")))
+            .unwrap();
+        assert!(
+            dead.contains(&format!("broken in file {batch}")) && dead.lines().count() == 1,
+            "batch {batch}'s dead letters: {dead}"
+        );
+    }
+}
