@@ -137,9 +137,11 @@ import json, sys
 r = json.loads(sys.stdin.read()); r.update(engine="datafusion", run=int(sys.argv[1])); print(json.dumps(r))' "$run" >>"$results"
 done
 
-python3 - "$results" "$work" "$ROWS" "$KEYS_ONLY" <<'PY'
+python3 - "$results" "$work" "$ROWS" "$KEYS_ONLY" "$here/../e2e/lib" <<'PY'
 import json, math, os, sys
 import glob
+sys.path.insert(0, sys.argv[5])
+from results import committed_files
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 work, rows, keys_only = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 sl = [r for r in runs if r["engine"] == "sluice"]
@@ -176,20 +178,7 @@ def read(path, committed=None):
         for r in t.to_pylist():
             out.append(r)
     return out
-def committed(out):
-    # The newest compact manifest (every batch up to it), then the later ones.
-    meta = os.path.join(out, "_sluice_metadata")
-    names = os.listdir(meta)
-    compacts = sorted(int(n[:-len(".compact")]) for n in names if n.endswith(".compact"))
-    batches = {}
-    if compacts:
-        for m in json.load(open(os.path.join(meta, f"{compacts[-1]}.compact")))["batches"]:
-            batches[m["batchId"]] = m["files"]
-    for name in names:
-        if name.isdigit() and (not compacts or int(name) > compacts[-1]):
-            batches[int(name)] = json.load(open(os.path.join(meta, name)))["files"]
-    return [os.path.join(out, f["path"]) for b in sorted(batches) for f in batches[b]]
-s_rows = read(None, committed(os.path.join(work, "sluice", "out")))
+s_rows = read(None, committed_files(os.path.join(work, "sluice", "out")))
 p_rows = read(os.path.join(work, "spark", "out"))
 key = lambda r: (r["window_start"], r["window_end"], r["user_id"])
 def norm(rows):

@@ -1,6 +1,6 @@
 """What the Python e2e checks share: the fraud query and its input's schema,
-result rows compared with a float tolerance, the committed rows of a file
-sink's directory, and the ok/FAIL lines the scripts print."""
+result rows compared with a float tolerance, the committed files and rows
+of a file sink's directory, and the ok/FAIL lines the scripts print."""
 
 import json
 import math
@@ -60,15 +60,28 @@ def compare(actual, expected, what, where="actual"):
              f"{len(expected)}; first differences ({where}, reference): {differing}")
 
 
+def committed_files(directory):
+    """The data files of the batches a local file sink committed, by batch:
+    the newest compact manifest (every batch up to it; older manifests may
+    be gone), then the manifests after it."""
+    meta = os.path.join(directory, "_sluice_metadata")
+    names = os.listdir(meta)
+    compacts = sorted(int(n[:-len(".compact")]) for n in names if n.endswith(".compact"))
+    batches = {}
+    if compacts:
+        for m in json.load(open(os.path.join(meta, f"{compacts[-1]}.compact")))["batches"]:
+            batches[m["batchId"]] = m["files"]
+    for name in names:
+        if name.isdigit() and (not compacts or int(name) > compacts[-1]):
+            batches[int(name)] = json.load(open(os.path.join(meta, name)))["files"]
+    return [os.path.join(directory, f["path"]) for b in sorted(batches) for f in batches[b]]
+
+
 def committed_rows(directory, row=Row):
     """The rows of the batches a local JSON file sink committed (the data
     files its manifests list), each made with `row`."""
-    meta = os.path.join(directory, "_sluice_metadata")
     rows = []
-    for name in os.listdir(meta):
-        if not name.isdigit():
-            continue
-        for f in json.load(open(os.path.join(meta, name)))["files"]:
-            with open(os.path.join(directory, f["path"])) as data:
-                rows.extend(row(json.loads(line)) for line in data if line.strip())
+    for path in committed_files(directory):
+        with open(path) as data:
+            rows.extend(row(json.loads(line)) for line in data if line.strip())
     return sorted(rows)

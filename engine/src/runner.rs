@@ -13,12 +13,14 @@
 //!
 //! When the next batch starts at once (no trigger interval), its ranges
 //! are planned and read **ahead**, from where batch N ends, while batch N
-//! executes, writes its sink and commits its state: reading has no effect
+//! writes its sink and commits its state (not while it runs its query,
+//! which keeps the cores busy already): reading has no effect
 //! outside the process, and the ranges read ahead become batch N + 1 only
 //! when written to `offsets/N+1` after `commits/N`, as any plan does. A
 //! crash or a stop before that drops them; a read ahead that fails is
 //! dropped too, and the next batch plans and reads as usual (meeting the
-//! error itself). The second core reads while the first commits.
+//! error itself). The cores read while the batch waits on its sink and
+//! the checkpoint store.
 //!
 //! A batch planned before a crash is run again with exactly its
 //! `offsets/N` entry: its ranges and its watermarks, nothing recomputed from
@@ -968,7 +970,7 @@ impl Runner {
     #[allow(clippy::too_many_arguments)]
     /// Runs batch `batch_id` over `ranges`: with `reads.this`, over the rows
     /// read ahead for them; with `reads.next`, reading the next batch ahead
-    /// while this one executes and commits.
+    /// while this one writes its sink and commits.
     async fn run_batch(
         &mut self,
         batch_id: u64,
@@ -1011,8 +1013,17 @@ impl Runner {
             inputs.push(batches);
         }
         let get_batch_ms = read_start.elapsed().as_millis() as u64;
-        // The next batch is read while this one executes and commits (the
-        // sources are not used until this one has committed).
+        let exec_start = Instant::now();
+        let output = self
+            .plan
+            .execute(inputs, watermarks)
+            .await
+            .map_err(|source| Error::Execute { batch_id, source })?;
+        let execute_ms = exec_start.elapsed().as_millis() as u64;
+        let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+        // The next batch is read while this one writes its sink and commits
+        // (the sources are not used until this one has committed). Not
+        // while it executes: the query keeps both cores busy already.
         let mut sources = std::mem::take(&mut self.sources);
         let starts: Option<Vec<Value>> = reads
             .next
@@ -1024,14 +1035,6 @@ impl Runner {
             }
         };
         let this = async {
-            let exec_start = Instant::now();
-            let output = self
-                .plan
-                .execute(inputs, watermarks)
-                .await
-                .map_err(|source| Error::Execute { batch_id, source })?;
-            let execute_ms = exec_start.elapsed().as_millis() as u64;
-            let output_rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
             // `replayed`: the epoch that planned the batch.
             let already = match replayed {
                 Some(_) => self.sink.is_committed(batch_id).await?,
@@ -1085,19 +1088,11 @@ impl Runner {
                     .await?;
                 fault::point("commit", batch_id);
             }
-            Ok::<_, Error>((
-                output_rows,
-                execute_ms,
-                sink_write_ms,
-                sink_commit_ms,
-                add_batch_ms,
-                offsets_start,
-            ))
+            Ok::<_, Error>((sink_write_ms, sink_commit_ms, add_batch_ms, offsets_start))
         };
         let (this, next) = tokio::join!(this, next);
         self.sources = sources;
-        let (output_rows, execute_ms, sink_write_ms, sink_commit_ms, add_batch_ms, offsets_start) =
-            this?;
+        let (sink_write_ms, sink_commit_ms, add_batch_ms, offsets_start) = this?;
         self.ahead = next;
         self.last_eviction = Some(watermarks.eviction_ms);
         for (state, range) in self.sources.iter_mut().zip(&ranges) {
