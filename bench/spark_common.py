@@ -51,17 +51,21 @@ def session(
     return spark
 
 
-def run_available_now(result, fmt: str, output_dir: str, checkpoint_dir: str):
+def run_available_now(
+    result, fmt: str, output_dir: str, checkpoint_dir: str, partition_by: list[str] | None = None
+):
     """Runs `result` into `fmt` files under `output_dir` in append mode, with
-    its checkpoint, trigger availableNow, to its end. Returns the finished
-    query and the seconds from its start to its end."""
+    its checkpoint, trigger availableNow, to its end; with `partition_by`,
+    one directory per value of those columns. Returns the finished query
+    and the seconds from its start to its end."""
     import time
 
     started = time.perf_counter()
+    writer = result.writeStream.format(fmt).outputMode("append")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
     query = (
-        result.writeStream.format(fmt)
-        .outputMode("append")
-        .option("path", output_dir)
+        writer.option("path", output_dir)
         .option("checkpointLocation", checkpoint_dir)
         .trigger(availableNow=True)
         .start()

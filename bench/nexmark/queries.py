@@ -7,9 +7,12 @@ dialect and Sluice's window functions), Spark SQL over a streaming view
 and Flink SQL (window table functions). `window` names the column that
 holds each result's window end (None: the query keeps no state); rows of a
 windowed query are compared only where every engine must have written them
-(see report.py). Semantics match across the engines for every query here;
-differences of representation are noted on the query. NOT_RUN names the
-Nexmark queries left out, and why.
+(see report.py). `partition_by` names the columns a query's file sink
+partitions its output by (one directory per value, as Spark writes them);
+`side_input` says the query joins the bids with Nexmark's side input (run.sh
+writes it: see SIDE_INPUT_KEYS). Semantics match across the engines for
+every query here; differences of representation are noted on the query.
+NOT_RUN names the Nexmark queries left out, and why.
 """
 
 # Nexmark queries left out, with the reason. Keep in step with
@@ -22,9 +25,7 @@ NOT_RUN = {
     "q7": "a stream-stream join of bids with their window's maximum",
     "q8": "a stream-stream join (persons and auctions in a window)",
     "q9": "a stream-stream join and ROW_NUMBER over partitions",
-    "q10": "a time-partitioned file sink: runnable, left out (it is q0 with the sink's partitioning)",
     "q12": "processing-time windows: Sluice and Spark have event-time windows only",
-    "q13": "a side input joined by key: left out (stream-static joins run, the side input is not generated)",
     "q15": "COUNT(DISTINCT ...) per day: Sluice runs it, Spark refuses distinct aggregations on a stream",
     "q16": "COUNT(DISTINCT ...) per channel and day: as q15",
     "q17": "a per-day aggregation without a window: in append mode it never closes in the data's span",
@@ -34,6 +35,10 @@ NOT_RUN = {
 }
 
 CHANNEL_ID = "(&|^)channel_id=([^&]*)"
+
+# Nexmark's side input (q13): one row a key from 0 to SIDE_INPUT_KEYS - 1,
+# its value the key as text, as Nexmark's side_input.txt holds it.
+SIDE_INPUT_KEYS = 10000
 
 QUERIES = {
     "q0": {
@@ -81,6 +86,39 @@ QUERIES = {
         "flink": """SELECT bidder, count(*) AS bid_count, window_start, window_end
     FROM TABLE(SESSION(TABLE bid PARTITION BY bidder, DESCRIPTOR(`datetime`), INTERVAL '10' SECOND))
     GROUP BY bidder, window_start, window_end""",
+    },
+    "q10": {
+        "about": "log to a file system: every bid with its day and minute, the output partitioned by both",
+        "window": None,
+        "partition_by": ["dt", "hm"],
+        "sluice": """SELECT auction, bidder, price, datetime, extra,
+           to_char(datetime, '%Y-%m-%d') AS dt, to_char(datetime, '%H:%M') AS hm
+    FROM bid""",
+        "spark": """SELECT auction, bidder, price, datetime, extra,
+           date_format(datetime, 'yyyy-MM-dd') AS dt, date_format(datetime, 'HH:mm') AS hm
+    FROM bid""",
+        "flink": """SELECT auction, bidder, price, `datetime`, extra,
+           DATE_FORMAT(`datetime`, 'yyyy-MM-dd') AS dt, DATE_FORMAT(`datetime`, 'HH:mm') AS hm
+    FROM bid""",
+    },
+    "q13": {
+        "about": "bounded side input join: each bid with the side input's value for its auction mod 10,000",
+        "window": None,
+        "side_input": True,
+        # Sluice and Spark join a stream with a static table (read again each
+        # batch). Nexmark's Flink text is a processing-time lookup join,
+        # which needs a lookup source (Flink's filesystem connector is not
+        # one): here a regular join with the bounded table, the same rows
+        # for an inner join of a table that does not change. A regular join
+        # takes no time attribute, so the bid's time is cast to a plain
+        # timestamp first.
+        "sluice": """SELECT b.auction, b.bidder, b.price, b.datetime, s.value
+    FROM bid b JOIN side_input s ON b.auction % 10000 = s.key""",
+        "spark": """SELECT b.auction, b.bidder, b.price, b.datetime, s.value
+    FROM bid b JOIN side_input s ON b.auction % 10000 = s.key""",
+        "flink": """SELECT b.auction, b.bidder, b.price, b.`datetime`, s.`value`
+    FROM (SELECT auction, bidder, price, CAST(`datetime` AS TIMESTAMP_LTZ(3)) AS `datetime` FROM bid) b
+    JOIN side_input s ON MOD(b.auction, 10000) = s.`key`""",
     },
     "q14": {
         "about": "calculation: converted prices in a range, labelled by the hour of the bid (without Nexmark's count_char UDF)",
@@ -168,11 +206,36 @@ BID_COLUMNS = [
 WATERMARK_SECONDS = 4
 
 
-def sluice_yaml(name: str, input_dir: str, output_dir: str, checkpoint: str, files: int) -> str:
+def write_side_input(path: str, header: bool) -> None:
+    """Writes Nexmark's side input as CSV (`key,value`), with a header row
+    or without (Flink's CSV format reads none)."""
+    with open(path, "w") as out:
+        if header:
+            out.write("key,value\n")
+        out.writelines(f"{key},{key}\n" for key in range(SIDE_INPUT_KEYS))
+
+
+def sluice_yaml(
+    name: str, input_dir: str, output_dir: str, checkpoint: str, files: int, side_input: str
+) -> str:
     """The StreamingQuery that runs query `name` through Sluice: the bid
-    files as the Spark side reads them, JSON lines out, append mode."""
+    files as the Spark side reads them, the side input (a CSV file with a
+    header row) as a static table when the query joins it, JSON lines out,
+    append mode."""
+    q = QUERIES[name]
     schema = "\n".join(f"        - {{name: {column}, type: {ty}}}" for column, ty in BID_COLUMNS)
-    query = "\n".join(f"    {line}" for line in QUERIES[name]["sluice"].splitlines())
+    query = "\n".join(f"    {line}" for line in q["sluice"].splitlines())
+    tables = ""
+    if q.get("side_input"):
+        tables = f"""  tables:
+    - name: side_input
+      path: {side_input}
+      format: csv
+      schema: [{{name: key, type: long}}, {{name: value, type: string}}]
+"""
+    partitions = ""
+    if q.get("partition_by"):
+        partitions = f", partitionBy: [{', '.join(q['partition_by'])}]"
     return f"""apiVersion: sluice.dev/v1alpha1
 kind: StreamingQuery
 metadata: {{name: nexmark-{name}}}
@@ -184,9 +247,9 @@ spec:
       schema:
 {schema}
       watermark: {{column: datetime, delay: {WATERMARK_SECONDS}s}}
-  query: |
+{tables}  query: |
 {query}
-  sink: {{files: {{path: {output_dir}}}, format: json}}
+  sink: {{files: {{path: {output_dir}{partitions}}}, format: json}}
   outputMode: append
   checkpoint: {{location: {checkpoint}}}
   trigger: {{availableNow: true}}
@@ -197,8 +260,13 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["names"]:
-        print(" ".join(QUERIES))
-    elif sys.argv[1:2] == ["sluice-yaml"] and len(sys.argv) == 7:
-        print(sluice_yaml(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])))
+        print(" ".join(sorted(QUERIES, key=lambda q: int("".join(c for c in q if c.isdigit())))))
+    elif sys.argv[1:2] == ["sluice-yaml"] and len(sys.argv) == 8:
+        print(sluice_yaml(*sys.argv[2:6], int(sys.argv[6]), sys.argv[7]))
+    elif sys.argv[1:2] == ["side-input"] and len(sys.argv) == 4:
+        write_side_input(sys.argv[2], header=sys.argv[3] == "header")
     else:
-        sys.exit("usage: queries.py names | sluice-yaml NAME INPUT_DIR OUTPUT_DIR CHECKPOINT FILES")
+        sys.exit(
+            "usage: queries.py names | sluice-yaml NAME INPUT_DIR OUTPUT_DIR CHECKPOINT FILES SIDE_INPUT_CSV"
+            " | side-input PATH header|no-header"
+        )

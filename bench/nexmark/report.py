@@ -5,7 +5,9 @@ ratios, and whether the results agree.
 
     python3 bench/nexmark/report.py WORK_DIR BIDS QUERY...
 
-Rows are compared as multisets, column names in lower case, timestamps as
+Rows are compared as multisets, column names in lower case (a partitioned
+output's columns taken from its `column=value` directories when the files
+leave them out, as Spark's and Flink's do), timestamps as
 epoch milliseconds and numbers to 3 decimals (q1 and q14's price is a
 double in Sluice, a decimal in Spark and Flink). Stateless queries must
 agree on every row. A windowed query's rows are compared where every
@@ -23,6 +25,7 @@ import json
 import os
 import re
 import sys
+import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,14 +56,25 @@ def rows_of(out_dir: str) -> list[tuple]:
     rows = []
     for root, dirs, files in os.walk(out_dir):
         dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        # `column=value` directories (values escaped as Spark and Flink
+        # escape them in paths).
+        partition = dict(
+            (k.lower(), urllib.parse.unquote(v))
+            for k, _, v in (
+                segment.partition("=") for segment in os.path.relpath(root, out_dir).split(os.sep)
+            )
+            if _
+        )
         for name in sorted(files):
             if name.startswith(("_", ".")):
                 continue
             with open(os.path.join(root, name)) as lines:
                 for line in lines:
                     if line.strip():
-                        record = json.loads(line)
-                        rows.append(tuple(sorted((k.lower(), value(v)) for k, v in record.items())))
+                        record = {k.lower(): v for k, v in json.loads(line).items()}
+                        for k, v in partition.items():
+                            record.setdefault(k, v)
+                        rows.append(tuple(sorted((k, value(v)) for k, v in record.items())))
     return rows
 
 

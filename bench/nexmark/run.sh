@@ -77,12 +77,17 @@ for i, part in enumerate((lines[:half], lines[half:])):
     open(os.path.join(sys.argv[2], f"bids-{i}.jsonl"), "w").writelines(part)
 PY
 
+# Nexmark's side input (q13), with a header row for Sluice's and Spark's
+# CSV readers and without one for Flink's.
+python3 "$here/queries.py" side-input "$work/side_input.csv" header
+python3 "$here/queries.py" side-input "$work/side_input-flink.csv" no-header
+
 for q in $QUERIES; do
   dir=$work/$q
   rm -rf "$dir"
   mkdir -p "$dir"
   python3 "$here/queries.py" sluice-yaml "$q" "$work/input" "$dir/sluice/out" "$dir/sluice/checkpoint" \
-    "$FILES_PER_TRIGGER" >"$dir/sluice.yaml"
+    "$FILES_PER_TRIGGER" "$work/side_input.csv" >"$dir/sluice.yaml"
   say "$q: sluice"
   t0=$(now)
   SLUICE_STATE_DIR="$dir/state" "$sluice" run "$dir/sluice.yaml" 2>"$dir/sluice.log" &
@@ -100,11 +105,11 @@ for q in $QUERIES; do
 
   say "$q: spark"
   python3 "$here/spark_nexmark.py" "$q" "$work/input" "$dir/spark/out" "$dir/spark/checkpoint" \
-    "$dir/spark.json" >"$dir/spark.log" 2>&1 || { tail -40 "$dir/spark.log" >&2; exit 1; }
+    "$dir/spark.json" "$work/side_input.csv" >"$dir/spark.log" 2>&1 || { tail -40 "$dir/spark.log" >&2; exit 1; }
 
   say "$q: flink"
   "$venv/bin/python" "$here/flink_nexmark.py" "$q" "$work/input-flink" "$dir/flink/out" \
-    "$dir/flink.json" >"$dir/flink.log" 2>&1 || { tail -40 "$dir/flink.log" >&2; exit 1; }
+    "$dir/flink.json" "$work/side_input-flink.csv" >"$dir/flink.log" 2>&1 || { tail -40 "$dir/flink.log" >&2; exit 1; }
 done
 
 python3 "$here/report.py" "$work" "$bids" $QUERIES
