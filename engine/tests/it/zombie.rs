@@ -112,9 +112,14 @@ fn zombie_test(source: &str, workload: &Workload, checkpoint_of: impl Fn(&Path) 
     eprintln!("zombie test: {refused} runs refused, {finished} finished, {killed} killed");
     let log = log_of(&spec);
     // Every refusal is a run stopped by the fence, with a message that says
-    // so; nothing else may fail.
+    // so; nothing else may fail. A run can be killed after it printed its
+    // refusal and before it exited: it counts as killed, its line stays.
     let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), refused, "{log}");
+    assert!(
+        (refused..=refused + killed).contains(&errors.len()),
+        "{} error lines for {refused} refused and {killed} killed runs:\n{log}",
+        errors.len()
+    );
     for error in &errors {
         assert!(error.starts_with("error: fenced: "), "{error}");
     }
