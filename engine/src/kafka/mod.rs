@@ -165,6 +165,46 @@ pub fn classify(what: String, err: &KafkaError, user_error: impl FnOnce(String) 
     }
 }
 
+/// How long dropping a consumer waits for it to close before leaving it
+/// to close in the background.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Drops a consumer that has a group on a thread of its own, waiting
+/// [`CLOSE_WAIT`] at most for it to close.
+///
+/// NB: rdkafka's `BaseConsumer` closes itself when dropped and polls until
+/// the group says it is closed, which waits for the group coordinator:
+/// through a broker outage (with an offset commit queued for it) that took
+/// as long as the outage. Dropped in place, a run that failed for the
+/// outage sat in the drop until the broker came back, and the query
+/// neither restarted nor said why (e2e/kafka.sh, the 120 s outage). With
+/// the brokers up a consumer closes at once, its last offset commit (for
+/// monitoring) sent before the process exits; without them nothing needs
+/// the close: the commits it settles are for monitoring, and the marker
+/// consumer's group is read again by the next run.
+pub fn close_in_background(consumer: std::sync::Arc<rdkafka::consumer::BaseConsumer>) {
+    let (closed, done) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("sluice-kafka-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = closed.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if done.recv_timeout(CLOSE_WAIT).is_err() {
+                tracing::warn!(
+                    "A Kafka consumer is still closing after {} s (the brokers do not answer): left to close in the background.",
+                    CLOSE_WAIT.as_secs()
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not start a thread to close a Kafka consumer.")
+        }
+    }
+}
+
 /// Runs a blocking Kafka call on Tokio's blocking threads.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,

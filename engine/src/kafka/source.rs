@@ -118,6 +118,16 @@ pub struct KafkaSource {
     slice: Option<crate::replicas::Replica>,
 }
 
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        // Its consumer has the query's group: closing it can wait for the
+        // brokers (see `close_in_background`).
+        if let Some(consumer) = self.consumer.take() {
+            super::close_in_background(consumer);
+        }
+    }
+}
+
 impl KafkaSource {
     /// Builds a Kafka source from its (validated) spec; `path` is its field
     /// path, `query` the query's name (the default consumer group).
