@@ -93,18 +93,20 @@ def main() -> None:
     summary, lines = {}, []
     for q in names:
         d = os.path.join(work, q)
-        times = {e: json.load(open(os.path.join(d, f"{e}.json"))) for e in ENGINES}
-        outputs = {e: rows_of(os.path.join(d, e, "out")) for e in ENGINES}
+        # The engines that ran the query (Flink does not run every one).
+        engines = [e for e in ENGINES if e != "flink" or QUERIES[q]["flink"]]
+        times = {e: json.load(open(os.path.join(d, f"{e}.json"))) for e in engines}
+        outputs = {e: rows_of(os.path.join(d, e, "out")) for e in engines}
         window = QUERIES[q]["window"]
         later = {}
         if window:
-            for e in ENGINES:
+            for e in engines:
                 kept = [r for r in outputs[e] if dict(r)[window] <= watermark]
                 later[e] = len(outputs[e]) - len(kept)
                 outputs[e] = kept
-        counts = {e: collections.Counter(outputs[e]) for e in ENGINES}
+        counts = {e: collections.Counter(outputs[e]) for e in engines}
         problems = []
-        for e in ("spark", "flink"):
+        for e in engines[1:]:
             if counts[e] != counts["sluice"]:
                 only_s = sum((counts["sluice"] - counts[e]).values())
                 only_e = sum((counts[e] - counts["sluice"]).values())
@@ -112,10 +114,10 @@ def main() -> None:
         for e in ("sluice", "spark"):
             if later.get(e):
                 problems.append(f"{e} wrote {later[e]} windows past the final watermark")
-        rate = {e: bids / times[e]["query_seconds"] / CORES for e in ENGINES}
+        rate = {e: bids / times[e]["query_seconds"] / CORES for e in engines}
         summary[q] = {
             "rows": len(outputs["sluice"]),
-            "seconds": {e: times[e]["query_seconds"] for e in ENGINES},
+            "seconds": {e: times[e]["query_seconds"] for e in engines},
             "bids_per_second_per_core": rate,
             "sluice_cores_busy": times["sluice"]["cpu_seconds"] / times["sluice"]["query_seconds"],
             "flink_windows_after_watermark": later.get("flink", 0),
@@ -123,13 +125,23 @@ def main() -> None:
             "problems": problems,
         }
         check = "equal" if not problems else "DIFFERENT: " + "; ".join(problems)
+        flink, versus_flink = "not run", "-"
+        if "flink" in rate:
+            flink, versus_flink = f"{rate['flink']:,.0f}", f"{rate['sluice'] / rate['flink']:.1f}x"
         lines.append(
             f"| {q} | {QUERIES[q]['about']} | {rate['sluice']:,.0f} | {rate['spark']:,.0f} | "
-            f"{rate['flink']:,.0f} | {rate['sluice'] / rate['spark']:.1f}x | "
-            f"{rate['sluice'] / rate['flink']:.1f}x | {len(outputs['sluice']):,} {check} |"
+            f"{flink} | {rate['sluice'] / rate['spark']:.1f}x | "
+            f"{versus_flink} | {len(outputs['sluice']):,} {check} |"
         )
     spark_version = json.load(open(os.path.join(work, names[0], "spark.json")))["spark_version"]
-    flink_version = json.load(open(os.path.join(work, names[0], "flink.json")))["flink_version"]
+    flink_version = next(
+        (
+            json.load(open(os.path.join(work, q, "flink.json")))["flink_version"]
+            for q in names
+            if QUERIES[q]["flink"]
+        ),
+        "(not run)",
+    )
     print(
         f"\nNexmark, {bids:,} bids, {os.cpu_count()} cores; bids/s per core (each engine on 2 cores: "
         f"Sluice's whole process, Spark {spark_version}'s and Flink {flink_version}'s query time)\n"
@@ -137,6 +149,9 @@ def main() -> None:
     print("| query | what | Sluice | Spark | Flink | Sluice / Spark | Sluice / Flink | rows compared |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(lines))
+    for q in names:
+        if not QUERIES[q]["flink"]:
+            print(f"\n{q} not on Flink: {QUERIES[q]['flink_not_run']}")
     print("\nNot run:")
     for q, why in NOT_RUN.items():
         print(f"  {q}: {why}")

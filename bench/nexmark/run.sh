@@ -107,9 +107,13 @@ for q in $QUERIES; do
   python3 "$here/spark_nexmark.py" "$q" "$work/input" "$dir/spark/out" "$dir/spark/checkpoint" \
     "$dir/spark.json" "$work/side_input.csv" >"$dir/spark.log" 2>&1 || { tail -40 "$dir/spark.log" >&2; exit 1; }
 
-  say "$q: flink"
-  "$venv/bin/python" "$here/flink_nexmark.py" "$q" "$work/input-flink" "$dir/flink/out" \
-    "$dir/flink.json" "$work/side_input-flink.csv" >"$dir/flink.log" 2>&1 || { tail -40 "$dir/flink.log" >&2; exit 1; }
+  if python3 "$here/queries.py" runs-on-flink "$q"; then
+    say "$q: flink"
+    "$venv/bin/python" "$here/flink_nexmark.py" "$q" "$work/input-flink" "$dir/flink/out" \
+      "$dir/flink.json" "$work/side_input-flink.csv" >"$dir/flink.log" 2>&1 || { tail -40 "$dir/flink.log" >&2; exit 1; }
+  else
+    say "$q: not on flink (queries.py says why)"
+  fi
 done
 
 python3 "$here/report.py" "$work" "$bids" $QUERIES
