@@ -91,7 +91,10 @@ pub struct StreamingQuerySpec {
     pub checkpoint: Option<Checkpoint>,
     /// The number of partitions that state is split into by key hash. Fixed
     /// when the query is first started, as `spark.sql.shuffle.partitions` is
-    /// for a Spark checkpoint. Default 16.
+    /// for a Spark checkpoint. Default 16. On several replicas, also the
+    /// partition count of the query's repartition topic
+    /// (`sluice-<name>-repartition`), and the most replicas its stateful
+    /// part can use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub state_partitions: Option<u32>,
@@ -101,8 +104,10 @@ pub struct StreamingQuerySpec {
     pub suspend: Option<bool>,
     /// The number of engine pods: 1 (the default) runs the query, 0 stops
     /// it. More than one splits the partitions of Kafka sources between
-    /// the pods (a Kafka sink and a checkpoint needed; stateful queries run
-    /// on one pod in this version). The `/scale` subresource sets it
+    /// the pods (a Kafka sink and a checkpoint needed); a `GROUP BY` query's
+    /// rows are repartitioned by key between them through a Kafka topic
+    /// (`SELECT DISTINCT`, session windows and complete mode run on one pod
+    /// in this version). The `/scale` subresource sets it
     /// (`kubectl scale`, KEDA, an HPA). Ignored while `autoscaling` is
     /// enabled: the operator then picks the count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -149,8 +154,9 @@ pub struct Autoscaling {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// The fewest replicas while records flow. Default 1. A query starts
-    /// on one replica until an engine's report shows it keeps no state (a
-    /// stateful query runs on one replica in this version).
+    /// on one replica until an engine's report shows it can run on several
+    /// (`SELECT DISTINCT`, session windows and complete mode run on one in
+    /// this version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub min_replicas: Option<i32>,

@@ -2,9 +2,12 @@
 (started by e2e/rescale.sh). Each check prints `ok   ...` or fails loudly.
 
 A producer writes transactions into a 6-partition topic at a steady rate
-while a stateless query (a filter and a projection, Kafka -> Kafka) runs as
-replica processes (`sluice run --replica i --replicas n`), rescaled
-1 -> 3 -> 2 during the run:
+while a query runs as replica processes (`sluice run --replica i
+--replicas n`), rescaled 1 -> 3 -> 2 during the run: a stateless one (a
+filter and a projection, Kafka -> Kafka), then a windowed aggregation keyed
+by user (hop 20 s / 10 s, a 5 s watermark, append), whose rows are
+repartitioned by key through its internal topic and whose state partitions
+move between replicas at each rescale:
 
 1. graceful: the old replicas stop at a batch boundary (SIGTERM), the new
    ones start;
@@ -16,13 +19,15 @@ replica processes (`sluice run --replica i --replicas n`), rescaled
 
 Each time, the output topic (read_committed) holds exactly the rows one
 replica writes from the same topic (a one-replica availableNow run on a new
-checkpoint), each once, and exactly the rows the filter keeps of what was
-produced. The hand-over's duration (settling the old generation) and the
-time to the new generation's first batch are printed from /metrics.
-Also: a stateful query on 2 replicas is refused, naming spec.replicas.
+checkpoint), each once, and for the stateless query exactly the rows the
+filter keeps of what was produced. The hand-over's duration (settling the
+old generation) and the time to the new generation's first batch are
+printed from /metrics. Also: SELECT DISTINCT on 2 replicas is refused,
+naming spec.query.
 """
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -43,18 +48,31 @@ from results import Row, compare, fail, ok  # noqa: E402
 
 PARTITIONS = 6
 QUERY = "SELECT transaction_id, user_id, amount FROM transactions WHERE amount > 40"
+# Keyed by user, not by the input's key: the rows are repartitioned by key
+# through the query's internal topic (statePartitions: 4).
+WINDOWED = """SELECT window_start, window_end, user_id,
+           count(*) AS n, sum(amount) AS total, avg(amount) AS avg_amount
+    FROM hop(transactions, event_time, INTERVAL '10' SECOND, INTERVAL '20' SECOND)
+    GROUP BY window_start, window_end, user_id
+    HAVING count(*) >= 2"""
+EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def spec(env, name, source_topic, sink_topic, extra=""):
+def spec(env, name, source_topic, sink_topic, extra="", kind="stateless"):
+    if kind == "windowed":
+        return env.spec(name, env.kafka_source(source_topic, 2000), env.kafka_sink(sink_topic),
+                        extra, query=WINDOWED, watermark="{column: event_time, delay: 5s}")
     return env.spec(name, env.kafka_source(source_topic, 2000), env.kafka_sink(sink_topic),
                     extra, query=QUERY, watermark=None)
 
 
 def record(i, rnd):
+    """Record i: a millisecond of event time after the one before."""
     user = f"user-{rnd.randrange(500):04d}"
+    at = EPOCH + datetime.timedelta(milliseconds=i)
     return user, {"transaction_id": f"tx-{i:08d}", "user_id": user,
                   "amount": round(rnd.lognormvariate(3.5, 1.0), 2),
-                  "event_time": "2026-01-01T00:00:00Z"}
+                  "event_time": at.isoformat().replace("+00:00", "Z")}
 
 
 class Feed(threading.Thread):
@@ -180,11 +198,11 @@ def wait_for_output(env, topic, count, timeout=300):
     fail(f"{topic} holds {len(rows)} rows after {timeout} s; {count} expected")
 
 
-def scenario(env, name, mode, total, rate, seed):
+def scenario(env, name, mode, total, rate, seed, kind="stateless"):
     source, sink = f"{name}-in", f"{name}-out"
     env.topic(source, PARTITIONS)
     env.topic(sink, 3)
-    path = spec(env, name, source, sink)
+    path = spec(env, name, source, sink, kind=kind)
     feed = Feed(env, source, total, rate, seed)
     feed.start()
     rnd = random.Random(seed)
@@ -230,28 +248,34 @@ def scenario(env, name, mode, total, rate, seed):
     feed.join()
     if feed.error:
         fail(f"the producer failed: {feed.error}")
-    wait_for_output(env, sink, len(feed.expected))
+    # The one-replica run over the same input.
+    reference = spec(env, f"{name}-one", source, f"{name}-one-out", "  trigger: {availableNow: true}\n",
+                     kind=kind)
+    env.topic(f"{name}-one-out", 3)
+    env.run(reference)
+    one = output_rows(env, f"{name}-one-out")
+    expected = feed.expected if kind == "stateless" else one
+    if not expected:
+        fail(f"{kind} {mode}: one replica wrote no row: nothing to compare")
+    wait_for_output(env, sink, len(expected))
     replicas.check_alive()
     replicas.stop_all(signal.SIGTERM)
     actual = output_rows(env, sink)
-    compare(actual, feed.expected, f"{mode}: the output of 1 -> 3 -> 2 replicas", where="Kafka")
-    # The one-replica run over the same input.
-    reference = spec(env, f"{name}-one", source, f"{name}-one-out", "  trigger: {availableNow: true}\n")
-    env.topic(f"{name}-one-out", 3)
-    env.run(reference)
-    compare(actual, output_rows(env, f"{name}-one-out"), f"{mode}: against one replica", where="Kafka")
+    if kind == "stateless":
+        compare(actual, feed.expected, f"{mode}: the output of 1 -> 3 -> 2 replicas", where="Kafka")
+    compare(actual, one, f"{kind} {mode}: against one replica", where="Kafka")
     steps = ", ".join(f"to {c}: hand-over {h:.1f} s, first batch {f:.1f} s" for c, h, f in timings)
-    ok(f"{mode}: {total} records at {rate}/s, 1 -> 3 -> 2 replicas, {len(actual)} rows each once, "
+    ok(f"{kind} {mode}: {total} records at {rate}/s, 1 -> 3 -> 2 replicas, {len(actual)} rows each once, "
        f"equal to one replica's ({steps})")
 
 
-def stateful_refused(env):
-    path = env.spec("stateful", env.kafka_source("scale-graceful-in"), env.kafka_sink("stateful-out"),
-                    "  replicas: 2\n")
+def distinct_refused(env):
+    path = env.spec("distinct", env.kafka_source("scale-graceful-in"), env.kafka_sink("distinct-out"),
+                    "  replicas: 2\n", query="SELECT DISTINCT user_id FROM transactions")
     out = subprocess.run([env.sluice, "validate", path], capture_output=True, text=True)
-    if out.returncode == 0 or "spec.replicas" not in out.stderr or "not built" not in out.stderr:
-        fail(f"a stateful query on 2 replicas was not refused naming spec.replicas: {out.stderr}")
-    ok("a stateful query on 2 replicas is refused: " + out.stderr.strip().splitlines()[-1].strip())
+    if out.returncode == 0 or "spec.query" not in out.stderr or "not built" not in out.stderr:
+        fail(f"SELECT DISTINCT on 2 replicas was not refused naming spec.query: {out.stderr}")
+    ok("SELECT DISTINCT on 2 replicas is refused: " + out.stderr.strip().splitlines()[-1].strip())
 
 
 def main():
@@ -263,12 +287,17 @@ def main():
     parser.add_argument("--records", type=int, default=60000)
     parser.add_argument("--rate", type=int, default=1500)
     parser.add_argument("--only", choices=["graceful", "killed", "zombies"])
+    parser.add_argument("--kind", choices=["stateless", "windowed"])
     args = parser.parse_args()
     env = Env(args)
-    for seed, mode in enumerate(("graceful", "killed", "zombies")):
-        if args.only in (None, mode):
-            scenario(env, f"scale-{mode}", mode, args.records, args.rate, seed)
-    stateful_refused(env)
+    for kind in ("stateless", "windowed"):
+        if args.kind not in (None, kind):
+            continue
+        for seed, mode in enumerate(("graceful", "killed", "zombies")):
+            if args.only in (None, mode):
+                name = f"scale-{mode}" if kind == "stateless" else f"keyed-{mode}"
+                scenario(env, name, mode, args.records, args.rate, seed, kind=kind)
+    distinct_refused(env)
 
 
 if __name__ == "__main__":

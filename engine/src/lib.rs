@@ -13,6 +13,7 @@ pub mod operators;
 pub mod plan;
 pub mod replicas;
 pub mod runner;
+pub mod shuffle;
 pub mod sink;
 pub mod source;
 pub mod state;

@@ -98,8 +98,52 @@ pub struct Aggregated {
     pub deduplicates: bool,
 }
 
+/// Which part of the query a plan runs. A stateful query on several
+/// replicas runs in two stages (see [`crate::shuffle`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stage {
+    /// All of it.
+    #[default]
+    Whole,
+    /// Up to the aggregation's first phase, over the sources' rows: its
+    /// result is the partial states, written to the repartition topic.
+    Shuffle,
+    /// From the partial states (read from the repartition topic) on: the
+    /// merge with the state, the final phase and the rest of the query.
+    Merge,
+}
+
+/// Where the state's partition of each partial-state row is decided: by
+/// the state's own codec, so that a row goes to the partition the state
+/// keeps its key in.
+#[derive(Clone)]
+pub struct Partitioner {
+    codec: crate::operators::codec::Codec,
+}
+
+impl Partitioner {
+    /// Each row's state partition, of `partitions`.
+    pub fn partitions(
+        &self,
+        batch: &RecordBatch,
+        partitions: usize,
+    ) -> std::result::Result<Vec<usize>, DataFusionError> {
+        Ok(self
+            .codec
+            .groups_of(batch)?
+            .iter()
+            .map(|group| StateStore::partition_in(group, partitions))
+            .collect())
+    }
+}
+
 /// The query, planned once and run over each batch.
 pub struct QueryPlan {
+    stage: Stage,
+    /// With a stage: the partial phase's schema, what goes between them.
+    partial_schema: Option<SchemaRef>,
+    partitioner: Option<Partitioner>,
+    late_after: Option<crate::operators::LateAfter>,
     ctx: SessionContext,
     plan: LogicalPlan,
     tables: Vec<(String, Arc<BatchTable>)>,
@@ -217,6 +261,10 @@ impl QueryPlan {
             _ => None,
         };
         Ok(Self {
+            stage: Stage::Whole,
+            partial_schema: None,
+            partitioner: None,
+            late_after: None,
             panes,
             dedup_event_time,
             ctx,
@@ -236,28 +284,136 @@ impl QueryPlan {
         self.aggregated
     }
 
+    /// Why this query cannot run in two stages on several replicas, if it
+    /// cannot (the field to blame and the reason).
+    pub fn two_stages_refused(&self) -> Option<(&'static str, String)> {
+        let shape = self.aggregated?;
+        if shape.deduplicates {
+            return Some((
+                "spec.query",
+                "SELECT DISTINCT on several replicas is not built yet (only GROUP BY aggregations are repartitioned by key): run it on 1 replica".into(),
+            ));
+        }
+        if self.windows.iter().any(|w| w.function.session) {
+            return Some((
+                "spec.query",
+                "session windows on several replicas are not built yet (only GROUP BY over tumbling and hopping windows, or none, is repartitioned by key): run it on 1 replica".into(),
+            ));
+        }
+        if self.output_mode == OutputMode::Complete {
+            return Some((
+                "spec.outputMode",
+                "complete mode writes the whole result every batch, which several replicas each holding a part of the state cannot: use append or update, or run it on 1 replica".into(),
+            ));
+        }
+        None
+    }
+
+    /// Makes this plan run one `stage` of the query (see [`Stage`]).
+    pub async fn set_stage(&mut self, stage: Stage) -> Result<()> {
+        if stage == Stage::Whole {
+            self.stage = stage;
+            return Ok(());
+        }
+        if let Some((path, message)) = self.two_stages_refused() {
+            return Err(Error::Unsupported {
+                path: path.into(),
+                message,
+            });
+        }
+        if self.aggregated.is_none() {
+            return Err(Error::Plan(
+                "a stateless query runs whole on each replica, not in stages".into(),
+            ));
+        }
+        let physical = self
+            .ctx
+            .state()
+            .create_physical_plan(&self.plan)
+            .await
+            .map_err(plan_error)?;
+        let phases =
+            crate::operators::find_phases(&physical).map_err(|e| Error::Plan(e.to_string()))?;
+        let window_start = phases.group_position(WINDOW_START);
+        let window_end = phases.group_position(WINDOW_END);
+        let window_cols: Vec<usize> = [window_start, window_end].into_iter().flatten().collect();
+        let codec = crate::operators::codec::Codec::new(
+            phases.state_schema(),
+            phases.groups(),
+            &window_cols,
+            window_end.map(|col| (col, crate::operators::codec::TimeAt::Prefix)),
+        );
+        let evicts = self.aggregated.is_some_and(|a| a.windowed_with_watermark);
+        self.late_after = match (window_start, window_end) {
+            (Some(window_start), Some(window_end)) if evicts => Some(crate::operators::LateAfter {
+                window_start,
+                window_end,
+                panes: self.panes,
+            }),
+            _ => None,
+        };
+        self.partial_schema = Some(phases.state_schema());
+        self.partitioner = Some(Partitioner { codec });
+        if stage == Stage::Shuffle {
+            self.output_schema = phases.state_schema();
+        }
+        self.stage = stage;
+        Ok(())
+    }
+
+    /// With a stage: the partial phase's schema (the rows between stages).
+    pub fn partial_schema(&self) -> Option<&SchemaRef> {
+        self.partial_schema.as_ref()
+    }
+
+    /// With a stage: what decides each partial-state row's partition.
+    pub fn partitioner(&self) -> Option<&Partitioner> {
+        self.partitioner.as_ref()
+    }
+
     /// Opens the query's state (for a stateful query) for the run `epoch`,
-    /// restored from version `restore` of the checkpoint `remote`, and
-    /// checks that the stored state has the schema this query keeps.
+    /// restored from version `restore` of the checkpoint `remote` (or, for
+    /// a replica's first run, from `seeds`: its partitions' versions under
+    /// the previous replicas' checkpoints), and checks that the stored
+    /// state has the schema this query keeps.
     pub async fn open_state(
         &mut self,
         partitions: u32,
         local: &std::path::Path,
         remote: Option<Storage>,
         restore: Option<PartitionRef>,
+        seeds: &[crate::state::Seed],
         epoch: u64,
     ) -> Result<()> {
         let Some(shape) = self.aggregated else {
             return Ok(());
         };
-        let store =
-            StateStore::open("aggregate", partitions, local, remote, restore, epoch).await?;
+        if self.stage == Stage::Shuffle {
+            return Ok(());
+        }
+        let store = StateStore::open_seeded(
+            "aggregate",
+            partitions,
+            local,
+            remote,
+            restore,
+            seeds,
+            epoch,
+        )
+        .await?;
         if self.panes.is_some()
             && store
                 .restored_schema()
                 .is_some_and(|s| s.keys.iter().any(|c| c.name == WINDOW_END))
         {
             // A checkpoint written before panes: it goes on with windows.
+            if self.stage != Stage::Whole {
+                // The replicas running the first phase would send panes.
+                return Err(Error::Unsupported {
+                    path: "spec.replicas".into(),
+                    message: "the checkpoint's state keeps windows, written before panes: it cannot be repartitioned to several replicas, which send panes; run it on 1 replica".into(),
+                });
+            }
             tracing::info!("The restored state keeps windows, not panes: the query goes on so.");
             self.panes = None;
         }
@@ -323,10 +479,13 @@ impl QueryPlan {
         };
         let s = stateful.stats();
         let committed = stateful.store().committed();
+        // Spark's operator names.
         let name = if self.aggregated.is_some_and(|a| a.deduplicates) {
             "dedupe"
+        } else if self.windows.iter().any(|w| w.function.session) {
+            "sessionWindowStateStoreSaveExec"
         } else {
-            "stateStoreSave"
+            STATE_STORE_SAVE
         };
         vec![StateOperatorProgress {
             operator_name: name.into(),
@@ -380,7 +539,23 @@ impl QueryPlan {
         let drops_late = self.aggregated.is_some_and(|a| {
             !a.deduplicates && (sessions || self.output_mode != OutputMode::Complete)
         });
-        let late_watermark = watermarks.late_micros().filter(|_| drops_late);
+        if self.stage == Stage::Merge {
+            let Some(stateful) = &mut self.stateful else {
+                return Err(DataFusionError::Execution(
+                    "the state of the query is not open".into(),
+                ));
+            };
+            let physical = self.ctx.state().create_physical_plan(&self.plan).await?;
+            let states = inputs.into_iter().flatten().collect();
+            return stateful
+                .execute_states(&self.ctx, physical, states, watermarks, self.late_after)
+                .await;
+        }
+        // The first stage drops nothing as late: the second judges by the
+        // watermark of every replica.
+        let late_watermark = watermarks
+            .late_micros()
+            .filter(|_| drops_late && self.stage == Stage::Whole);
         // Input (row, window) pairs dropped as later than the watermark.
         let mut late = 0;
         for window in &self.windows {
@@ -405,6 +580,12 @@ impl QueryPlan {
         for ((_, table), batches) in self.tables.iter().zip(inputs) {
             table.replace(spread(batches))?;
         }
+        if self.stage == Stage::Shuffle {
+            let physical = self.ctx.state().create_physical_plan(&self.plan).await?;
+            let phases = crate::operators::find_phases(&physical)?;
+            let partial = phases.partial.clone() as Arc<dyn ExecutionPlan>;
+            return datafusion::physical_plan::collect(partial, self.ctx.task_ctx()).await;
+        }
         if let Some(stateful) = &mut self.stateful {
             let physical = self.ctx.state().create_physical_plan(&self.plan).await?;
             return stateful
@@ -420,6 +601,11 @@ impl QueryPlan {
         df.collect().await
     }
 }
+
+/// The progress name of a `GROUP BY`'s state (Spark's): the one stateful
+/// operator that runs on several replicas (the operator's autoscaler reads
+/// it; see [`QueryPlan::two_stages_refused`]).
+pub const STATE_STORE_SAVE: &str = "stateStoreSave";
 
 /// Set to `off` to keep a hop window's state per window, not per pane (for
 /// comparisons: both give the same results).
@@ -924,7 +1110,9 @@ mod tests {
                 if !panes {
                     plan.panes = None;
                 }
-                plan.open_state(4, dir.path(), None, None, 1).await.unwrap();
+                plan.open_state(4, dir.path(), None, None, &[], 1)
+                    .await
+                    .unwrap();
                 // As the runner: late rows are judged by the previous
                 // batch's eviction watermark.
                 let (mut max_ts, mut last_eviction) = (None::<i64>, None::<Option<i64>>);
@@ -1041,7 +1229,9 @@ mod tests {
             if !panes {
                 plan.panes = None;
             }
-            plan.open_state(4, dir.path(), None, None, 1).await.unwrap();
+            plan.open_state(4, dir.path(), None, None, &[], 1)
+                .await
+                .unwrap();
             let mut got: Map<(i64, i64), (i64, i64)> = Map::new();
             let mut last = None;
             let mut outputs = Vec::new();
@@ -1098,6 +1288,195 @@ mod tests {
         }
     }
 
+    /// Each row of `batches` as its cells, trimmed, sorted.
+    fn cells(batches: &[RecordBatch]) -> Vec<String> {
+        let mut rows: Vec<String> = sorted_rows(batches)
+            .iter()
+            .map(|row| row.split('|').map(str::trim).collect::<Vec<_>>().join("|"))
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[tokio::test]
+    async fn two_stages_over_replicas_write_what_the_whole_query_writes() {
+        use datafusion::arrow::array::{TimestampMicrosecondArray, UInt32Array};
+        use datafusion::arrow::compute::take_record_batch;
+        let events = events_schema(&["k", "v"]);
+        let sources = [("events".to_owned(), events.clone())];
+        let partitions = 4;
+        for (sql, mode) in [
+            // Hop windows kept as panes, in append and update mode.
+            (
+                "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total, min(v) AS lo \
+                 FROM hop(events, ts, '20 seconds', '50 seconds') \
+                 GROUP BY window_start, window_end, k HAVING count(*) >= 2",
+                OutputMode::Append,
+            ),
+            (
+                "SELECT window_start, window_end, k, count(*) AS n, avg(v) AS mean \
+                 FROM hop(events, ts, '20 seconds', '50 seconds') \
+                 GROUP BY window_start, window_end, k",
+                OutputMode::Update,
+            ),
+            // Tumbling windows, and no window at all.
+            (
+                "SELECT window_start, k, count(DISTINCT v) AS d FROM tumble(events, ts, '30 seconds') \
+                 GROUP BY window_start, window_end, k",
+                OutputMode::Append,
+            ),
+            (
+                "SELECT k, count(*) AS n, max(v) AS hi FROM events GROUP BY k",
+                OutputMode::Update,
+            ),
+        ] {
+            // Seeded events, up to 60 s out of order, some far behind (late).
+            let mut seed = 7u64;
+            let mut next = move |n: u64| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 33) % n
+            };
+            let mut batches = Vec::new();
+            let mut clock = 0i64;
+            for _ in 0..10 {
+                let (mut k, mut v, mut ts) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..300 {
+                    clock += 100_000;
+                    let behind = if next(20) == 0 { 300 } else { next(60) } as i64;
+                    k.push(next(23) as i64);
+                    v.push(next(50) as i64);
+                    ts.push(clock - behind * 1_000_000);
+                }
+                batches.push(
+                    RecordBatch::try_new(
+                        events.clone(),
+                        vec![
+                            Arc::new(Int64Array::from(k)),
+                            Arc::new(Int64Array::from(v)),
+                            Arc::new(TimestampMicrosecondArray::from(ts)),
+                        ],
+                    )
+                    .unwrap(),
+                );
+            }
+            let watermarks = [Some("ts".to_owned())];
+            let new_plan = || QueryPlan::new(sql, &sources, &watermarks, &[], mode);
+            let dir = tempfile::tempdir().unwrap();
+            let mut whole = new_plan().await.unwrap();
+            whole
+                .open_state(partitions, &dir.path().join("whole"), None, None, &[], 1)
+                .await
+                .unwrap();
+            // Two replicas run the first stage, each over half the rows;
+            // three the second, each over its state partitions.
+            let mut firsts = Vec::new();
+            for _ in 0..2 {
+                let mut plan = new_plan().await.unwrap();
+                plan.set_stage(Stage::Shuffle).await.unwrap();
+                firsts.push(plan);
+            }
+            let mut seconds = Vec::new();
+            for r in 0..3 {
+                let mut plan = new_plan().await.unwrap();
+                plan.set_stage(Stage::Merge).await.unwrap();
+                plan.open_state(
+                    partitions,
+                    &dir.path().join(format!("r{r}")),
+                    None,
+                    None,
+                    &[],
+                    1,
+                )
+                .await
+                .unwrap();
+                seconds.push(plan);
+            }
+            let empty = RecordBatch::new_empty(events.clone());
+            let mut max_ts = None::<i64>;
+            let mut last_eviction = None::<Option<i64>>;
+            let (mut total, mut dropped) = (0, 0);
+            let rounds = batches.iter().cloned().map(Some).chain([None]);
+            for (n, batch) in rounds.enumerate() {
+                // The last round: no data, every window closes.
+                let eviction = match &batch {
+                    Some(_) => max_ts.map(|t| t / 1000 - 30_000),
+                    None => max_ts.map(|t| t / 1000 + 3_600_000),
+                };
+                let watermarks = BatchWatermarks {
+                    eviction_ms: eviction,
+                    late_events_ms: last_eviction.unwrap_or(eviction),
+                };
+                let batch = batch.unwrap_or_else(|| empty.clone());
+                let expected = whole
+                    .execute(vec![vec![batch.clone()]], watermarks)
+                    .await
+                    .unwrap();
+                let half = batch.num_rows() / 2;
+                let mut to: Vec<Vec<RecordBatch>> = vec![Vec::new(); 3];
+                for (i, first) in firsts.iter_mut().enumerate() {
+                    let rows = batch.slice(
+                        i * half,
+                        if i == 0 {
+                            half
+                        } else {
+                            batch.num_rows() - half
+                        },
+                    );
+                    for partial in first.execute(vec![vec![rows]], watermarks).await.unwrap() {
+                        let parts = first
+                            .partitioner()
+                            .unwrap()
+                            .partitions(&partial, partitions as usize)
+                            .unwrap();
+                        for (r, rows) in to.iter_mut().enumerate() {
+                            let mine: Vec<u32> = (0..partial.num_rows() as u32)
+                                .filter(|i| parts[*i as usize] % 3 == r)
+                                .collect();
+                            rows.push(
+                                take_record_batch(&partial, &UInt32Array::from(mine)).unwrap(),
+                            );
+                        }
+                    }
+                }
+                let mut actual = Vec::new();
+                for (r, (second, rows)) in seconds.iter_mut().zip(to).enumerate() {
+                    actual.extend(second.execute(vec![rows], watermarks).await.unwrap());
+                    // Its keys are in the state partitions it owns: a
+                    // rescale hands those over.
+                    let store = second.stateful.as_ref().unwrap().store();
+                    for (p, _, _) in store.scan().unwrap() {
+                        assert_eq!(p % 3, r, "{sql}: replica {r} keeps a key of partition {p}");
+                    }
+                }
+                assert_eq!(
+                    cells(&actual),
+                    cells(&expected),
+                    "{sql} {mode:?}, batch {n}"
+                );
+                total += cells(&expected).len();
+                dropped += seconds
+                    .iter()
+                    .map(|p| p.state_progress()[0].num_rows_dropped_by_watermark)
+                    .sum::<u64>();
+                last_eviction = Some(eviction);
+                if let Some(t) = batch
+                    .column(2)
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .and_then(|t| t.values().iter().copied().max())
+                {
+                    max_ts = max_ts.max(Some(t));
+                }
+            }
+            assert!(total > 20, "{sql}: {total} rows written");
+            if mode == OutputMode::Append {
+                assert!(dropped > 0, "{sql}: late rows were dropped");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_checkpoint_whose_state_keeps_windows_goes_on_with_windows() {
         use datafusion::arrow::array::TimestampMicrosecondArray;
@@ -1131,7 +1510,7 @@ mod tests {
                 if !panes {
                     plan.panes = None;
                 }
-                plan.open_state(4, &scratch, Some(remote), restore, epoch)
+                plan.open_state(4, &scratch, Some(remote), restore, &[], epoch)
                     .await
                     .map(|()| plan)
             }
@@ -1177,7 +1556,14 @@ mod tests {
                 .await
                 .unwrap();
         panes
-            .open_state(4, &fresh.path().join("s"), Some(remote.clone()), None, 1)
+            .open_state(
+                4,
+                &fresh.path().join("s"),
+                Some(remote.clone()),
+                None,
+                &[],
+                1,
+            )
             .await
             .unwrap();
         assert!(panes.panes.is_some());
@@ -1195,7 +1581,7 @@ mod tests {
                 .unwrap();
         windows.panes = None;
         let err = windows
-            .open_state(4, &fresh.path().join("s2"), Some(remote), at, 2)
+            .open_state(4, &fresh.path().join("s2"), Some(remote), at, &[], 2)
             .await
             .unwrap_err()
             .to_string();

@@ -26,8 +26,13 @@
 //! replica of an older generation, and the ones after it are read by
 //! exactly one replica of the new one: nothing lost, nothing twice.
 //!
-//! What is not built yet: keyed state across replicas (rows repartitioned by
-//! key through an internal topic), so a stateful query runs on one replica.
+//! A stateful query's generations from 1 on run in two stages (see
+//! [`crate::shuffle`]): the hand-over settles both stages of every replica
+//! and also writes, in `assignments/<g+1>`, where each state partition's
+//! newest committed version is and the highest watermark the old second
+//! stages ran with; a new replica's first run restores the partitions it
+//! owns from there. `SELECT DISTINCT`, session windows and complete mode
+//! still run on one replica.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -113,6 +118,19 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// Where a state partition's newest committed version is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateAt {
+    /// The checkpoint location (a replica's `merge/` logs, or the query's
+    /// own for generation 0).
+    pub location: String,
+    /// The version (batch) that lists it.
+    pub version: u64,
+    /// The run that committed that version.
+    pub epoch: u64,
+}
+
 /// `assignments/<g>`: a generation of replicas.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -128,6 +146,18 @@ pub struct Assignment {
     pub handover_ms: u64,
     /// The format.
     pub version: u32,
+    /// Whether the generation runs the query in two stages, its rows
+    /// repartitioned by key (a stateful query; see [`crate::shuffle`]).
+    #[serde(default)]
+    pub stages: bool,
+    /// With stages: each state partition's newest committed version at
+    /// the hand-over (`None`: it has none yet).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub state: Vec<Option<StateAt>>,
+    /// With stages: the highest watermark the previous generation's
+    /// stateful stage ran with (ms), where the new one's starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark_ms: Option<i64>,
 }
 
 impl Assignment {
@@ -139,8 +169,26 @@ impl Assignment {
             starts: BTreeMap::new(),
             handover_ms: 0,
             version: VERSION,
+            stages: false,
+            state: Vec::new(),
+            watermark_ms: None,
         }
     }
+}
+
+/// A replica's part of a two-stage generation (see [`crate::shuffle`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stages {
+    /// Where its second stage's logs are: `<its location>/merge`.
+    pub merge: String,
+    /// Where every first-stage replica of the generation keeps its logs
+    /// (their watermarks).
+    pub writers: Vec<String>,
+    /// The state partitions it owns that have a committed version, and
+    /// where it is.
+    pub seeds: Vec<(usize, StateAt)>,
+    /// The watermark its second stage starts with.
+    pub watermark_ms: Option<i64>,
 }
 
 /// What one replica of one generation runs on.
@@ -162,10 +210,26 @@ pub struct ReplicaRun {
     /// The query's id, from the checkpoint's metadata: a replica's logs
     /// carry it too.
     pub query_id: String,
+    /// With two stages: the second's.
+    pub stages: Option<Stages>,
+}
+
+/// Where replica `i` of generation `g` keeps its logs.
+fn replica_location(root: &str, g: u64, i: u32) -> String {
+    format!("{}/replicas/g{g}/r{i}", root.trim_end_matches('/'))
 }
 
 impl ReplicaRun {
-    fn of(root: &str, assignment: &Assignment, replica: Replica, query_id: &str) -> Self {
+    /// The run of `replica` in `assignment`; `topic` is the query's
+    /// repartition topic (a state partition is owned as its topic
+    /// partition is).
+    pub fn of(
+        root: &str,
+        assignment: &Assignment,
+        replica: Replica,
+        query_id: &str,
+        topic: &str,
+    ) -> Self {
         if assignment.generation == 0 {
             return Self {
                 replica,
@@ -174,13 +238,30 @@ impl ReplicaRun {
                 starts: BTreeMap::new(),
                 scope: String::new(),
                 query_id: query_id.to_owned(),
+                stages: None,
             };
         }
         let (g, i) = (assignment.generation, replica.index);
+        let location = replica_location(root, g, i);
+        let stages = assignment.stages.then(|| Stages {
+            merge: format!("{location}/merge"),
+            writers: (0..assignment.replicas)
+                .map(|j| replica_location(root, g, j))
+                .collect(),
+            seeds: assignment
+                .state
+                .iter()
+                .enumerate()
+                .filter(|(p, _)| replica.owns(topic, *p as i32))
+                .filter_map(|(p, at)| at.clone().map(|at| (p, at)))
+                .collect(),
+            watermark_ms: assignment.watermark_ms,
+        });
         Self {
             replica,
             generation: g,
-            location: format!("{}/replicas/g{g}/r{i}", root.trim_end_matches('/')),
+            stages,
+            location,
             starts: assignment
                 .starts
                 .iter()
@@ -229,6 +310,7 @@ pub async fn join(
         .location;
     let root = Checkpoint::open(location)?;
     let name = query.metadata.name.clone().unwrap_or_default();
+    let topic = crate::shuffle::topic(&name);
     let sources = query.spec.sources.iter().map(|s| s.name.clone()).collect();
     let id = root
         .metadata(new_metadata(&name, sources, query.spec.state_partitions()))
@@ -237,7 +319,9 @@ pub async fn join(
     loop {
         let current = newest(&root).await?;
         if current.replicas == replica.count {
-            return Ok(Some(ReplicaRun::of(location, &current, replica, &id)));
+            return Ok(Some(ReplicaRun::of(
+                location, &current, replica, &id, &topic,
+            )));
         }
         if replica.index != 0 {
             monitor.set_status(
@@ -266,13 +350,17 @@ pub async fn join(
             false,
             false,
         );
-        let starts = settle(query, location, &current, &id).await?;
+        let stateful = crate::runner::keeps_state(query).await?;
+        let handover = settle(query, location, &current, &id, stateful).await?;
         let next = Assignment {
             generation: current.generation + 1,
             replicas: replica.count,
-            starts,
+            starts: handover.starts,
             handover_ms: started.elapsed().as_millis() as u64,
             version: VERSION,
+            stages: stateful,
+            state: handover.state,
+            watermark_ms: handover.watermark_ms,
         };
         let path = format!("assignments/{}", next.generation);
         let bytes = serde_json::to_vec_pretty(&next).expect("assignments serialize");
@@ -282,13 +370,14 @@ pub async fn join(
                     generation = next.generation,
                     replicas = next.replicas,
                     previous_replicas = current.replicas,
+                    stages = next.stages,
                     handover_ms = next.handover_ms,
                     "Handed the query over to a new generation of replicas."
                 );
                 monitor
                     .metrics()
                     .record_handover(next.handover_ms as f64 / 1e3);
-                return Ok(Some(ReplicaRun::of(location, &next, replica, &id)));
+                return Ok(Some(ReplicaRun::of(location, &next, replica, &id, &topic)));
             }
             // Another replica 0 (a zombie, or a second rescale) wrote it
             // first: look again.
@@ -297,45 +386,103 @@ pub async fn join(
     }
 }
 
+/// What a generation hands over to the next.
+struct Handover {
+    starts: BTreeMap<String, Value>,
+    state: Vec<Option<StateAt>>,
+    watermark_ms: Option<i64>,
+}
+
+/// Runs `run`'s `stage` until its planned batch is committed (a drain),
+/// and returns what its logs committed last.
+async fn drain(
+    query: &StreamingQuery,
+    run: &ReplicaRun,
+    stage: crate::plan::Stage,
+) -> Result<Option<crate::checkpoint::Committed>> {
+    let monitor = Arc::new(Monitor::new(
+        query.metadata.name.as_deref().unwrap_or_default(),
+    ));
+    let state_dir = std::env::temp_dir().join(format!(
+        "sluice-settle-{}-g{}-r{}-{stage:?}",
+        std::process::id(),
+        run.generation,
+        run.replica.index
+    ));
+    let runner = Runner::for_stage(query, monitor, state_dir.clone(), run, stage).await?;
+    let (_never, stop) = watch::channel(false);
+    runner
+        .run(
+            RunOptions {
+                drain: true,
+                ..RunOptions::default()
+            },
+            stop,
+        )
+        .await?;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let logs = match (stage, &run.stages) {
+        (crate::plan::Stage::Merge, Some(stages)) => Checkpoint::open(&stages.merge)?,
+        _ => Checkpoint::open(&run.location)?,
+    };
+    Ok(logs.recover().await?.committed)
+}
+
 /// Settles every replica of `generation` (fences it and finishes its
-/// planned batch) and returns where each source's partitions stand.
+/// planned batch, in each stage) and returns where each source's
+/// partitions stand and, for a `stateful` query, where each state
+/// partition is and the watermark.
 async fn settle(
     query: &StreamingQuery,
     root: &str,
     generation: &Assignment,
     query_id: &str,
-) -> Result<BTreeMap<String, Value>> {
+    stateful: bool,
+) -> Result<Handover> {
+    use crate::plan::Stage;
+    let name = query.metadata.name.clone().unwrap_or_default();
+    let topic = crate::shuffle::topic(&name);
+    let partitions = query.spec.state_partitions() as usize;
     let mut ends = Vec::new();
+    let mut state = generation.state.clone();
+    state.resize(partitions, None);
+    let mut watermark_ms = generation.watermark_ms;
     for index in 0..generation.replicas {
-        let run = ReplicaRun::of(
-            root,
-            generation,
-            Replica::new(index, generation.replicas)?,
-            query_id,
-        );
-        let monitor = Arc::new(Monitor::new(
-            query.metadata.name.as_deref().unwrap_or_default(),
-        ));
-        let state_dir = std::env::temp_dir().join(format!(
-            "sluice-settle-{}-g{}-r{index}",
-            std::process::id(),
-            generation.generation
-        ));
-        let runner = Runner::for_replica(query, monitor, state_dir.clone(), &run).await?;
-        let (_never, stop) = watch::channel(false);
-        runner
-            .run(
-                RunOptions {
-                    drain: true,
-                    ..RunOptions::default()
-                },
-                stop,
-            )
-            .await?;
-        let _ = std::fs::remove_dir_all(&state_dir);
-        let logs = Checkpoint::open(&run.location)?;
-        if let Some(committed) = logs.recover().await?.committed {
+        let replica = Replica::new(index, generation.replicas)?;
+        let run = ReplicaRun::of(root, generation, replica, query_id, &topic);
+        let first = if run.stages.is_some() {
+            Stage::Shuffle
+        } else {
+            Stage::Whole
+        };
+        if let Some(committed) = drain(query, &run, first).await? {
             ends.extend(committed.offsets.sources);
+            if first == Stage::Whole && stateful {
+                // Generation 0: the whole state is at its last version.
+                let at = StateAt {
+                    location: run.location.clone(),
+                    version: committed.offsets.batch_id,
+                    epoch: committed.commit.epoch,
+                };
+                state = vec![Some(at); partitions];
+                watermark_ms = watermark_ms.max(committed.offsets.watermarks.eviction_ms);
+            }
+        }
+        let Some(stages) = &run.stages else {
+            continue;
+        };
+        if let Some(committed) = drain(query, &run, Stage::Merge).await? {
+            ends.extend(committed.offsets.sources);
+            for (p, at) in state.iter_mut().enumerate() {
+                if replica.owns(&topic, p as i32) {
+                    *at = Some(StateAt {
+                        location: stages.merge.clone(),
+                        version: committed.offsets.batch_id,
+                        epoch: committed.commit.epoch,
+                    });
+                }
+            }
+            watermark_ms = watermark_ms.max(committed.offsets.watermarks.eviction_ms);
         }
     }
     let mut starts: BTreeMap<String, Value> = generation.starts.clone();
@@ -353,11 +500,27 @@ async fn settle(
             );
         }
     }
+    if stateful && !generation.stages {
+        // The first generation in two stages: the repartition topic is
+        // read from where it ends now.
+        let now = crate::shuffle::prepare_topic(query, partitions as u32).await?;
+        starts.insert(crate::shuffle::SOURCE.to_owned(), offsets_json(&now));
+    } else if stateful {
+        crate::shuffle::prepare_topic(query, partitions as u32).await?;
+    }
     for ended in &ends {
         let merged = starts.entry(ended.name.clone()).or_insert(Value::Null);
         *merged = overlay(merged, &ended.end);
     }
-    Ok(starts)
+    if !stateful {
+        state.clear();
+        watermark_ms = None;
+    }
+    Ok(Handover {
+        starts,
+        state,
+        watermark_ms,
+    })
 }
 
 /// Kafka offsets `base` with the partitions `top` has replaced.
@@ -427,7 +590,7 @@ mod tests {
     #[test]
     fn generation_zero_is_the_checkpoint_itself() {
         let first = Assignment::first();
-        let run = ReplicaRun::of("s3://b/q/", &first, Replica::default(), "id");
+        let run = ReplicaRun::of("s3://b/q/", &first, Replica::default(), "id", "t");
         assert_eq!(run.location, "s3://b/q/");
         assert_eq!(run.scope, "");
         let second = Assignment {
@@ -436,8 +599,11 @@ mod tests {
             starts: BTreeMap::from([("in".to_owned(), json!({"t": {"0": 1, "1": 2, "2": 3}}))]),
             handover_ms: 0,
             version: VERSION,
+            stages: false,
+            state: Vec::new(),
+            watermark_ms: None,
         };
-        let run = ReplicaRun::of("s3://b/q/", &second, Replica::new(1, 3).unwrap(), "id");
+        let run = ReplicaRun::of("s3://b/q/", &second, Replica::new(1, 3).unwrap(), "id", "t");
         assert_eq!(run.location, "s3://b/q/replicas/g2/r1");
         assert_eq!(run.scope, "g2-r1");
         assert_eq!(run.starts["in"]["t"].as_object().unwrap().len(), 1);

@@ -50,8 +50,9 @@ use crate::checkpoint::fence::Fence;
 use crate::checkpoint::{self, Checkpoint, CommitEntry, OffsetEntry, SourceOffsets, new_metadata};
 use crate::dead_letter::DeadLetters;
 use crate::monitor::Monitor;
-use crate::plan::QueryPlan;
+use crate::plan::{QueryPlan, Stage};
 use crate::replicas::{self, Replica, ReplicaRun};
+use crate::shuffle::{self, ShuffleSink, WatermarkFeed};
 use crate::sink::{self, Sink, SinkContext};
 use crate::source::{self, BatchRange, ReadMode, Source};
 use crate::state::PartitionRef;
@@ -171,6 +172,25 @@ struct SourceState {
     dead_letter: Option<DeadLetters>,
 }
 
+/// What a two-stage query's second stage tells the first, whose progress
+/// is the query's: the state, the watermark, the user's sink.
+#[derive(Default)]
+struct StageReport {
+    state_operators: Vec<sluice_crds::progress::StateOperatorProgress>,
+    watermark: Option<String>,
+    sink: Option<String>,
+    /// Rows the user's sink took since the first stage's last report.
+    output_rows: u64,
+}
+
+/// Which end of a [`StageReport`] a runner holds.
+enum Link {
+    /// The second stage: writes it after each batch.
+    Writes(Arc<std::sync::Mutex<StageReport>>),
+    /// The first: reports it with each batch.
+    Reads(Arc<std::sync::Mutex<StageReport>>),
+}
+
 /// A query ready to run.
 pub struct Runner {
     name: String,
@@ -201,6 +221,11 @@ pub struct Runner {
     /// When this run joined its generation of replicas, until its first
     /// batch is committed.
     joined: Option<Instant>,
+    /// A two-stage query's second stage: its watermark, from the first
+    /// stage's replicas.
+    feed: Option<WatermarkFeed>,
+    /// A two-stage query's stages: what the second tells the first.
+    link: Option<Link>,
 }
 
 /// The watermark declarations of the spec's sources, in spec order.
@@ -320,11 +345,14 @@ fn scale_out(query: &StreamingQuery, plan: &QueryPlan, count: u32) -> Result<()>
             message,
         })
     };
-    if plan.aggregated().is_some() {
+    if let Some((path, message)) = plan.two_stages_refused() {
+        return refuse(path, message);
+    }
+    if plan.aggregated().is_some() && read_mode(query) == ReadMode::AvailableNow {
         return refuse(
-            "spec.replicas",
+            "spec.trigger.availableNow",
             format!(
-                "{count} replicas of a stateful query need its rows repartitioned by key through an internal topic, which is not built yet: run it on 1 replica"
+                "{count} replicas of a stateful query run continuously (the second stage cannot tell when the first has read everything): use processingTime, or run it on 1 replica"
             ),
         );
     }
@@ -348,6 +376,38 @@ fn scale_out(query: &StreamingQuery, plan: &QueryPlan, count: u32) -> Result<()>
         );
     }
     Ok(())
+}
+
+/// Whether the query keeps state (and so runs in two stages on several
+/// replicas).
+pub async fn keeps_state(query: &StreamingQuery) -> Result<bool> {
+    let spec = &query.spec;
+    let name = query.metadata.name.as_deref().unwrap_or_default();
+    let mut schemas = Vec::new();
+    for (i, source_spec) in spec.sources.iter().enumerate() {
+        let source = source::build(
+            source_spec,
+            &format!("spec.sources[{i}]"),
+            read_mode(query),
+            Utc::now(),
+            name,
+        )?;
+        schemas.push((source.name().to_owned(), source.schema()));
+    }
+    let watermarks: Vec<Option<String>> = spec
+        .sources
+        .iter()
+        .map(|s| s.watermark.as_ref().map(|w| w.column.clone()))
+        .collect();
+    let plan = QueryPlan::new(
+        &spec.query,
+        &schemas,
+        &watermarks,
+        &spec.tables,
+        spec.output_mode,
+    )
+    .await?;
+    Ok(plan.aggregated().is_some())
 }
 
 /// A source's entry in a batch's offsets.
@@ -425,25 +485,40 @@ pub async fn run_query(
             max_batches: options.max_batches.map(|m| m.saturating_sub(total.batches)),
             ..options.clone()
         };
-        let mut runner = None;
+        let mut runners = Vec::new();
         let result = match start(query, &monitor, &state_dir, options.replica, &mut stop).await {
-            Ok(Some(r)) => {
-                let r = runner.insert(r);
-                r.run_until(&remaining, &mut stop).await
+            Ok(Some(started)) => {
+                runners = started;
+                let mut stops: Vec<_> = runners.iter().map(|_| stop.clone()).collect();
+                // Two stages run side by side; the first to fail stops the
+                // run (both restart from their checkpoints).
+                let runs = runners
+                    .iter_mut()
+                    .zip(stops.iter_mut())
+                    .map(|(r, stop)| r.run_until(&remaining, stop));
+                futures::future::try_join_all(runs)
+                    .await
+                    .map(|stopped| stopped.into_iter().next().unwrap_or(Stopped::Requested))
             }
             Ok(None) => Ok(Stopped::Requested),
             Err(err) => Err(err),
         };
-        if let Some(r) = &runner {
+        for (i, r) in runners.iter().enumerate() {
             let done = &r.summary;
             if done.batches > 0 {
                 backoff = FIRST_BACKOFF;
             }
-            total.batches += done.batches;
-            total.input_rows += done.input_rows;
-            total.output_rows += done.output_rows;
+            // With two stages, the first reads the input and the second
+            // writes the output.
+            if i == 0 {
+                total.batches += done.batches;
+                total.input_rows += done.input_rows;
+            }
+            if i + 1 == runners.len() {
+                total.output_rows += done.output_rows;
+            }
         }
-        drop(runner);
+        drop(runners);
         match result {
             Ok(stopped) => {
                 total.stopped = stopped;
@@ -474,14 +549,15 @@ pub async fn run_query(
 
 /// Opens a run of the query as `replica`: with a checkpoint, joins its
 /// generation of replicas first (see [`crate::replicas`]). `None` when
-/// asked to stop while waiting to join.
+/// asked to stop while waiting to join. A generation in two stages (see
+/// [`crate::shuffle`]) gives two runners, the first stage's first.
 async fn start(
     query: &StreamingQuery,
     monitor: &Arc<Monitor>,
     state_dir: &std::path::Path,
     replica: Replica,
     stop: &mut watch::Receiver<bool>,
-) -> Result<Option<Runner>> {
+) -> Result<Option<Vec<Runner>>> {
     if query.spec.checkpoint.is_none() {
         if replica.count > 1 {
             return Err(Error::Unsupported {
@@ -491,7 +567,7 @@ async fn start(
         }
         return Runner::with_state_dir(query, monitor.clone(), state_dir.to_owned())
             .await
-            .map(Some);
+            .map(|r| Some(vec![r]));
     }
     let joining = Instant::now();
     let Some(run) = replicas::join(query, replica, monitor, stop).await? else {
@@ -508,7 +584,27 @@ async fn start(
     let mut runner =
         Runner::for_replica(query, monitor.clone(), state_dir.to_owned(), &run).await?;
     runner.joined = Some(joining);
-    Ok(Some(runner))
+    if run.stages.is_none() {
+        return Ok(Some(vec![runner]));
+    }
+    // The second stage reports on a monitor of its own: the query's
+    // (status, progress, lag for the autoscaler) is the first stage's,
+    // which reads the sources.
+    let merge_monitor = Arc::new(Monitor::new(
+        query.metadata.name.as_deref().unwrap_or_default(),
+    ));
+    let mut merge = Runner::for_stage(
+        query,
+        merge_monitor,
+        state_dir.join("merge"),
+        &run,
+        Stage::Merge,
+    )
+    .await?;
+    let report = Arc::new(std::sync::Mutex::new(StageReport::default()));
+    runner.link = Some(Link::Reads(report.clone()));
+    merge.link = Some(Link::Writes(report));
+    Ok(Some(vec![runner, merge]))
 }
 
 impl Runner {
@@ -528,7 +624,7 @@ impl Runner {
         monitor: Arc<Monitor>,
         state_dir: PathBuf,
     ) -> Result<Self> {
-        Self::open(query, monitor, state_dir, None).await
+        Self::open(query, monitor, state_dir, None, Stage::Whole).await
     }
 
     /// [`Runner::with_state_dir`], as one replica of one generation: its
@@ -540,7 +636,24 @@ impl Runner {
         state_dir: PathBuf,
         run: &ReplicaRun,
     ) -> Result<Self> {
-        Self::open(query, monitor, state_dir, Some(run)).await
+        let stage = if run.stages.is_some() {
+            Stage::Shuffle
+        } else {
+            Stage::Whole
+        };
+        Self::open(query, monitor, state_dir, Some(run), stage).await
+    }
+
+    /// [`Runner::for_replica`], running one `stage` of a query that runs in
+    /// two (see [`crate::shuffle`]).
+    pub async fn for_stage(
+        query: &StreamingQuery,
+        monitor: Arc<Monitor>,
+        state_dir: PathBuf,
+        run: &ReplicaRun,
+        stage: Stage,
+    ) -> Result<Self> {
+        Self::open(query, monitor, state_dir, Some(run), stage).await
     }
 
     async fn open(
@@ -548,6 +661,7 @@ impl Runner {
         monitor: Arc<Monitor>,
         state_dir: PathBuf,
         run: Option<&ReplicaRun>,
+        stage: Stage,
     ) -> Result<Self> {
         let spec = &query.spec;
         let name = query.metadata.name.clone().unwrap_or_default();
@@ -591,9 +705,46 @@ impl Runner {
             spec.output_mode,
         )
         .await?;
-        let mut sink = sink::build(&spec.sink, spec.output_mode)?;
+        let stages = run.and_then(|r| r.stages.as_ref());
         if let Some(run) = run.filter(|r| r.replica.count > 1) {
             scale_out(query, &plan, run.replica.count)?;
+        }
+        plan.set_stage(stage).await?;
+        let mut sink = match stage {
+            Stage::Shuffle => {
+                let partitioner = plan
+                    .partitioner()
+                    .cloned()
+                    .ok_or_else(|| Error::Plan("the query has no aggregation".into()))?;
+                Box::new(ShuffleSink::new(
+                    query,
+                    spec.state_partitions(),
+                    partitioner,
+                )?) as Box<dyn Sink>
+            }
+            _ => sink::build(&spec.sink, spec.output_mode)?,
+        };
+        let mut feed = None;
+        if stage == Stage::Merge {
+            let stages = stages.ok_or_else(|| {
+                Error::Plan(
+                    "the second stage runs only as a replica of a two-stage generation".into(),
+                )
+            })?;
+            let schema = shuffle::shuffle_schema(&plan)?;
+            sources = vec![SourceState {
+                source: Box::new(shuffle::source(query, mode, schema)?),
+                offset: Value::Null,
+                dead_letter: None,
+            }];
+            sources[0].offset = sources[0].source.initial_offset();
+            feed = Some(WatermarkFeed::new(
+                &stages.writers,
+                declarations(query)?,
+                started.timestamp_millis(),
+            )?);
+        }
+        if let Some(run) = run.filter(|r| r.replica.count > 1) {
             for state in sources.iter_mut() {
                 state.source.set_slice(run.replica)?;
             }
@@ -610,12 +761,22 @@ impl Runner {
             })?
             .filter(|d| !d.is_zero());
         let run_id = uuid::Uuid::new_v4().to_string();
-        let mut tracker = Tracker::new(declared, started.timestamp_millis());
+        // The second stage's watermark comes from the first's replicas.
+        let tracked = if stage == Stage::Merge {
+            Vec::new()
+        } else {
+            declared
+        };
+        let mut tracker = Tracker::new(tracked, started.timestamp_millis());
         let mut id = uuid::Uuid::new_v4().to_string();
         let (mut checkpoint, mut fence) = (None, None);
         let (mut next_batch, mut replay, mut last_eviction, mut restore) = (0, None, None, None);
+        let mut seeds = Vec::new();
         if let Some(root) = spec.checkpoint.as_ref().map(|c| &c.location) {
-            let location = run.map_or(root, |r| &r.location);
+            let location = match (stage, stages) {
+                (Stage::Merge, Some(stages)) => &stages.merge,
+                _ => run.map_or(root, |r| &r.location),
+            };
             let store = Checkpoint::open(location)?;
             let names = sources.iter().map(|s| s.source.name().to_owned()).collect();
             let mut wanted = new_metadata(&name, names, spec.state_partitions());
@@ -645,6 +806,23 @@ impl Runner {
                 replay = recovery.replay.is_some(),
                 "Recovered from the checkpoint."
             );
+            if let (Stage::Merge, Some(stages), None) = (stage, stages, &recovery.committed) {
+                // A replica's first commit is still to come: its state
+                // partitions are where the previous generation left them,
+                // and so is the watermark.
+                for (p, at) in &stages.seeds {
+                    seeds.push(crate::state::Seed {
+                        partition: *p,
+                        storage: Checkpoint::open(&at.location)?.storage().clone(),
+                        at: PartitionRef {
+                            version: at.version,
+                            epoch: at.epoch,
+                        },
+                    });
+                }
+                last_eviction = Some(stages.watermark_ms);
+                tracker.set_global(stages.watermark_ms);
+            }
             if recovery.committed.is_none() && recovery.replay.is_none() {
                 // A new query: where each source starts is decided once and
                 // kept (Spark's `sources/<i>/0`), so that a restart before
@@ -679,6 +857,7 @@ impl Runner {
                 .as_ref()
                 .map(|c: &Checkpoint| c.storage().clone()),
             restore,
+            &seeds,
             epoch,
         )
         .await?;
@@ -714,6 +893,8 @@ impl Runner {
             last_eviction,
             summary: Summary::default(),
             joined: None,
+            feed,
+            link: None,
         })
     }
 
@@ -801,6 +982,15 @@ impl Runner {
                     Some(entry.epoch),
                 )
             } else {
+                // The second stage's watermark is read before its input's
+                // ends: every row written before it moved is in the batch.
+                let fed = match &self.feed {
+                    Some(feed) => Some(
+                        feed.global_at(timestamp.timestamp_millis(), self.tracker.global())
+                            .await?,
+                    ),
+                    None => None,
+                };
                 let ranges = match self.ahead.take() {
                     Some(ahead) => {
                         reads = Some(ahead.reads);
@@ -816,7 +1006,8 @@ impl Runner {
                         ranges
                     }
                 };
-                let next = self.tracker.global_at(timestamp.timestamp_millis());
+                let next =
+                    fed.unwrap_or_else(|| self.tracker.global_at(timestamp.timestamp_millis()));
                 let has_data = ranges.iter().any(|r| r.rows > 0);
                 // As in Spark, a batch runs without new data when the
                 // watermark moved and the query has state it evicts, so
@@ -883,11 +1074,12 @@ impl Runner {
             let latest_offset_ms = trigger_start.elapsed().as_millis() as u64;
             // The next batch starts at once: read it while this one runs.
             let next_at_once = self.interval.is_none()
+                && self.feed.is_none()
                 && !options.drain
                 && options
                     .max_batches
                     .is_none_or(|max| self.summary.batches + 1 < max);
-            let progress = match self
+            let mut progress = match self
                 .run_batch(
                     batch_id,
                     timestamp,
@@ -907,6 +1099,7 @@ impl Runner {
                 Ok(progress) => progress,
                 Err(err) => return Err(self.judge_refused_transaction(err).await),
             };
+            self.link_stages(&mut progress);
             self.summary.batches += 1;
             self.summary.input_rows += progress.num_input_rows;
             self.summary.output_rows += progress.sink.num_output_rows;
@@ -945,6 +1138,40 @@ impl Runner {
             "Query stopped."
         );
         Ok(stopped)
+    }
+
+    /// With two stages: the second stage's batch is told to the first;
+    /// the first's progress (the query's) reports the state, the
+    /// watermark and the user's sink from it.
+    fn link_stages(&self, progress: &mut QueryProgress) {
+        match &self.link {
+            Some(Link::Writes(report)) => {
+                let mut report = report.lock().unwrap_or_else(|e| e.into_inner());
+                report.state_operators = progress.state_operators.clone();
+                report.watermark = progress.event_time.get("watermark").cloned();
+                report.sink = Some(progress.sink.description.clone());
+                report.output_rows += progress.sink.num_output_rows;
+            }
+            Some(Link::Reads(report)) => {
+                let mut report = report.lock().unwrap_or_else(|e| e.into_inner());
+                progress.state_operators = report.state_operators.clone();
+                match &report.watermark {
+                    Some(w) => {
+                        progress.event_time.insert("watermark".into(), w.clone());
+                    }
+                    None => {
+                        progress.event_time.remove("watermark");
+                    }
+                }
+                if let Some(sink) = &report.sink {
+                    progress.sink = SinkProgress {
+                        description: sink.clone(),
+                        num_output_rows: std::mem::take(&mut report.output_rows),
+                    };
+                }
+            }
+            None => {}
+        }
     }
 
     /// The ranges of a batch planned before a crash, as its offsets entry
@@ -1142,7 +1369,7 @@ impl Runner {
             })
             .collect();
         let mut event_time = event_stats.report();
-        if self.tracker.any() {
+        if self.tracker.any() || self.feed.as_ref().is_some_and(WatermarkFeed::any) {
             // As Spark: the epoch when there is no watermark yet.
             let w = watermarks.eviction_ms.unwrap_or(0);
             event_time.insert(

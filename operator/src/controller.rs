@@ -545,6 +545,12 @@ async fn autoscale(
     let step = {
         let mut memories = ctx.autoscaler.lock().expect("not poisoned");
         let memory = memories.entry(query_key.clone()).or_default();
+        memory.pin_by_spec(
+            (query.spec.output_mode == sluice_crds::OutputMode::Complete).then(|| {
+                "complete mode writes the whole result every batch, which runs on one replica"
+                    .to_owned()
+            }),
+        );
         scaler::step(memory, &spec, previous, query.spec.replicas, seen, now)
     };
     let before = previous.map_or(current, |p| p.replicas);

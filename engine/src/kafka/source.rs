@@ -29,6 +29,8 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -116,7 +118,14 @@ pub struct KafkaSource {
     lost: u64,
     /// With several replicas: this one's, whose partitions only it reads.
     slice: Option<crate::replicas::Replica>,
+    /// A repartition topic's reader: its admin client, and when it last
+    /// purged what was read.
+    admin: Option<Arc<AdminClient<DefaultClientContext>>>,
+    purged_at: Option<Instant>,
 }
+
+/// How often a repartition topic's reader deletes the records it read.
+const PURGE_EVERY: Duration = Duration::from_secs(10);
 
 impl Drop for KafkaSource {
     fn drop(&mut self) {
@@ -240,7 +249,93 @@ impl KafkaSource {
             limit: None,
             lost: 0,
             slice: None,
+            admin: None,
+            purged_at: None,
         })
+    }
+
+    /// This source as the reader of a repartition topic: each record's
+    /// value is an Arrow IPC stream of rows of `schema`, and the table is
+    /// just those rows.
+    pub fn into_shuffle(mut self, schema: SchemaRef) -> Self {
+        self.decoding = Decoding::ArrowIpc;
+        self.declared = schema.clone();
+        self.schema = schema;
+        self.record_columns = Vec::new();
+        self
+    }
+
+    /// The repartition topic's records before `end` were read by a
+    /// committed batch, and no replay or rescale reads them again: deleted
+    /// (as Kafka Streams purges its repartition topics), at most once every
+    /// [`PURGE_EVERY`], in the background; a failure is logged.
+    fn purge(&mut self, end: &Offsets) {
+        if self.purged_at.is_some_and(|at| at.elapsed() < PURGE_EVERY) {
+            return;
+        }
+        self.purged_at = Some(Instant::now());
+        if self.admin.is_none() {
+            match self
+                .config
+                .clone()
+                .remove("group.id")
+                .remove("isolation.level")
+                .remove("enable.auto.commit")
+                .remove("enable.auto.offset.store")
+                .remove("auto.offset.reset")
+                .remove("enable.partition.eof")
+                .create::<AdminClient<DefaultClientContext>>()
+            {
+                Ok(admin) => self.admin = Some(Arc::new(admin)),
+                Err(e) => {
+                    warn!(source = %self.name, error = %e, "Cannot create a Kafka admin client to purge the repartition topic.");
+                    return;
+                }
+            }
+        }
+        let admin = self.admin.clone().expect("created above");
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partitions) in end {
+            for (p, o) in partitions {
+                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
+            }
+        }
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = admin.delete_records(&tpl, &AdminOptions::new()).await {
+                warn!(source = %name, error = %e, "Could not purge the repartition topic's records already read (they stay until its retention).");
+            }
+        });
+    }
+
+    /// The rows of IPC-encoded records, in the declared schema; a record
+    /// that does not decode fails the batch, naming it (the engine wrote
+    /// it: no dead letters).
+    fn decode_ipc(&self, records: &[Record]) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        for r in records {
+            let Some(value) = r.value.as_deref() else {
+                continue;
+            };
+            let bad = |e: String| {
+                self.source_error(format!(
+                    "the record at {}/{} offset {} is not an Arrow IPC stream of partial states: {e}",
+                    r.topic, r.partition, r.offset
+                ))
+            };
+            let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(
+                std::io::Cursor::new(value),
+                None,
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            for batch in reader {
+                let batch = batch.map_err(|e| bad(e.to_string()))?;
+                let batch = RecordBatch::try_new(self.declared.clone(), batch.columns().to_vec())
+                    .map_err(|e| bad(e.to_string()))?;
+                out.push(batch);
+            }
+        }
+        Ok(out)
     }
 
     fn source_error(&self, message: String) -> Error {
@@ -512,6 +607,9 @@ enum Decoding {
     Csv,
     /// Avro datums of the writer's schema.
     Avro(Arc<apache_avro::Schema>),
+    /// Arrow IPC streams of many rows each: the repartition topic's
+    /// partial states (see [`crate::shuffle`]).
+    ArrowIpc,
 }
 
 impl std::fmt::Display for Decoding {
@@ -520,6 +618,7 @@ impl std::fmt::Display for Decoding {
             Decoding::Json => "json",
             Decoding::Csv => "csv",
             Decoding::Avro(_) => "avro",
+            Decoding::ArrowIpc => "arrow-ipc",
         })
     }
 }
@@ -765,6 +864,9 @@ impl Source for KafkaSource {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        if matches!(self.decoding, Decoding::ArrowIpc) {
+            return self.decode_ipc(&records);
+        }
         let (declared, good) = self.decode(&records)?;
         let columns = record_columns(&records, &self.record_columns);
         let whole = RecordBatch::try_new(
@@ -790,6 +892,9 @@ impl Source for KafkaSource {
         let Some(end) = offsets_from_json(end) else {
             return Ok(());
         };
+        if matches!(self.decoding, Decoding::ArrowIpc) {
+            self.purge(&end);
+        }
         let consumer = self.consumer().await?;
         let mut tpl = TopicPartitionList::new();
         for (topic, ps) in &end {

@@ -322,13 +322,62 @@ impl Stateful {
         let partial = phases.partial.clone() as Arc<dyn ExecutionPlan>;
         let new_states = collect(partial, ctx.task_ctx()).await?;
         let new_states = concat_batches(&phases.partial.schema(), &new_states)?;
+        self.process(ctx, &phases, &plan, new_states, watermarks, late)
+            .await
+    }
+
+    /// Runs one batch whose first phase ran elsewhere (on the replicas that
+    /// read the sources; see [`crate::shuffle`]): `states` are rows of the
+    /// partial phase's schema, several per group possible. A row of a
+    /// window that ended at or before the batch's late-events watermark is
+    /// late: dropped and counted (the replicas that ran the first phase
+    /// drop nothing, since the watermark is the minimum over them all).
+    pub async fn execute_states(
+        &mut self,
+        ctx: &SessionContext,
+        plan: Arc<dyn ExecutionPlan>,
+        states: Vec<RecordBatch>,
+        watermarks: BatchWatermarks,
+        late_after: Option<LateAfter>,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let phases = find_phases(&plan)?;
+        let schema = phases.partial.schema();
+        let mut columns_fixed = Vec::with_capacity(states.len());
+        for batch in states {
+            // The decoded rows, in the phase's own schema (names, types,
+            // nullability and metadata exactly).
+            columns_fixed.push(RecordBatch::try_new(
+                schema.clone(),
+                batch.columns().to_vec(),
+            )?);
+        }
+        let mut new_states = concat_batches(&schema, &columns_fixed)?;
+        let mut late = 0;
+        if let (Some(rule), Some(w)) = (late_after, watermarks.late_micros()) {
+            let (kept, dropped) = rule.drop_late(&new_states, w)?;
+            new_states = kept;
+            late = dropped;
+        }
+        self.process(ctx, &phases, &plan, new_states, watermarks, late)
+            .await
+    }
+
+    async fn process(
+        &mut self,
+        ctx: &SessionContext,
+        phases: &Phases,
+        plan: &Arc<dyn ExecutionPlan>,
+        new_states: RecordBatch,
+        watermarks: BatchWatermarks,
+        late: u64,
+    ) -> DfResult<Vec<RecordBatch>> {
         let out = self
             .operator
             .process(
                 &mut self.store,
                 BatchInput {
                     ctx,
-                    phases: &phases,
+                    phases,
                     new_states,
                     watermarks,
                     late,
@@ -345,7 +394,49 @@ impl Stateful {
         if out.emit.num_rows() == 0 && self.mode != OutputMode::Complete {
             return Ok(Vec::new());
         }
-        finish(&phases, &plan, out.emit, ctx).await
+        finish(phases, plan, out.emit, ctx).await
+    }
+}
+
+/// Which first-phase rows are late, for a windowed aggregation whose first
+/// phase ran on other replicas: a row is late when every window it counts
+/// in ended at or before the late-events watermark (as the window table
+/// functions judge input rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LateAfter {
+    /// The position of `window_start` among the state's columns.
+    pub window_start: usize,
+    /// The position of `window_end`.
+    pub window_end: usize,
+    /// With panes, the rows' window columns are a pane's.
+    pub panes: Option<crate::window::Panes>,
+}
+
+impl LateAfter {
+    /// `states` without their late rows, and how many were dropped.
+    pub fn drop_late(&self, states: &RecordBatch, watermark: i64) -> DfResult<(RecordBatch, u64)> {
+        let ends: Vec<i64> = match self.panes {
+            Some(panes) => codec::micros(states, self.window_start)?
+                .into_iter()
+                .map(|start| panes.window_ends(start).next().unwrap_or(start))
+                .collect(),
+            None => codec::micros(states, self.window_end)?,
+        };
+        let keep: Vec<u32> = ends
+            .iter()
+            .enumerate()
+            .filter(|(_, end)| **end > watermark)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let dropped = (ends.len() - keep.len()) as u64;
+        if dropped == 0 {
+            return Ok((states.clone(), 0));
+        }
+        let kept = datafusion::arrow::compute::take_record_batch(
+            states,
+            &datafusion::arrow::array::UInt32Array::from(keep),
+        )?;
+        Ok((kept, dropped))
     }
 }
 

@@ -298,6 +298,19 @@ pub type PartitionedKey = (usize, Vec<u8>);
 /// An entry of one partition: partition, key, value.
 pub type PartitionedEntry = (usize, Vec<u8>, Vec<u8>);
 
+/// A partition to restore from another checkpoint location: a replica's
+/// first run takes the state partitions it owns from the versions the
+/// previous replicas committed (see [`crate::replicas`]).
+#[derive(Clone, Debug)]
+pub struct Seed {
+    /// The partition.
+    pub partition: usize,
+    /// The checkpoint location that committed it.
+    pub storage: Storage,
+    /// The version (of every partition) that lists it.
+    pub at: PartitionRef,
+}
+
 impl StateStore {
     /// Opens the state of `operator` with `partitions` partitions in the
     /// scratch directory `local`, for the run `epoch`. With a checkpoint
@@ -309,6 +322,22 @@ impl StateStore {
         local: &LocalPath,
         remote: Option<Storage>,
         restore: Option<PartitionRef>,
+        epoch: u64,
+    ) -> Result<Self> {
+        Self::open_seeded(operator, partitions, local, remote, restore, &[], epoch).await
+    }
+
+    /// [`StateStore::open`], with `seeds`: partitions restored from other
+    /// checkpoint locations. A seeded partition is written whole (a
+    /// snapshot) to this store's location at its first commit, so that
+    /// this location's versions never point at another's files.
+    pub async fn open_seeded(
+        operator: &str,
+        partitions: u32,
+        local: &LocalPath,
+        remote: Option<Storage>,
+        restore: Option<PartitionRef>,
+        seeds: &[Seed],
         epoch: u64,
     ) -> Result<Self> {
         let kept = local.join(format!("{operator}.files"));
@@ -376,6 +405,56 @@ impl StateStore {
                 "Restored the state."
             );
         }
+        let mut seeded = Vec::new();
+        for seed in seeds {
+            let p = seed.partition;
+            let manifest = read_version(&seed.storage, operator, seed.at).await?;
+            let file =
+                seed.storage
+                    .name_of(&version_path(operator, seed.at.version, seed.at.epoch));
+            let Some(at) = manifest.partitions.get(p).copied() else {
+                return Err(Error::Checkpoint {
+                    file,
+                    message: format!("has no state partition {p}"),
+                });
+            };
+            if manifest.partitions.len() != partitions as usize {
+                return Err(Error::Checkpoint {
+                    file,
+                    message: format!(
+                        "holds {} state partitions, the spec {partitions}",
+                        manifest.partitions.len()
+                    ),
+                });
+            }
+            if restored_schema.is_none() {
+                restored_schema = manifest.schema.clone();
+            }
+            // Its own directory for the files kept: object names are only
+            // unique within one location.
+            let kept_here = local.join(format!("seed-{p}.files"));
+            let partition = restore_partition(
+                &seed.storage,
+                operator,
+                p,
+                at,
+                local.join(p.to_string()),
+                kept_here,
+            )
+            .await?;
+            replays[p] = partition.replay;
+            restored.add(partition.from);
+            seeded.push(p);
+        }
+        if !seeds.is_empty() {
+            info!(
+                operator,
+                partitions = ?seeded,
+                downloaded_files = restored.downloaded_files,
+                downloaded_bytes = restored.downloaded_bytes,
+                "Restored the state partitions this replica takes over."
+            );
+        }
         let mut dbs = Vec::with_capacity(partitions as usize);
         let restored_parts = refs
             .into_iter()
@@ -399,6 +478,10 @@ impl StateStore {
                 changelogs,
                 changes: WriteBatch::default(),
             });
+        }
+        for p in seeded {
+            rows += dbs[p].db.iterator(IteratorMode::Start).count() as u64;
+            let _ = std::fs::remove_dir_all(local.join(format!("seed-{p}.files")));
         }
         let cleaner = remote.as_ref().map(|remote| Cleaner::new(operator, remote));
         Ok(StateStore {
@@ -1321,6 +1404,65 @@ mod tests {
         let (p, k) = key(7);
         store.put_many(&[(p, k, b"seven".to_vec())], 0).unwrap();
         store.commit(1).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replica_takes_over_the_partitions_it_owns_from_another_location() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = open_at(dir.path(), None, 1).await;
+        commit_two_versions(&mut first).await;
+        let old = Storage::open(dir.path().join("checkpoint").to_str().unwrap(), "f").unwrap();
+        // A new location, seeded with partitions 1 and 3 as of version 1
+        // (epoch 1) of the old one.
+        let new = Storage::open(dir.path().join("replica").to_str().unwrap(), "f").unwrap();
+        let seeds: Vec<Seed> = [1, 3]
+            .map(|partition| Seed {
+                partition,
+                storage: old.clone(),
+                at: at(1),
+            })
+            .to_vec();
+        let mut taken = StateStore::open_seeded(
+            "agg",
+            4,
+            &dir.path().join("scratch-seeded"),
+            Some(new.clone()),
+            None,
+            &seeds,
+            2,
+        )
+        .await
+        .unwrap();
+        let all: Vec<PartitionedKey> = (0u32..100).map(key).collect();
+        let got = taken.get_many(&all).unwrap();
+        for (i, value) in got.iter().enumerate() {
+            let owned = i % 4 == 1 || i % 4 == 3;
+            let want = match i {
+                7 => Some(b"seven".to_vec()),
+                _ if owned => Some(format!("v{i}").into_bytes()),
+                _ => None,
+            };
+            assert_eq!(value, &want, "key {i}");
+        }
+        assert_eq!(taken.rows(), 50);
+        // Its first commit writes them whole to its own location: a
+        // restart from there needs nothing of the old one.
+        taken.commit(5).await.unwrap();
+        std::fs::remove_dir_all(dir.path().join("checkpoint")).unwrap();
+        let again = StateStore::open(
+            "agg",
+            4,
+            &dir.path().join("scratch-again"),
+            Some(new),
+            Some(PartitionRef {
+                version: 5,
+                epoch: 2,
+            }),
+            3,
+        )
+        .await
+        .unwrap();
+        assert_eq!(again.get_many(&all).unwrap(), got);
     }
 
     #[test]

@@ -28,9 +28,11 @@ pub struct Measured {
     /// partition has exactly one owner): the most replicas that can share
     /// the work. 0 when no report names them.
     pub partitions: u32,
-    /// Whether the query keeps state (a report names a stateful operator):
-    /// it runs on one replica in this version. `None` while no replica has
-    /// reported a batch: not known yet.
+    /// Whether the query runs on one replica only: a report names a
+    /// stateful operator other than a `GROUP BY`'s (`stateStoreSave`, which
+    /// is repartitioned by key over the replicas): `SELECT DISTINCT`
+    /// (`dedupe`) or session windows. `None` while no replica has reported
+    /// a batch: not known yet.
     pub stateful: Option<bool>,
     /// The fixed part of a batch's time fitted in this window (the
     /// smallest over the replicas), in milliseconds.
@@ -51,6 +53,10 @@ fn in_window(
         .filter(|(_, at)| *at > since && *at <= now)
         .collect()
 }
+
+/// The progress name of the one stateful operator that runs on several
+/// replicas: a `GROUP BY` (Spark's name for its state).
+pub const REPARTITIONED: &str = "stateStoreSave";
 
 /// Measures `replicas` (each replica's recent reports, oldest first) over
 /// the `window` before `now`. A replica's true rate counts the time its
@@ -75,7 +81,11 @@ pub fn measure(
         let Some(last) = reports.last() else {
             continue;
         };
-        stateful = Some(stateful.unwrap_or(false) || !last.state_operators.is_empty());
+        let pinned = last
+            .state_operators
+            .iter()
+            .any(|op| op.operator_name != REPARTITIONED);
+        stateful = Some(stateful.unwrap_or(false) || pinned);
         seen.lag += behind(last) as f64;
         partitions.extend(topic_partitions(last));
         let recent = in_window(reports, window, now);

@@ -74,13 +74,23 @@ pub struct Memory {
     partitions: u32,
     /// The first step it remembers.
     since: Option<DateTime<Utc>>,
-    /// Whether the engines reported state (kept while none runs); `None`
-    /// before any engine reported a batch.
+    /// Whether the engines reported state that runs on one replica only
+    /// (kept while none runs); `None` before any engine reported a batch.
     #[serde(default)]
     stateful: Option<bool>,
+    /// Why the spec itself holds the query at one replica (complete mode).
+    #[serde(default)]
+    pinned_by_spec: Option<String>,
     /// The fixed part of a batch's time, as last fitted (milliseconds).
     #[serde(default)]
     fixed_ms: Option<f64>,
+}
+
+impl Memory {
+    /// Holds the query at one replica for a reason its spec gives, or not.
+    pub fn pin_by_spec(&mut self, why: Option<String>) {
+        self.pinned_by_spec = why;
+    }
 }
 
 /// What a step sees.
@@ -113,9 +123,10 @@ pub fn step(
     let policy = policy(spec, memory.partitions);
     let current = match previous {
         Some(p) => p.replicas.max(0) as u32,
-        // Until an engine's report says whether the query keeps state, it
-        // starts on one replica (a stateful query's engine refuses more).
-        None if memory.stateful != Some(false) => 1,
+        // Until an engine's report says whether the query can run on
+        // several replicas, it starts on one (the engine of one that
+        // cannot refuses more).
+        None if memory.stateful != Some(false) || memory.pinned_by_spec.is_some() => 1,
         None => (spec_replicas.unwrap_or(1).max(0) as u32).clamp(
             policy.min_replicas,
             policy.max_replicas.max(policy.min_replicas),
@@ -177,13 +188,14 @@ pub fn step(
     };
     let policy = self::policy(spec, memory.partitions);
     let mut recommended = recommend(&policy, &observation);
-    let held = match memory.stateful {
-        Some(false) => None,
-        Some(true) => Some(
-            "held at 1: a stateful query runs on one replica in this version (the repartition of its rows by key is not built)",
+    let held = match (&memory.pinned_by_spec, memory.stateful) {
+        (Some(why), _) => Some(format!("held at 1: {why}")),
+        (None, Some(false)) => None,
+        (None, Some(true)) => Some(
+            "held at 1: its stateful operator runs on one replica in this version (SELECT DISTINCT and session windows are not repartitioned by key; GROUP BY is)".to_owned(),
         ),
-        None => Some(
-            "held at 1 until an engine reports a batch: whether the query keeps state is not known yet (a stateful query runs on one replica in this version)",
+        (None, None) => Some(
+            "held at 1 until an engine reports a batch: whether the query can run on several replicas is not known yet (SELECT DISTINCT and session windows run on one)".to_owned(),
         ),
     };
     if let (Some(why), true) = (held, recommended.replicas > 1) {
@@ -432,7 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stateful_query_is_held_at_one_replica() {
+    fn a_query_whose_state_is_not_repartitioned_is_held_at_one_replica() {
         let mut memory = Memory::default();
         let Seen::Running(mut measured) = running(1, 9_000.0, 0.0, 2_000.0) else {
             unreachable!()
@@ -447,7 +459,29 @@ mod tests {
             t(0),
         );
         assert_eq!((s.replicas, s.recommended_replicas), (1, 1));
-        assert!(s.reason.ends_with("held at 1: a stateful query runs on one replica in this version (the repartition of its rows by key is not built)"), "{}", s.reason);
+        assert!(s.reason.ends_with("held at 1: its stateful operator runs on one replica in this version (SELECT DISTINCT and session windows are not repartitioned by key; GROUP BY is)"), "{}", s.reason);
+        // Complete mode, whatever the reports say.
+        let mut memory = Memory::default();
+        memory.pin_by_spec(Some("complete mode runs on one replica".into()));
+        let Seen::Running(mut measured) = running(1, 9_000.0, 0.0, 2_000.0) else {
+            unreachable!()
+        };
+        measured.stateful = Some(false);
+        let s = step(
+            &mut memory,
+            &spec(),
+            None,
+            None,
+            Seen::Running(measured),
+            t(0),
+        );
+        assert_eq!((s.replicas, s.recommended_replicas), (1, 1));
+        assert!(
+            s.reason
+                .ends_with("held at 1: complete mode runs on one replica"),
+            "{}",
+            s.reason
+        );
     }
 
     #[test]
@@ -481,7 +515,7 @@ mod tests {
             t(5),
         );
         assert_eq!(s.replicas, 1);
-        assert!(s.reason.ends_with("held at 1 until an engine reports a batch: whether the query keeps state is not known yet (a stateful query runs on one replica in this version)"), "{}", s.reason);
+        assert!(s.reason.ends_with("held at 1 until an engine reports a batch: whether the query can run on several replicas is not known yet (SELECT DISTINCT and session windows run on one)"), "{}", s.reason);
         // A report without state operators: minReplicas.
         let s = step(
             &mut memory,
