@@ -3,7 +3,8 @@ broker (started by bench/autoscale-ramp.sh).
 
 A producer writes transactions into a 6-partition topic at a rate that
 ramps up and down over about ten minutes, then stops, then writes a last
-burst. A stateless query (Kafka -> Kafka) runs as replica processes
+burst. A stateless query (Kafka -> Kafka; with `--kind windowed`, the
+windowed GROUP BY of rescale.py in two stages) runs as replica processes
 (`sluice run --replica i --replicas n`). Every TICK seconds a driver reads
 each replica's /progress and runs one step of the operator's autoscaler on
 them (`sluice-operator autoscale-step`: the very decision and measurement
@@ -13,7 +14,8 @@ SIGTERM to every replica, then the new count started.
 
 Fails unless the idle topic scales to zero, the last burst wakes one
 replica, and the output topic (read_committed) holds exactly the rows the
-filter keeps of everything produced, each once. Reports (without failing)
+filter keeps of everything produced (windowed: what a one-replica run
+writes over the same topic), each once. Reports (without failing)
 how the decisions followed the input: the count at the low rate against
 the peak's, and whether it ever went down while the input rose. Prints the
 timeline as a table and writes it as CSV, and as a PNG plot when
@@ -178,12 +180,15 @@ def main():
     parser.add_argument("--peak", type=int, default=3000)
     parser.add_argument("--tick", type=float, default=10)
     parser.add_argument("--report-dir", required=True)
+    parser.add_argument("--kind", choices=["stateless", "windowed"], default="stateless",
+                        help="windowed: the windowed GROUP BY of e2e/kafka/rescale.py, in two "
+                             "stages through its repartition topic, its state moved at each rescale")
     parser.set_defaults(records=0)
     args = parser.parse_args()
     env = Env(args)
     env.topic("ramp-in", PARTITIONS)
     env.topic("ramp-out", 3)
-    path = spec(env, "ramp", "ramp-in", "ramp-out", AUTOSCALING)
+    path = spec(env, "ramp", "ramp-in", "ramp-out", AUTOSCALING, kind=args.kind)
     state = os.path.join(args.work, "autoscaler.json")
     replicas = Replicas(env, path)
     replicas.start_all(1)
@@ -222,6 +227,13 @@ def main():
     feed.join()
     if feed.error:
         fail(f"the producer failed: {feed.error}")
+    if args.kind == "windowed":
+        # What one replica writes over the same records.
+        reference = spec(env, "ramp-one", "ramp-in", "ramp-one-out", "  trigger: {availableNow: true}\n",
+                         kind="windowed")
+        env.topic("ramp-one-out", 3)
+        env.run(reference)
+        feed.expected = output_rows(env, "ramp-one-out")
     wait_for_output(env, "ramp-out", len(feed.expected))
     replicas.check_alive()
     replicas.stop_all(signal.SIGTERM)
@@ -239,7 +251,9 @@ def main():
     compare(actual, feed.expected, "the output through the autoscaler's rescales", where="Kafka")
     ok(f"{feed.produced} records over ~10 min (peak {args.peak}/s): replicas {' -> '.join(map(str, counts))}, "
        f"{len(counts) - 1} rescales; scaled to zero once idle and woken {woke} s after the last burst; "
-       f"{len(actual)} rows each once, equal to the filter of everything produced. "
+       f"{len(actual)} rows each once, equal to "
+       + ("the filter of everything produced. " if args.kind == "stateless" else "one replica's. ")
+       + 
        f"Timeline: {csv_path}" + (f", plot: {png}" if png else " (no plot: matplotlib missing)"))
 
 

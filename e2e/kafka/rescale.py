@@ -269,6 +269,31 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
        f"equal to one replica's ({steps})")
 
 
+def more_replicas_than_partitions(env):
+    """3 replicas of the windowed query over a 2-partition topic: the third
+    reads nothing, and neither fails nor holds the watermark back."""
+    env.topic("few-in", 2)
+    env.topic("few-out", 3)
+    path = spec(env, "few", "few-in", "few-out", kind="windowed")
+    feed = Feed(env, "few-in", 30000, 1500, seed=11)
+    feed.start()
+    replicas = Replicas(env, path)
+    replicas.start_all(3)
+    feed.join()
+    if feed.error:
+        fail(f"the producer failed: {feed.error}")
+    reference = spec(env, "few-one", "few-in", "few-one-out", "  trigger: {availableNow: true}\n",
+                     kind="windowed")
+    env.topic("few-one-out", 3)
+    env.run(reference)
+    one = output_rows(env, "few-one-out")
+    wait_for_output(env, "few-out", len(one), timeout=120)
+    replicas.check_alive()
+    replicas.stop_all(signal.SIGTERM)
+    compare(output_rows(env, "few-out"), one, "3 replicas over 2 partitions", where="Kafka")
+    ok(f"windowed, 3 replicas over 2 partitions (one reads nothing): {len(one)} rows, equal to one replica's")
+
+
 def distinct_refused(env):
     path = env.spec("distinct", env.kafka_source("scale-graceful-in"), env.kafka_sink("distinct-out"),
                     "  replicas: 2\n", query="SELECT DISTINCT user_id FROM transactions")
@@ -297,6 +322,8 @@ def main():
             if args.only in (None, mode):
                 name = f"scale-{mode}" if kind == "stateless" else f"keyed-{mode}"
                 scenario(env, name, mode, args.records, args.rate, seed, kind=kind)
+    if args.kind in (None, "windowed") and args.only is None:
+        more_replicas_than_partitions(env)
     distinct_refused(env)
 
 

@@ -984,7 +984,7 @@ impl Runner {
             } else {
                 // The second stage's watermark is read before its input's
                 // ends: every row written before it moved is in the batch.
-                let fed = match &self.feed {
+                let fed = match &mut self.feed {
                     Some(feed) => Some(
                         feed.global_at(timestamp.timestamp_millis(), self.tracker.global())
                             .await?,

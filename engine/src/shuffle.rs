@@ -37,6 +37,7 @@
 //!
 //! [`Replica::owns`]: crate::replicas::Replica::owns
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -46,6 +47,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::Value;
 use sluice_crds::{Delivery, KafkaSink as KafkaSinkSpec, StreamingQuery};
 use tracing::info;
 
@@ -357,6 +359,12 @@ impl Sink for ShuffleSink {
 pub struct WatermarkFeed {
     /// Each stage-1 replica's logs.
     writers: Vec<Checkpoint>,
+    /// Per stage-1 replica, once known: the sources it owns no partition
+    /// of (its starts are empty: more replicas than partitions), left out
+    /// of the minimum for them.
+    owns_none: Vec<Option<BTreeSet<String>>>,
+    /// Per stage-1 replica: its newest commit read, and its tracker state.
+    seen: Vec<Option<(u64, TrackerState)>>,
     /// The sources' watermark declarations, in spec order.
     declared: Vec<(String, Option<SourceWatermark>)>,
     /// When this run started (idle sources).
@@ -375,6 +383,8 @@ impl WatermarkFeed {
                 .iter()
                 .map(|l| Checkpoint::open(l))
                 .collect::<Result<_>>()?,
+            owns_none: vec![None; locations.len()],
+            seen: vec![None; locations.len()],
             declared,
             started_ms,
         })
@@ -387,23 +397,60 @@ impl WatermarkFeed {
 
     /// The global watermark for a batch planned at `now_ms`, never below
     /// `last` (the last batch's).
-    pub async fn global_at(&self, now_ms: i64, last: Option<i64>) -> Result<Option<i64>> {
+    pub async fn global_at(&mut self, now_ms: i64, last: Option<i64>) -> Result<Option<i64>> {
         if !self.any() {
             return Ok(last);
         }
-        let mut states = Vec::new();
-        for writer in &self.writers {
-            // A replica that committed nothing yet has read nothing.
-            states.push(
-                writer
-                    .recover()
-                    .await?
-                    .committed
-                    .map(|c| c.commit.watermark)
-                    .unwrap_or_default(),
-            );
+        for (writer, owns_none) in self.writers.iter().zip(self.owns_none.iter_mut()) {
+            if owns_none.is_some() {
+                continue;
+            }
+            let mut none = BTreeSet::new();
+            let mut known = true;
+            for (name, declared) in &self.declared {
+                if declared.is_none() {
+                    continue;
+                }
+                match writer.read_initial(name).await? {
+                    Some(Value::Object(partitions)) if partitions.is_empty() => {
+                        none.insert(name.clone());
+                    }
+                    Some(_) => {}
+                    // Not started yet: it may own some.
+                    None => known = false,
+                }
+            }
+            if known {
+                *owns_none = Some(none);
+            }
         }
-        let merged = merge_states(&self.declared, &states, now_ms, self.started_ms, last);
+        let mut states = Vec::new();
+        for (writer, seen) in self.writers.iter().zip(self.seen.iter_mut()) {
+            // A replica that committed nothing yet has read nothing. A
+            // commit is read once: only the listing is polled.
+            let newest = writer.newest_commit().await?;
+            if let Some(id) = newest
+                && seen.as_ref().is_none_or(|(at, _)| *at != id)
+            {
+                let commit: crate::checkpoint::CommitEntry =
+                    writer.read_existing(&format!("commits/{id}")).await?;
+                *seen = Some((id, commit.watermark));
+            }
+            states.push(seen.as_ref().map(|(_, w)| w.clone()).unwrap_or_default());
+        }
+        let excluded: Vec<BTreeSet<String>> = self
+            .owns_none
+            .iter()
+            .map(|o| o.clone().unwrap_or_default())
+            .collect();
+        let merged = merge_states(
+            &self.declared,
+            &states,
+            &excluded,
+            now_ms,
+            self.started_ms,
+            last,
+        );
         let mut tracker = Tracker::new(self.declared.clone(), self.started_ms);
         tracker.restore(merged);
         Ok(tracker.global_at(now_ms))
@@ -415,11 +462,13 @@ impl WatermarkFeed {
 /// while a replica has none yet, as a source that has produced no row
 /// holds the global watermark; with `idleTimeout`, a replica that has read
 /// no row of the source for that long (since `started_ms` when it never
-/// has) is left out. The latest time any replica read a row is the
+/// has) is left out, and so is one that owns none of its partitions
+/// (`excluded`, per state). The latest time any replica read a row is the
 /// source's.
 fn merge_states(
     declared: &[(String, Option<SourceWatermark>)],
     states: &[TrackerState],
+    excluded: &[BTreeSet<String>],
     now_ms: i64,
     started_ms: i64,
     last: Option<i64>,
@@ -434,7 +483,10 @@ fn merge_states(
         };
         let mut source = SourceState::default();
         let mut smallest: Option<Option<i64>> = None;
-        for state in states {
+        for (i, state) in states.iter().enumerate() {
+            if excluded.get(i).is_some_and(|e| e.contains(name)) {
+                continue;
+            }
             let own = state.sources.get(name).cloned().unwrap_or_default();
             source.last_data_ms = source.last_data_ms.max(own.last_data_ms);
             let idle = declaration.idle_timeout_ms.is_some_and(|timeout| {
@@ -495,7 +547,7 @@ mod tests {
     fn the_watermark_is_the_smallest_replicas_and_never_goes_back() {
         let at = |states: &[TrackerState], idle, now, last| {
             let mut tracker = Tracker::new(declared(idle), 0);
-            tracker.restore(merge_states(&declared(idle), states, now, 0, last));
+            tracker.restore(merge_states(&declared(idle), states, &[], now, 0, last));
             tracker.global_at(now)
         };
         let states = [state(Some(500), Some(10)), state(Some(300), Some(20))];
@@ -507,13 +559,33 @@ mod tests {
         // Never below the last batch's.
         let states = [state(Some(300), Some(10))];
         assert_eq!(at(&states, None, 30, Some(400)), Some(400));
+        // One that owns no partition of the source is left out.
+        let states = [state(Some(500), Some(10)), TrackerState::default()];
+        let excluded = [BTreeSet::new(), BTreeSet::from(["events".to_owned()])];
+        let mut tracker = Tracker::new(declared(None), 0);
+        tracker.restore(merge_states(
+            &declared(None),
+            &states,
+            &excluded,
+            30,
+            0,
+            None,
+        ));
+        assert_eq!(tracker.global_at(30), Some(500));
     }
 
     #[test]
     fn an_idle_replica_stops_holding_the_watermark_back() {
         let at = |states: &[TrackerState], now| {
             let mut tracker = Tracker::new(declared(Some(500)), 0);
-            tracker.restore(merge_states(&declared(Some(500)), states, now, 0, None));
+            tracker.restore(merge_states(
+                &declared(Some(500)),
+                states,
+                &[],
+                now,
+                0,
+                None,
+            ));
             tracker.global_at(now)
         };
         let states = [state(Some(500), Some(1_000)), state(Some(300), Some(100))];

@@ -232,6 +232,11 @@ impl Checkpoint {
         self.storage.list_numbered(dir).await
     }
 
+    /// The newest committed batch's id, if any (one listing).
+    pub async fn newest_commit(&self) -> Result<Option<u64>> {
+        Ok(self.batch_ids("commits").await?.last().copied())
+    }
+
     /// Reads where the query resumes.
     pub async fn recover(&self) -> Result<Recovery> {
         let offsets = self.batch_ids("offsets").await?;

@@ -403,6 +403,12 @@ impl KafkaSource {
 
     /// The earliest and the latest (stable) offset of each partition.
     async fn bounds(&mut self, partitions: &[(String, i32)]) -> Result<(Offsets, Offsets)> {
+        if partitions.is_empty() {
+            // A replica that owns none of the partitions (more replicas
+            // than partitions): nothing to ask (the brokers refuse an empty
+            // list).
+            return Ok((Offsets::new(), Offsets::new()));
+        }
         let consumer = self.consumer().await?;
         let brokers = self.brokers.clone();
         let name = self.name.clone();
@@ -751,7 +757,12 @@ impl Source for KafkaSource {
     /// ListOffsets request, and the wait is the floor of an idle query's
     /// latency.
     fn idle_poll(&self) -> Duration {
-        Duration::from_millis(10)
+        match self.decoding {
+            // The repartition topic's reader also reads every first-stage
+            // replica's commit log when it polls.
+            Decoding::ArrowIpc => Duration::from_millis(25),
+            _ => Duration::from_millis(10),
+        }
     }
 
     async fn plan_batch(&mut self, start: &Value) -> Result<BatchRange> {
