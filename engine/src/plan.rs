@@ -1058,17 +1058,17 @@ mod tests {
         Arc::new(Schema::new(fields))
     }
 
-    #[tokio::test]
-    async fn a_hop_window_kept_as_panes_writes_what_windows_would() {
+    /// Seeded `(k, v, ts)` events: `shape.0` batches of `shape.1` rows, a
+    /// row every `step` µs of the clock, up to 60 s out of order and one in
+    /// 20 far behind (late); `k` below `range.0`, `v` below `range.1`.
+    fn seeded_events(
+        events: &SchemaRef,
+        mut seed: u64,
+        shape: (usize, usize),
+        step: i64,
+        range: (u64, u64),
+    ) -> Vec<RecordBatch> {
         use datafusion::arrow::array::TimestampMicrosecondArray;
-        let events = events_schema(&["k", "v"]);
-        let sources = [("events".to_owned(), events.clone())];
-        // 20 s slide, 50 s size: 10 s panes, windows of 5 panes.
-        let sql = "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total, min(v) AS lo \
-                   FROM hop(events, ts, '20 seconds', '50 seconds') \
-                   GROUP BY window_start, window_end, k HAVING count(*) >= 2";
-        // Seeded events, up to 60 s out of order, some far behind (late).
-        let mut seed = 42u64;
         let mut next = move |n: u64| {
             seed = seed
                 .wrapping_mul(6364136223846793005)
@@ -1077,13 +1077,13 @@ mod tests {
         };
         let mut batches = Vec::new();
         let mut clock = 0i64;
-        for _ in 0..12 {
+        for _ in 0..shape.0 {
             let (mut k, mut v, mut ts) = (Vec::new(), Vec::new(), Vec::new());
-            for _ in 0..200 {
-                clock += 150_000;
+            for _ in 0..shape.1 {
+                clock += step;
                 let behind = if next(20) == 0 { 300 } else { next(60) } as i64;
-                k.push(next(7) as i64);
-                v.push(next(1000) as i64);
+                k.push(next(range.0) as i64);
+                v.push(next(range.1) as i64);
                 ts.push(clock - behind * 1_000_000);
             }
             batches.push(
@@ -1098,6 +1098,19 @@ mod tests {
                 .unwrap(),
             );
         }
+        batches
+    }
+
+    #[tokio::test]
+    async fn a_hop_window_kept_as_panes_writes_what_windows_would() {
+        use datafusion::arrow::array::TimestampMicrosecondArray;
+        let events = events_schema(&["k", "v"]);
+        let sources = [("events".to_owned(), events.clone())];
+        // 20 s slide, 50 s size: 10 s panes, windows of 5 panes.
+        let sql = "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total, min(v) AS lo \
+                   FROM hop(events, ts, '20 seconds', '50 seconds') \
+                   GROUP BY window_start, window_end, k HAVING count(*) >= 2";
+        let batches = seeded_events(&events, 42, (12, 200), 150_000, (7, 1000));
         for mode in [OutputMode::Append, OutputMode::Update] {
             let mut outputs = Vec::new();
             let mut state_rows = Vec::new();
@@ -1330,37 +1343,7 @@ mod tests {
                 OutputMode::Update,
             ),
         ] {
-            // Seeded events, up to 60 s out of order, some far behind (late).
-            let mut seed = 7u64;
-            let mut next = move |n: u64| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (seed >> 33) % n
-            };
-            let mut batches = Vec::new();
-            let mut clock = 0i64;
-            for _ in 0..10 {
-                let (mut k, mut v, mut ts) = (Vec::new(), Vec::new(), Vec::new());
-                for _ in 0..300 {
-                    clock += 100_000;
-                    let behind = if next(20) == 0 { 300 } else { next(60) } as i64;
-                    k.push(next(23) as i64);
-                    v.push(next(50) as i64);
-                    ts.push(clock - behind * 1_000_000);
-                }
-                batches.push(
-                    RecordBatch::try_new(
-                        events.clone(),
-                        vec![
-                            Arc::new(Int64Array::from(k)),
-                            Arc::new(Int64Array::from(v)),
-                            Arc::new(TimestampMicrosecondArray::from(ts)),
-                        ],
-                    )
-                    .unwrap(),
-                );
-            }
+            let batches = seeded_events(&events, 7, (10, 300), 100_000, (23, 50));
             let watermarks = [Some("ts".to_owned())];
             let new_plan = || QueryPlan::new(sql, &sources, &watermarks, &[], mode);
             let dir = tempfile::tempdir().unwrap();
