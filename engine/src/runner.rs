@@ -228,6 +228,10 @@ pub struct Runner {
     link: Option<Link>,
 }
 
+/// Set to `off` not to read the next batch ahead (for comparisons: the
+/// output is the same).
+pub const READ_AHEAD_ENV: &str = "SLUICE_READ_AHEAD";
+
 /// The watermark declarations of the spec's sources, in spec order.
 fn declarations(query: &StreamingQuery) -> Result<Vec<(String, Option<SourceWatermark>)>> {
     query
@@ -1075,6 +1079,7 @@ impl Runner {
             // The next batch starts at once: read it while this one runs.
             let next_at_once = self.interval.is_none()
                 && self.feed.is_none()
+                && std::env::var(READ_AHEAD_ENV).as_deref() != Ok("off")
                 && !options.drain
                 && options
                     .max_batches
