@@ -336,13 +336,7 @@ impl QueryPlan {
             crate::operators::find_phases(&physical).map_err(|e| Error::Plan(e.to_string()))?;
         let window_start = phases.group_position(WINDOW_START);
         let window_end = phases.group_position(WINDOW_END);
-        let window_cols: Vec<usize> = [window_start, window_end].into_iter().flatten().collect();
-        let codec = crate::operators::codec::Codec::new(
-            phases.state_schema(),
-            phases.groups(),
-            &window_cols,
-            window_end.map(|col| (col, crate::operators::codec::TimeAt::Prefix)),
-        );
+        let codec = crate::operators::aggregate::codec_of(&phases);
         let evicts = self.aggregated.is_some_and(|a| a.windowed_with_watermark);
         self.late_after = match (window_start, window_end) {
             (Some(window_start), Some(window_end)) if evicts => Some(crate::operators::LateAfter {

@@ -58,13 +58,7 @@ impl Aggregate {
             }
             _ => None,
         };
-        let window_cols: Vec<usize> = [window_start, window_end].into_iter().flatten().collect();
-        let codec = Codec::new(
-            phases.state_schema(),
-            phases.groups(),
-            &window_cols,
-            window_end.map(|col| (col, TimeAt::Prefix)),
-        );
+        let codec = codec_of(phases);
         (
             Aggregate {
                 mode,
@@ -75,6 +69,24 @@ impl Aggregate {
             codec,
         )
     }
+}
+
+/// The codec of a `GROUP BY`'s state: keys start with the window's end,
+/// and the partition is the hash of the grouping columns other than the
+/// window. The repartition topic's partitioner is this codec too, so that a
+/// row goes to the partition its key is kept in.
+pub fn codec_of(phases: &Phases) -> Codec {
+    let window_end = phases.group_position(WINDOW_END);
+    let window_cols: Vec<usize> = [phases.group_position(WINDOW_START), window_end]
+        .into_iter()
+        .flatten()
+        .collect();
+    Codec::new(
+        phases.state_schema(),
+        phases.groups(),
+        &window_cols,
+        window_end.map(|col| (col, TimeAt::Prefix)),
+    )
 }
 
 #[async_trait]

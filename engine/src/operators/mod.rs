@@ -14,7 +14,7 @@
 //! One file per operator (`aggregate`, `session`, `dedup`), behind
 //! [`StatefulOperator`]; `codec` holds their keys and values.
 
-mod aggregate;
+pub mod aggregate;
 pub mod codec;
 mod dedup;
 mod session;
