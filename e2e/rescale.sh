@@ -2,10 +2,11 @@
 # Scale-out and rescales exactly once against a real Apache Kafka 4 broker
 # (e2e/kafka/lib.sh; cached under ~/.cache/sluice/kafka): a stateless
 # Kafka -> Kafka query, then a windowed GROUP BY keyed by user (in two
-# stages through its repartition topic), rescaled 1 -> 3 -> 2 replicas
+# stages through its repartition topic), then the same over a topic keyed
+# by user (`keyedBy`, in one stage), rescaled 1 -> 3 -> 2 replicas
 # while a producer writes, gracefully, with SIGKILLs, and with zombies of
 # the older generation; the output equals one replica's, each row once.
-# `--kind stateless|windowed` and `--only graceful|killed|zombies` run a
+# `--kind stateless|windowed|keyed` and `--only graceful|killed|zombies` run a
 # part. The checks
 # are in e2e/kafka/rescale.py. RESCALE_E2E_RECORDS and RESCALE_E2E_RATE set
 # the feed (default 60,000 records at 1,500 a second).

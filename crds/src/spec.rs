@@ -94,7 +94,9 @@ pub struct StreamingQuerySpec {
     /// for a Spark checkpoint. Default 16. On several replicas, also the
     /// partition count of the query's repartition topic
     /// (`sluice-<name>-repartition`), and the most replicas its stateful
-    /// part can use.
+    /// part can use. With a keyed source (`keyedBy`), the state is split as
+    /// the topic is instead, and this must equal the topic's partition
+    /// count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub state_partitions: Option<u32>,
@@ -477,6 +479,22 @@ pub struct KafkaSource {
     /// Default `sluice-<metadata.name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
+    /// A column of the source's schema the topic is already partitioned by:
+    /// every record's key is the column's value as text (UTF-8) and the
+    /// producer chose its partition with Kafka's default partitioner
+    /// (murmur2 of the key, as the Java client, Kafka Streams and Spark's
+    /// Kafka sink do; librdkafka clients with `partitioner:
+    /// murmur2_random`). Then the query's state is partitioned as the
+    /// topic is (state partition p holds the keys of topic partition p, so
+    /// `statePartitions` must equal the topic's partition count), and a
+    /// stateful query whose grouping keys include the column runs on
+    /// several replicas without the repartition topic: each replica keeps
+    /// the state of the partitions it reads. A record whose partition is
+    /// not its key's is set aside as malformed (to `deadLetter`), never
+    /// counted in another replica's state. Only with a single `topic`;
+    /// fixed for the life of the checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyed_by: Option<String>,
     /// Kafka client settings (librdkafka's names, as Spark's `kafka.*`
     /// options), e.g. `security.protocol: SASL_SSL`, `sasl.mechanism:
     /// SCRAM-SHA-512`, `isolation.level: read_uncommitted` (the default is

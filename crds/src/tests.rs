@@ -461,6 +461,21 @@ fn kafka_sources_and_sinks_are_checked_field_by_field() {
 }
 
 #[test]
+fn a_keyed_source_names_one_topic_and_one_of_its_columns() {
+    load(&kafka_spec("topic: a, keyedBy: user_id", ""), "test.yaml").expect("keyed by a column");
+    let problems = problems_of(&kafka_spec("topics: [a, b], keyedBy: user", ""));
+    for expected in [
+        r#"spec.sources[0].kafka.keyedBy: is "user", but the source does not read a single topic: the state is partitioned as one topic is, so name it in topic"#,
+        r#"spec.sources[0].kafka.keyedBy: is "user", which is not a column of the source's schema"#,
+    ] {
+        assert!(
+            problems.contains(&expected.to_owned()),
+            "{expected}\n{problems:#?}"
+        );
+    }
+}
+
+#[test]
 fn starting_offsets_are_read_as_spark_writes_them() {
     use crate::validate::{StartingOffsets, parse_starting_offsets};
     assert_eq!(

@@ -130,6 +130,20 @@ fn validate_spec_into(spec: &StreamingQuerySpec, problems: &mut Problems) {
             );
         }
     }
+    if spec.sources.len() > 1
+        && let Some(i) = spec
+            .sources
+            .iter()
+            .position(|s| s.kafka.as_ref().is_some_and(|k| k.keyed_by.is_some()))
+    {
+        problems.push(
+            format!("spec.sources[{i}].kafka.keyedBy"),
+            format!(
+                "is set on a query of {} sources: the state is partitioned as one topic is, which only a query of one source can be yet (a lookup goes in spec.tables)",
+                spec.sources.len()
+            ),
+        );
+    }
     for (i, table) in spec.tables.iter().enumerate() {
         let path = format!("spec.tables[{i}]");
         if !is_sql_identifier(&table.name) {
@@ -363,6 +377,14 @@ fn check_source(problems: &mut Problems, path: &str, source: &Source) {
                     } else if !seen.insert(column.name.as_str()) {
                         problems.push(format!("{path}.schema[{j}].name"), format!("{:?} appears twice", column.name));
                     }
+                }
+                if let Some(keyed_by) = source.kafka.as_ref().and_then(|k| k.keyed_by.as_ref())
+                    && !columns.iter().any(|c| &c.name == keyed_by)
+                {
+                    problems.push(
+                        format!("{path}.kafka.keyedBy"),
+                        format!("is {keyed_by:?}, which is not a column of the source's schema"),
+                    );
                 }
             }
         }
@@ -937,6 +959,17 @@ fn check_kafka_source(problems: &mut Problems, path: &str, kafka: &KafkaSource) 
         problems.push(
             format!("{path}.groupId"),
             "is empty: remove it for sluice-<query name>",
+        );
+    }
+    if let Some(column) = &kafka.keyed_by
+        && kafka.topic.is_none()
+        && kafka.topics.as_ref().is_none_or(|t| t.len() != 1)
+    {
+        problems.push(
+            format!("{path}.keyedBy"),
+            format!(
+                "is {column:?}, but the source does not read a single topic: the state is partitioned as one topic is, so name it in topic"
+            ),
         );
     }
     check_kafka_options(problems, path, &kafka.options, &kafka.secret_options);

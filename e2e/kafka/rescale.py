@@ -22,8 +22,12 @@ replica writes from the same topic (a one-replica availableNow run on a new
 checkpoint), each once, and for the stateless query exactly the rows the
 filter keeps of what was produced. The hand-over's duration (settling the
 old generation) and the time to the new generation's first batch are
-printed from /metrics. Also: SELECT DISTINCT on 2 replicas is refused,
-naming spec.query.
+printed from /metrics. The windowed query runs twice: over a topic keyed
+by user with the default (librdkafka) partitioner, in two stages through
+the repartition topic, and over a topic a murmur2 producer keyed by user
+with `keyedBy: user_id` (`--kind keyed`), in one stage, no repartition
+topic. Also: SELECT DISTINCT on 2 replicas is refused, naming spec.query,
+and accepted over a keyed topic.
 """
 
 import argparse
@@ -62,6 +66,17 @@ def spec(env, name, source_topic, sink_topic, extra="", kind="stateless"):
     if kind == "windowed":
         return env.spec(name, env.kafka_source(source_topic, 2000), env.kafka_sink(sink_topic),
                         extra, query=WINDOWED, watermark="{column: event_time, delay: 5s}")
+    if kind == "keyed":
+        # The topic is keyed by user (murmur2, as the Java client): no
+        # repartition topic; state partition p is topic partition p.
+        source = env.kafka_source(source_topic, 2000)[:-1] + ", keyedBy: user_id}"
+        path = env.spec(name, source, env.kafka_sink(sink_topic), extra, query=WINDOWED,
+                        watermark="{column: event_time, delay: 5s}")
+        with open(path) as f:
+            text = f.read().replace("statePartitions: 4", f"statePartitions: {PARTITIONS}")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
     return env.spec(name, env.kafka_source(source_topic, 2000), env.kafka_sink(sink_topic),
                     extra, query=QUERY, watermark=None)
 
@@ -78,16 +93,18 @@ def record(i, rnd):
 class Feed(threading.Thread):
     """Produces `total` records at `rate` a second into `topic`."""
 
-    def __init__(self, env, topic, total, rate, seed):
+    def __init__(self, env, topic, total, rate, seed, partitioner="consistent_random"):
         super().__init__(daemon=True)
         self.env, self.topic, self.total, self.rate = env, topic, total, rate
+        self.partitioner = partitioner
         self.rnd = random.Random(seed)
         self.expected = []
         self.error = None
 
     def run(self):
         try:
-            producer = Producer({"bootstrap.servers": self.env.bootstrap, "linger.ms": 5})
+            producer = Producer({"bootstrap.servers": self.env.bootstrap, "linger.ms": 5,
+                                 "partitioner": self.partitioner})
             start = time.time()
             for i in range(self.total):
                 key, row = record(i, self.rnd)
@@ -203,7 +220,9 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
     env.topic(source, PARTITIONS)
     env.topic(sink, 3)
     path = spec(env, name, source, sink, kind=kind)
-    feed = Feed(env, source, total, rate, seed)
+    # librdkafka's murmur2_random is the Java client's default partitioner.
+    feed = Feed(env, source, total, rate, seed,
+                partitioner="murmur2_random" if kind == "keyed" else "consistent_random")
     feed.start()
     rnd = random.Random(seed)
     replicas = Replicas(env, path)
@@ -264,6 +283,15 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
     if kind == "stateless":
         compare(actual, feed.expected, f"{mode}: the output of 1 -> 3 -> 2 replicas", where="Kafka")
     compare(actual, one, f"{kind} {mode}: against one replica", where="Kafka")
+    if kind == "keyed":
+        assignments = path.replace(".yaml", "-checkpoint/assignments")
+        with open(os.path.join(assignments, max(os.listdir(assignments), key=int))) as f:
+            newest = json.load(f)
+        if not newest.get("keyed") or newest.get("stages"):
+            fail(f"keyed {mode}: the newest generation is not keyed in one stage: {newest}")
+        topics = Producer({"bootstrap.servers": env.bootstrap}).list_topics(timeout=10).topics
+        if f"sluice-{name}-repartition" in topics:
+            fail(f"keyed {mode}: a repartition topic was created for a keyed input")
     steps = ", ".join(f"to {c}: hand-over {h:.1f} s, first batch {f:.1f} s" for c, h, f in timings)
     ok(f"{kind} {mode}: {total} records at {rate}/s, 1 -> 3 -> 2 replicas, {len(actual)} rows each once, "
        f"equal to one replica's ({steps})")
@@ -301,6 +329,13 @@ def distinct_refused(env):
     if out.returncode == 0 or "spec.query" not in out.stderr or "not built" not in out.stderr:
         fail(f"SELECT DISTINCT on 2 replicas was not refused naming spec.query: {out.stderr}")
     ok("SELECT DISTINCT on 2 replicas is refused: " + out.stderr.strip().splitlines()[-1].strip())
+    keyed = env.kafka_source("scale-graceful-in")[:-1] + ", keyedBy: user_id}"
+    path = env.spec("distinct-keyed", keyed, env.kafka_sink("distinct-out"),
+                    "  replicas: 2\n", query="SELECT DISTINCT user_id FROM transactions")
+    out = subprocess.run([env.sluice, "validate", path], capture_output=True, text=True)
+    if out.returncode != 0:
+        fail(f"SELECT DISTINCT over a keyed topic on 2 replicas was refused: {out.stderr}")
+    ok("SELECT DISTINCT over a keyed topic (keyedBy) on 2 replicas is accepted")
 
 
 def main():
@@ -312,15 +347,16 @@ def main():
     parser.add_argument("--records", type=int, default=60000)
     parser.add_argument("--rate", type=int, default=1500)
     parser.add_argument("--only", choices=["graceful", "killed", "zombies"])
-    parser.add_argument("--kind", choices=["stateless", "windowed"])
+    parser.add_argument("--kind", choices=["stateless", "windowed", "keyed"])
     args = parser.parse_args()
     env = Env(args)
-    for kind in ("stateless", "windowed"):
+    prefixes = {"stateless": "scale", "windowed": "keyed", "keyed": "bykey"}
+    for kind in ("stateless", "windowed", "keyed"):
         if args.kind not in (None, kind):
             continue
         for seed, mode in enumerate(("graceful", "killed", "zombies")):
             if args.only in (None, mode):
-                name = f"scale-{mode}" if kind == "stateless" else f"keyed-{mode}"
+                name = f"{prefixes[kind]}-{mode}"
                 scenario(env, name, mode, args.records, args.rate, seed, kind=kind)
     if args.kind in (None, "windowed") and args.only is None:
         more_replicas_than_partitions(env)

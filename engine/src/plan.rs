@@ -143,6 +143,8 @@ pub struct QueryPlan {
     /// With a stage: the partial phase's schema, what goes between them.
     partial_schema: Option<SchemaRef>,
     partitioner: Option<Partitioner>,
+    /// How the state's keys are partitioned.
+    partitioning: crate::state::Partitioning,
     late_after: Option<crate::operators::LateAfter>,
     ctx: SessionContext,
     plan: LogicalPlan,
@@ -264,6 +266,7 @@ impl QueryPlan {
             stage: Stage::Whole,
             partial_schema: None,
             partitioner: None,
+            partitioning: crate::state::Partitioning::Hash,
             late_after: None,
             panes,
             dedup_event_time,
@@ -365,6 +368,13 @@ impl QueryPlan {
         self.partitioner.as_ref()
     }
 
+    /// Partitions the state's keys as `partitioning` says (before
+    /// [`QueryPlan::open_state`]); a stateful query whose keys it cannot
+    /// place is refused when the state opens.
+    pub fn set_partitioning(&mut self, partitioning: crate::state::Partitioning) {
+        self.partitioning = partitioning;
+    }
+
     /// Opens the query's state (for a stateful query) for the run `epoch`,
     /// restored from version `restore` of the checkpoint `remote` (or, for
     /// a replica's first run, from `seeds`: its partitions' versions under
@@ -385,7 +395,7 @@ impl QueryPlan {
         if self.stage == Stage::Shuffle {
             return Ok(());
         }
-        let store = StateStore::open_seeded(
+        let mut store = StateStore::open_seeded(
             "aggregate",
             partitions,
             local,
@@ -395,6 +405,7 @@ impl QueryPlan {
             epoch,
         )
         .await?;
+        store.set_partitioning(self.partitioning.clone())?;
         if self.panes.is_some()
             && store
                 .restored_schema()
@@ -1452,6 +1463,140 @@ mod tests {
                 assert!(dropped > 0, "{sql}: late rows were dropped");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn keyed_replicas_over_their_topic_partitions_write_what_the_whole_query_writes() {
+        // A topic keyed by k (`keyedBy: k`): each replica runs the whole
+        // query over the topic partitions it owns, its state partitioned as
+        // the topic is, under the global watermark. GROUP BY over panes,
+        // session windows and SELECT DISTINCT, which need no repartition.
+        use datafusion::arrow::array::{Int64Array, TimestampMicrosecondArray, UInt32Array};
+        use datafusion::arrow::compute::take_record_batch;
+        let events = events_schema(&["k", "v"]);
+        let sources = [("events".to_owned(), events.clone())];
+        let partitions = 4;
+        let keyed = crate::state::Partitioning::KafkaKey {
+            column: "k".into(),
+            field: "spec.sources[0].kafka.keyedBy".into(),
+        };
+        for (sql, mode) in [
+            (
+                "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total \
+                 FROM hop(events, ts, '20 seconds', '50 seconds') \
+                 GROUP BY window_start, window_end, k HAVING count(*) >= 2",
+                OutputMode::Append,
+            ),
+            (
+                "SELECT window_start, window_end, k, count(*) AS n, max(v) AS hi \
+                 FROM session(events, ts, '3 seconds') GROUP BY window_start, window_end, k",
+                OutputMode::Append,
+            ),
+            ("SELECT DISTINCT k, v FROM events", OutputMode::Append),
+        ] {
+            let batches = seeded_events(&events, 11, (10, 300), 100_000, (23, 50));
+            let watermarks = [Some("ts".to_owned())];
+            let new_plan = || QueryPlan::new(sql, &sources, &watermarks, &[], mode);
+            let dir = tempfile::tempdir().unwrap();
+            let mut whole = new_plan().await.unwrap();
+            whole
+                .open_state(partitions, &dir.path().join("whole"), None, None, &[], 1)
+                .await
+                .unwrap();
+            let mut replicas = Vec::new();
+            for r in 0..3 {
+                let mut plan = new_plan().await.unwrap();
+                plan.set_partitioning(keyed.clone());
+                plan.open_state(
+                    partitions,
+                    &dir.path().join(format!("r{r}")),
+                    None,
+                    None,
+                    &[],
+                    1,
+                )
+                .await
+                .unwrap();
+                replicas.push(plan);
+            }
+            let empty = RecordBatch::new_empty(events.clone());
+            let mut max_ts = None::<i64>;
+            let mut last_eviction = None::<Option<i64>>;
+            let mut total = 0;
+            let rounds = batches.iter().cloned().map(Some).chain([None]);
+            for (n, batch) in rounds.enumerate() {
+                let eviction = match &batch {
+                    Some(_) => max_ts.map(|t| t / 1000 - 30_000),
+                    None => max_ts.map(|t| t / 1000 + 3_600_000),
+                };
+                let watermarks = BatchWatermarks {
+                    eviction_ms: eviction,
+                    late_events_ms: last_eviction.unwrap_or(eviction),
+                };
+                let batch = batch.unwrap_or_else(|| empty.clone());
+                let expected = whole
+                    .execute(vec![vec![batch.clone()]], watermarks)
+                    .await
+                    .unwrap();
+                // Each row is in the topic partition its key's murmur2
+                // gives; partition p is read by replica p % 3.
+                let keys = batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap();
+                let topic_partition: Vec<usize> = keys
+                    .values()
+                    .iter()
+                    .map(|k| crate::kafka::default_partition(k.to_string().as_bytes(), 4))
+                    .collect();
+                let mut actual = Vec::new();
+                for (r, replica) in replicas.iter_mut().enumerate() {
+                    let mine: Vec<u32> = (0..batch.num_rows() as u32)
+                        .filter(|i| topic_partition[*i as usize] % 3 == r)
+                        .collect();
+                    let rows = take_record_batch(&batch, &UInt32Array::from(mine)).unwrap();
+                    actual.extend(replica.execute(vec![vec![rows]], watermarks).await.unwrap());
+                    let store = replica.stateful.as_ref().unwrap().store();
+                    for (p, _, _) in store.scan().unwrap() {
+                        assert_eq!(p % 3, r, "{sql}: replica {r} keeps a key of partition {p}");
+                    }
+                }
+                assert_eq!(cells(&actual), cells(&expected), "{sql}, batch {n}");
+                total += cells(&expected).len();
+                last_eviction = Some(eviction);
+                if let Some(t) = batch
+                    .column(2)
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .and_then(|t| t.values().iter().copied().max())
+                {
+                    max_ts = max_ts.max(Some(t));
+                }
+            }
+            assert!(total > 20, "{sql}: {total} rows written");
+        }
+        // A key that is not a grouping column cannot place the state.
+        let mut plan = QueryPlan::new(
+            "SELECT v, count(*) AS n FROM events GROUP BY v",
+            &sources,
+            &[None],
+            &[],
+            OutputMode::Update,
+        )
+        .await
+        .unwrap();
+        plan.set_partitioning(keyed);
+        let dir = tempfile::tempdir().unwrap();
+        let err = plan
+            .open_state(partitions, dir.path(), None, None, &[], 1)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.sources[0].kafka.keyedBy") && err.contains("[v]"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -33,6 +33,15 @@
 //! stages ran with; a new replica's first run restores the partitions it
 //! owns from there. `SELECT DISTINCT`, session windows and complete mode
 //! still run on one replica.
+//!
+//! A stateful query over a topic already keyed by one of its grouping
+//! columns (`keyedBy`) runs in one stage instead (a **keyed** generation):
+//! its state is partitioned as the topic is, so the replica that reads
+//! topic partition `p` keeps state partition `p`; the hand-over writes
+//! where each state partition's newest version is and the highest
+//! watermark, as above, and each replica's watermark is the minimum over
+//! the generation's replicas (read from their commit logs, as a second
+//! stage reads the first's).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -158,6 +167,11 @@ pub struct Assignment {
     /// stateful stage ran with (ms), where the new one's starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watermark_ms: Option<i64>,
+    /// Whether the generation runs a stateful query in one stage, each
+    /// replica keeping the state partitions of the topic partitions it
+    /// reads (`keyedBy`); `state` and `watermarkMs` as with stages.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keyed: bool,
 }
 
 impl Assignment {
@@ -172,8 +186,47 @@ impl Assignment {
             stages: false,
             state: Vec::new(),
             watermark_ms: None,
+            keyed: false,
         }
     }
+}
+
+/// A replica's part of a keyed generation: the state it takes over, and
+/// whose watermarks make its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Keyed {
+    /// Where every replica of the generation keeps its logs.
+    pub peers: Vec<String>,
+    /// The state partitions it owns that have a committed version, and
+    /// where it is.
+    pub seeds: Vec<(usize, StateAt)>,
+    /// The watermark it starts with.
+    pub watermark_ms: Option<i64>,
+}
+
+/// The index and the `keyedBy` column of the query's keyed Kafka source.
+pub fn keyed_by(query: &StreamingQuery) -> Option<(usize, &str)> {
+    query.spec.sources.iter().enumerate().find_map(|(i, s)| {
+        s.kafka
+            .as_ref()
+            .and_then(|k| k.keyed_by.as_deref())
+            .map(|column| (i, column))
+    })
+}
+
+/// The topic whose partitions' owners own the state partitions of the same
+/// numbers: a keyed source's topic, else the repartition topic.
+pub fn state_topic(query: &StreamingQuery) -> String {
+    keyed_by(query)
+        .and_then(|(i, _)| query.spec.sources[i].kafka.as_ref())
+        .and_then(|k| {
+            k.topic
+                .clone()
+                .or_else(|| k.topics.as_ref().and_then(|t| t.first().cloned()))
+        })
+        .unwrap_or_else(|| {
+            crate::shuffle::topic(query.metadata.name.as_deref().unwrap_or_default())
+        })
 }
 
 /// A replica's part of a two-stage generation (see [`crate::shuffle`]).
@@ -212,6 +265,8 @@ pub struct ReplicaRun {
     pub query_id: String,
     /// With two stages: the second's.
     pub stages: Option<Stages>,
+    /// In a keyed generation: the state it takes over and its peers.
+    pub keyed: Option<Keyed>,
 }
 
 /// Where replica `i` of generation `g` keeps its logs.
@@ -221,8 +276,8 @@ fn replica_location(root: &str, g: u64, i: u32) -> String {
 
 impl ReplicaRun {
     /// The run of `replica` in `assignment`; `topic` is the query's
-    /// repartition topic (a state partition is owned as its topic
-    /// partition is).
+    /// [`state_topic`] (a state partition is owned as its topic partition
+    /// is).
     pub fn of(
         root: &str,
         assignment: &Assignment,
@@ -239,28 +294,37 @@ impl ReplicaRun {
                 scope: String::new(),
                 query_id: query_id.to_owned(),
                 stages: None,
+                keyed: None,
             };
         }
         let (g, i) = (assignment.generation, replica.index);
         let location = replica_location(root, g, i);
+        let peers: Vec<String> = (0..assignment.replicas)
+            .map(|j| replica_location(root, g, j))
+            .collect();
+        let seeds: Vec<(usize, StateAt)> = assignment
+            .state
+            .iter()
+            .enumerate()
+            .filter(|(p, _)| replica.owns(topic, *p as i32))
+            .filter_map(|(p, at)| at.clone().map(|at| (p, at)))
+            .collect();
         let stages = assignment.stages.then(|| Stages {
             merge: format!("{location}/merge"),
-            writers: (0..assignment.replicas)
-                .map(|j| replica_location(root, g, j))
-                .collect(),
-            seeds: assignment
-                .state
-                .iter()
-                .enumerate()
-                .filter(|(p, _)| replica.owns(topic, *p as i32))
-                .filter_map(|(p, at)| at.clone().map(|at| (p, at)))
-                .collect(),
+            writers: peers.clone(),
+            seeds: seeds.clone(),
+            watermark_ms: assignment.watermark_ms,
+        });
+        let keyed = assignment.keyed.then_some(Keyed {
+            peers,
+            seeds,
             watermark_ms: assignment.watermark_ms,
         });
         Self {
             replica,
             generation: g,
             stages,
+            keyed,
             location,
             starts: assignment
                 .starts
@@ -310,7 +374,7 @@ pub async fn join(
         .location;
     let root = Checkpoint::open(location)?;
     let name = query.metadata.name.clone().unwrap_or_default();
-    let topic = crate::shuffle::topic(&name);
+    let topic = state_topic(query);
     let sources = query.spec.sources.iter().map(|s| s.name.clone()).collect();
     let id = root
         .metadata(new_metadata(&name, sources, query.spec.state_partitions()))
@@ -351,6 +415,7 @@ pub async fn join(
             false,
         );
         let stateful = crate::runner::keeps_state(query).await?;
+        let keyed = stateful && keyed_by(query).is_some();
         let handover = settle(query, location, &current, &id, stateful).await?;
         let next = Assignment {
             generation: current.generation + 1,
@@ -358,9 +423,10 @@ pub async fn join(
             starts: handover.starts,
             handover_ms: started.elapsed().as_millis() as u64,
             version: VERSION,
-            stages: stateful,
+            stages: stateful && !keyed,
             state: handover.state,
             watermark_ms: handover.watermark_ms,
+            keyed,
         };
         let path = format!("assignments/{}", next.generation);
         let bytes = serde_json::to_vec_pretty(&next).expect("assignments serialize");
@@ -371,6 +437,7 @@ pub async fn join(
                     replicas = next.replicas,
                     previous_replicas = current.replicas,
                     stages = next.stages,
+                    keyed = next.keyed,
                     handover_ms = next.handover_ms,
                     "Handed the query over to a new generation of replicas."
                 );
@@ -440,8 +507,8 @@ async fn settle(
     stateful: bool,
 ) -> Result<Handover> {
     use crate::plan::Stage;
-    let name = query.metadata.name.clone().unwrap_or_default();
-    let topic = crate::shuffle::topic(&name);
+    let topic = state_topic(query);
+    let keyed = keyed_by(query).is_some();
     let partitions = query.spec.state_partitions() as usize;
     let mut ends = Vec::new();
     let mut state = generation.state.clone();
@@ -458,13 +525,19 @@ async fn settle(
         if let Some(committed) = drain(query, &run, first).await? {
             ends.extend(committed.offsets.sources);
             if first == Stage::Whole && stateful {
-                // Generation 0: the whole state is at its last version.
+                // Generation 0 (one replica: the whole state) or a keyed
+                // generation: the partitions it owns are at its last
+                // version.
                 let at = StateAt {
                     location: run.location.clone(),
                     version: committed.offsets.batch_id,
                     epoch: committed.commit.epoch,
                 };
-                state = vec![Some(at); partitions];
+                for (p, slot) in state.iter_mut().enumerate() {
+                    if replica.owns(&topic, p as i32) {
+                        *slot = Some(at.clone());
+                    }
+                }
                 watermark_ms = watermark_ms.max(committed.offsets.watermarks.eviction_ms);
             }
         }
@@ -500,12 +573,12 @@ async fn settle(
             );
         }
     }
-    if stateful && !generation.stages {
+    if stateful && !keyed && !generation.stages {
         // The first generation in two stages: the repartition topic is
         // read from where it ends now.
         let now = crate::shuffle::prepare_topic(query, partitions as u32).await?;
         starts.insert(crate::shuffle::SOURCE.to_owned(), offsets_json(&now));
-    } else if stateful {
+    } else if stateful && !keyed {
         crate::shuffle::prepare_topic(query, partitions as u32).await?;
     }
     for ended in &ends {
@@ -602,6 +675,7 @@ mod tests {
             stages: false,
             state: Vec::new(),
             watermark_ms: None,
+            keyed: false,
         };
         let run = ReplicaRun::of("s3://b/q/", &second, Replica::new(1, 3).unwrap(), "id", "t");
         assert_eq!(run.location, "s3://b/q/replicas/g2/r1");

@@ -349,14 +349,26 @@ fn scale_out(query: &StreamingQuery, plan: &QueryPlan, count: u32) -> Result<()>
             message,
         })
     };
-    if let Some((path, message)) = plan.two_stages_refused() {
+    let keyed = crate::replicas::keyed_by(query).is_some();
+    if keyed
+        && plan.aggregated().is_some()
+        && query.spec.output_mode == sluice_crds::OutputMode::Complete
+    {
+        return refuse(
+            "spec.outputMode",
+            format!(
+                "complete writes the whole result every batch, which {count} replicas each holding part of the state cannot do yet: use update or append, or run it on 1 replica"
+            ),
+        );
+    }
+    if !keyed && let Some((path, message)) = plan.two_stages_refused() {
         return refuse(path, message);
     }
     if plan.aggregated().is_some() && read_mode(query) == ReadMode::AvailableNow {
         return refuse(
             "spec.trigger.availableNow",
             format!(
-                "{count} replicas of a stateful query run continuously (the second stage cannot tell when the first has read everything): use processingTime, or run it on 1 replica"
+                "{count} replicas of a stateful query run continuously (each replica's watermark waits for the others', and a second stage cannot tell when the first has read everything): use processingTime, or run it on 1 replica"
             ),
         );
     }
@@ -710,8 +722,22 @@ impl Runner {
         )
         .await?;
         let stages = run.and_then(|r| r.stages.as_ref());
+        let keyed = run.and_then(|r| r.keyed.as_ref());
         if let Some(run) = run.filter(|r| r.replica.count > 1) {
             scale_out(query, &plan, run.replica.count)?;
+        }
+        if let Some((i, column)) = crate::replicas::keyed_by(query)
+            && plan.aggregated().is_some()
+        {
+            // The state is partitioned as the topic is, on any number of
+            // replicas, so that a rescale can hand it over as it is.
+            plan.set_partitioning(crate::state::Partitioning::KafkaKey {
+                column: column.to_owned(),
+                field: format!("spec.sources[{i}].kafka.keyedBy"),
+            });
+            for state in sources.iter_mut() {
+                state.source.set_state_partitions(spec.state_partitions());
+            }
         }
         plan.set_stage(stage).await?;
         let mut sink = match stage {
@@ -744,6 +770,15 @@ impl Runner {
             sources[0].offset = sources[0].source.initial_offset();
             feed = Some(WatermarkFeed::new(
                 &stages.writers,
+                declarations(query)?,
+                started.timestamp_millis(),
+            )?);
+        }
+        if let (Stage::Whole, Some(keyed)) = (stage, keyed) {
+            // A keyed generation's watermark: the minimum over its
+            // replicas (this one's own rows included, from its commits).
+            feed = Some(WatermarkFeed::new(
+                &keyed.peers,
                 declarations(query)?,
                 started.timestamp_millis(),
             )?);
@@ -810,11 +845,16 @@ impl Runner {
                 replay = recovery.replay.is_some(),
                 "Recovered from the checkpoint."
             );
-            if let (Stage::Merge, Some(stages), None) = (stage, stages, &recovery.committed) {
+            let handed = match (stage, stages, keyed) {
+                (Stage::Merge, Some(stages), _) => Some((&stages.seeds, stages.watermark_ms)),
+                (Stage::Whole, _, Some(keyed)) => Some((&keyed.seeds, keyed.watermark_ms)),
+                _ => None,
+            };
+            if let (Some((handed_seeds, watermark_ms)), None) = (handed, &recovery.committed) {
                 // A replica's first commit is still to come: its state
                 // partitions are where the previous generation left them,
                 // and so is the watermark.
-                for (p, at) in &stages.seeds {
+                for (p, at) in handed_seeds {
                     seeds.push(crate::state::Seed {
                         partition: *p,
                         storage: Checkpoint::open(&at.location)?.storage().clone(),
@@ -824,8 +864,8 @@ impl Runner {
                         },
                     });
                 }
-                last_eviction = Some(stages.watermark_ms);
-                tracker.set_global(stages.watermark_ms);
+                last_eviction = Some(watermark_ms);
+                tracker.set_global(watermark_ms);
             }
             if recovery.committed.is_none() && recovery.replay.is_none() {
                 // A new query: where each source starts is decided once and

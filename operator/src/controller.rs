@@ -545,6 +545,13 @@ async fn autoscale(
     let step = {
         let mut memories = ctx.autoscaler.lock().expect("not poisoned");
         let memory = memories.entry(query_key.clone()).or_default();
+        memory.set_keyed(
+            query
+                .spec
+                .sources
+                .iter()
+                .any(|s| s.kafka.as_ref().is_some_and(|k| k.keyed_by.is_some())),
+        );
         memory.pin_by_spec(
             (query.spec.output_mode == sluice_crds::OutputMode::Complete).then(|| {
                 "complete mode writes the whole result every batch, which runs on one replica"

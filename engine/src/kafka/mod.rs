@@ -27,6 +27,46 @@ pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10)
 /// `{"topic": {"0": 42, "1": 7}}`.
 pub type Offsets = BTreeMap<String, BTreeMap<i32, i64>>;
 
+/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`): the
+/// hash of a record's key its default partitioner takes.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition Kafka's default partitioner (the Java client's, Kafka
+/// Streams', librdkafka's `murmur2_random`) gives a record with `key`, of
+/// `partitions`.
+pub fn default_partition(key: &[u8], partitions: usize) -> usize {
+    (murmur2(key) & 0x7fff_ffff) as usize % partitions
+}
+
 /// The JSON of offsets.
 pub fn offsets_json(offsets: &Offsets) -> Value {
     Value::Object(
@@ -217,6 +257,26 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn murmur2_is_the_java_clients() {
+        // Kafka's own UtilsTest, and librdkafka's rdmurmur2 unit test.
+        for (key, expected) in [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+            ("kafka", 0xd067_cf64_u32 as i32),
+        ] {
+            assert_eq!(murmur2(key.as_bytes()), expected, "{key}");
+        }
+        assert!((0..1000).all(|i| default_partition(format!("k{i}").as_bytes(), 6) < 6));
+    }
 
     #[test]
     fn a_refused_epoch_is_told_apart_from_an_outage_and_a_user_error() {

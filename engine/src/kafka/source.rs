@@ -122,6 +122,21 @@ pub struct KafkaSource {
     /// purged what was read.
     admin: Option<Arc<AdminClient<DefaultClientContext>>>,
     purged_at: Option<Instant>,
+    /// With `keyedBy`: the topic's keying, checked record by record.
+    keyed: Option<Keyed>,
+}
+
+/// A topic keyed by a column (`keyedBy`): each record must be in the
+/// partition Kafka's default partitioner gives its key.
+struct Keyed {
+    /// The column's position among the declared columns.
+    column: usize,
+    /// The spec field, for errors.
+    field: String,
+    /// How many partitions the query's state has (`statePartitions`).
+    state_partitions: Option<u32>,
+    /// How many partitions the topic has, once known.
+    topic_partitions: Option<usize>,
 }
 
 /// How often a repartition topic's reader deletes the records it read.
@@ -251,6 +266,17 @@ impl KafkaSource {
             slice: None,
             admin: None,
             purged_at: None,
+            keyed: spec.keyed_by.as_ref().map(|column| Keyed {
+                column: source
+                    .schema
+                    .iter()
+                    .flatten()
+                    .position(|c| &c.name == column)
+                    .unwrap_or(usize::MAX),
+                field: format!("{path}.kafka.keyedBy"),
+                state_partitions: None,
+                topic_partitions: None,
+            }),
         })
     }
 
@@ -262,6 +288,7 @@ impl KafkaSource {
         self.declared = schema.clone();
         self.schema = schema;
         self.record_columns = Vec::new();
+        self.keyed = None;
         self
     }
 
@@ -388,6 +415,22 @@ impl KafkaSource {
                 }
             };
             if wanted && topic.error().is_none() {
+                if let Some(keyed) = &mut self.keyed {
+                    let count = topic.partitions().len();
+                    if let Some(state) = keyed.state_partitions
+                        && state as usize != count
+                    {
+                        return Err(Error::Unsupported {
+                            path: "spec.statePartitions".into(),
+                            message: format!(
+                                "is {state}, but topic {} has {count} partitions: with {} the state is partitioned as the topic is (state partition p holds the keys of topic partition p), so they must be equal (on a new checkpoint: statePartitions is fixed for the life of one)",
+                                topic.name(),
+                                keyed.field
+                            ),
+                        });
+                    }
+                    keyed.topic_partitions = Some(count);
+                }
                 out.extend(
                     topic
                         .partitions()
@@ -556,6 +599,68 @@ impl KafkaSource {
             }
         };
         self.set_aside(records, good, bad_reasons, Some(batch))
+    }
+
+    /// With `keyedBy`: the decoded rows (`batch`, of the records `good`)
+    /// whose record is in the partition its key belongs in; the others set
+    /// aside as malformed (a record elsewhere would be counted in the state
+    /// of a partition another replica owns).
+    fn keep_well_placed(
+        &mut self,
+        records: &[Record],
+        batch: &RecordBatch,
+        good: Vec<u32>,
+    ) -> Result<(RecordBatch, Vec<u32>)> {
+        let keyed = self.keyed.as_ref().expect("called when keyed");
+        let count = keyed.topic_partitions.unwrap_or(0);
+        let column = keyed.column;
+        let field = keyed.field.clone();
+        if count == 0 || column >= batch.num_columns() {
+            return Err(self.source_error(format!(
+                "{field}: the topic's partition count or the key column is unknown"
+            )));
+        }
+        let name = batch.schema().field(column).name().clone();
+        let text = datafusion::arrow::compute::cast(batch.column(column), &DataType::Utf8)
+            .map_err(|e| self.source_error(format!("{field}: {e}")))?;
+        let text = text
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::StringArray>()
+            .expect("cast to Utf8");
+        let mut kept_rows = Vec::with_capacity(good.len());
+        let mut bad = BTreeMap::new();
+        for (row, i) in good.iter().enumerate() {
+            let r = &records[*i as usize];
+            if datafusion::arrow::array::Array::is_null(text, row) {
+                bad.insert(
+                    *i as usize,
+                    format!("{name} (the topic's key, {field}) is null"),
+                );
+                continue;
+            }
+            let key = text.value(row);
+            let owner = super::default_partition(key.as_bytes(), count);
+            if owner as i32 != r.partition {
+                bad.insert(
+                    *i as usize,
+                    format!(
+                        "{name} {key:?} belongs in partition {owner} of {count} (Kafka's default partitioner, murmur2, as {field} says), not {}",
+                        r.partition
+                    ),
+                );
+                continue;
+            }
+            kept_rows.push(row as u32);
+        }
+        if bad.is_empty() {
+            return Ok((batch.clone(), good));
+        }
+        let kept: Vec<u32> = kept_rows.iter().map(|row| good[*row as usize]).collect();
+        let batch = take_record_batch(batch, &UInt32Array::from(kept_rows))
+            .map_err(|e| Error::State(e.to_string()))?;
+        let kept_usize: Vec<usize> = kept.iter().map(|i| *i as usize).collect();
+        let (_, kept) = self.set_aside(records, kept_usize, bad, None)?;
+        Ok((batch, kept))
     }
 
     fn set_aside(
@@ -878,7 +983,21 @@ impl Source for KafkaSource {
         if matches!(self.decoding, Decoding::ArrowIpc) {
             return self.decode_ipc(&records);
         }
-        let (declared, good) = self.decode(&records)?;
+        let (mut declared, mut good) = self.decode(&records)?;
+        if self.keyed.is_some()
+            && let Some(batch) = &declared
+        {
+            if self
+                .keyed
+                .as_ref()
+                .is_some_and(|k| k.topic_partitions.is_none())
+            {
+                self.partitions().await?;
+            }
+            let (batch, kept) = self.keep_well_placed(&records, batch, good)?;
+            declared = Some(batch);
+            good = kept;
+        }
         let columns = record_columns(&records, &self.record_columns);
         let whole = RecordBatch::try_new(
             Arc::new(Schema::new(
@@ -928,6 +1047,12 @@ impl Source for KafkaSource {
     fn set_slice(&mut self, replica: crate::replicas::Replica) -> Result<()> {
         self.slice = Some(replica);
         Ok(())
+    }
+
+    fn set_state_partitions(&mut self, partitions: u32) {
+        if let Some(keyed) = &mut self.keyed {
+            keyed.state_partitions = Some(partitions);
+        }
     }
 }
 

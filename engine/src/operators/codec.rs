@@ -20,7 +20,7 @@ use datafusion::arrow::datatypes::{FieldRef, SchemaRef};
 use datafusion::error::{DataFusionError, Result as DfResult};
 
 use crate::state::encoding::{self, StateSchema};
-use crate::state::{PartitionedKey, StateStore, spread};
+use crate::state::{PartitionedKey, Partitioning, StateStore, spread};
 
 /// Where a key's time goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,11 +114,93 @@ impl Codec {
     /// cores).
     pub fn keys(&self, batch: &RecordBatch, store: &StateStore) -> DfResult<Vec<PartitionedKey>> {
         let partitions = store.partitions();
-        by_slices(batch, |slice| self.keys_in(slice, partitions))
+        let partitioning = store.partitioning();
+        by_slices(batch, |slice| self.keys_in(slice, partitioning, partitions))
     }
 
-    fn keys_in(&self, batch: &RecordBatch, partitions: usize) -> DfResult<Vec<PartitionedKey>> {
+    /// Checks that `partitioning` can place this operator's keys: a Kafka
+    /// key must be one of the grouping columns other than the window.
+    pub fn check_partitioning(&self, partitioning: &Partitioning) -> crate::Result<()> {
+        let Partitioning::KafkaKey { column, field } = partitioning else {
+            return Ok(());
+        };
+        if self.key_column(column).is_some() {
+            return Ok(());
+        }
+        let names: Vec<&str> = self
+            .partition_cols
+            .iter()
+            .map(|i| self.schema.field(*i).name().as_str())
+            .collect();
+        Err(crate::Error::Unsupported {
+            path: field.clone(),
+            message: format!(
+                "is {column:?}, but the query's state is keyed by [{}] without it: the state can be partitioned as the topic is only when the topic's key is one of the grouping (or distinct) columns; group by {column:?} too, or remove keyedBy",
+                names.join(", ")
+            ),
+        })
+    }
+
+    /// The grouping column (other than the window) named `column`.
+    fn key_column(&self, column: &str) -> Option<usize> {
+        self.partition_cols.iter().copied().find(|i| {
+            let name = self.schema.field(*i).name();
+            name == column || name.rsplit_once('.').is_some_and(|(_, n)| n == column)
+        })
+    }
+
+    /// Each row's partition, of `partitions`: `groups` are its
+    /// partition-choosing columns, encoded ([`Codec::groups_of`]).
+    pub fn partitions_of(
+        &self,
+        batch: &RecordBatch,
+        groups: &[Vec<u8>],
+        partitioning: &Partitioning,
+        partitions: usize,
+    ) -> DfResult<Vec<usize>> {
+        let column = match partitioning {
+            Partitioning::Hash => {
+                return Ok(groups
+                    .iter()
+                    .map(|group| StateStore::partition_in(group, partitions))
+                    .collect());
+            }
+            Partitioning::KafkaKey { column, field } => self
+                .key_column(column)
+                .ok_or_else(|| internal(format!("{field}: {column} is not a grouping column")))?,
+        };
+        let text = datafusion::arrow::compute::cast(
+            batch.column(column),
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )?;
+        let text = text
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::StringArray>()
+            .ok_or_else(|| internal("a key cast to text is not text"))?;
+        (0..batch.num_rows())
+            .map(|i| {
+                if datafusion::arrow::array::Array::is_null(text, i) {
+                    return Err(internal(format!(
+                        "the key column {} is null in a state row: a keyed topic's records all have keys",
+                        batch.schema().field(column).name()
+                    )));
+                }
+                Ok(crate::kafka::default_partition(
+                    text.value(i).as_bytes(),
+                    partitions,
+                ))
+            })
+            .collect()
+    }
+
+    fn keys_in(
+        &self,
+        batch: &RecordBatch,
+        partitioning: &Partitioning,
+        partitions: usize,
+    ) -> DfResult<Vec<PartitionedKey>> {
         let groups = self.groups_of(batch)?;
+        let parts = self.partitions_of(batch, &groups, partitioning, partitions)?;
         let times = self.time.map(|(col, _)| micros(batch, col)).transpose()?;
         // The whole group (windows included) for a prefix key; the session
         // key is its group and start.
@@ -130,7 +212,7 @@ impl Codec {
             .into_iter()
             .enumerate()
             .map(|(i, group)| {
-                let partition = StateStore::partition_in(&group, partitions);
+                let partition = parts[i];
                 let key = match (self.time, &whole, &times) {
                     (Some((_, TimeAt::Prefix)), Some(whole), Some(times)) => {
                         let mut key = time_bytes(times[i]).to_vec();
@@ -241,10 +323,109 @@ mod tests {
             .unwrap();
         let codec = Codec::new(schema, 1, &[], None);
         let keys = codec.keys(&batch, &store).unwrap();
-        assert_eq!(keys, codec.keys_in(&batch, 8).unwrap());
+        assert_eq!(keys, codec.keys_in(&batch, &Partitioning::Hash, 8).unwrap());
         let values = codec.values(&batch).unwrap();
         assert_eq!(values, encoding::encode(batch.columns(), false).unwrap());
         let decoded = codec.decode(values.iter().map(Vec::as_slice)).unwrap();
         assert_eq!(decoded, batch);
+    }
+
+    #[tokio::test]
+    async fn a_keyed_state_puts_each_key_in_its_topic_partition_and_keeps_saying_so() {
+        // State rows (user, window_end, n) of a windowed count by user.
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user", DataType::Utf8, false),
+            Field::new("bucket", DataType::Int64, false),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let users: Vec<String> = (0..200).map(|i| format!("user-{i:04}")).collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(users.iter())),
+                Arc::new(Int64Array::from_iter_values((0..200).map(|i| i % 3))),
+                Arc::new(Int64Array::from_iter_values(0..200)),
+            ],
+        )
+        .unwrap();
+        let keyed = Partitioning::KafkaKey {
+            column: "user".into(),
+            field: "spec.sources[0].kafka.keyedBy".into(),
+        };
+        // The second column is a window's: not part of the partition.
+        let codec = Codec::new(schema.clone(), 2, &[1], None);
+        codec.check_partitioning(&keyed).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let remote =
+            crate::storage::Storage::open(dir.path().join("ck").to_str().unwrap(), "f").unwrap();
+        let mut store = StateStore::open(
+            "agg",
+            6,
+            &dir.path().join("a"),
+            Some(remote.clone()),
+            None,
+            1,
+        )
+        .await
+        .unwrap();
+        store.set_partitioning(keyed.clone()).unwrap();
+        let keys = codec.keys(&batch, &store).unwrap();
+        for (user, (p, _)) in users.iter().zip(&keys) {
+            assert_eq!(
+                *p,
+                crate::kafka::default_partition(user.as_bytes(), 6),
+                "{user}"
+            );
+        }
+        assert!(
+            keys.iter()
+                .map(|(p, _)| *p)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == 6
+        );
+        // A key that is not a grouping column cannot place the state.
+        let by_window = Codec::new(schema, 2, &[0], None);
+        let refused = by_window
+            .check_partitioning(&keyed)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("spec.sources[0].kafka.keyedBy") && refused.contains("[bucket]"),
+            "{refused}"
+        );
+        // The version names its partitioning; a restart that asks for the
+        // hash is refused, naming the field.
+        let values = codec.values(&batch).unwrap();
+        let entries: Vec<(usize, Vec<u8>, Vec<u8>)> = keys
+            .into_iter()
+            .zip(values)
+            .map(|((p, k), v)| (p, k, v))
+            .collect();
+        store.put_many(&entries, 200).unwrap();
+        store.commit(0).await.unwrap();
+        let restore = Some(crate::state::PartitionRef {
+            version: 0,
+            epoch: 1,
+        });
+        let mut again = StateStore::open(
+            "agg",
+            6,
+            &dir.path().join("b"),
+            Some(remote.clone()),
+            restore,
+            2,
+        )
+        .await
+        .unwrap();
+        let refused = again
+            .set_partitioning(Partitioning::Hash)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("kafkaKey(user)") && refused.contains("keyedBy"),
+            "{refused}"
+        );
+        again.set_partitioning(keyed).unwrap();
     }
 }

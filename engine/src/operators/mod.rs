@@ -280,6 +280,7 @@ impl Stateful {
             }
         }
         store.set_schema(schema)?;
+        codec.check_partitioning(store.partitioning())?;
         let last = StateStats {
             rows_total: store.rows(),
             ..StateStats::default()

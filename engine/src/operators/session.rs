@@ -123,13 +123,20 @@ impl StatefulOperator for Session {
         let mut touched = RecordBatch::new_empty(self.schema.clone());
         if input.new_states.num_rows() > 0 {
             // Every stored session of the keys this batch touches.
-            let mut groups = self.codec.groups_of(&input.new_states)?;
+            let groups = self.codec.groups_of(&input.new_states)?;
+            let parts = self.codec.partitions_of(
+                &input.new_states,
+                &groups,
+                store.partitioning(),
+                store.partitions(),
+            )?;
+            let mut groups: Vec<(usize, Vec<u8>)> = parts.into_iter().zip(groups).collect();
             groups.sort_unstable();
             groups.dedup();
             let mut old_keys = Vec::new();
             let mut old_values = Vec::new();
-            for group in &groups {
-                let p = store.partition_of(group);
+            for (p, group) in &groups {
+                let p = *p;
                 for (k, v) in store.scan_prefix(p, group).map_err(store_error)? {
                     old_keys.push((p, k));
                     old_values.push(v);

@@ -148,6 +148,10 @@ pub trait Source: Send + Sync {
             ),
         })
     }
+    /// Tells a source that the query's state has `partitions` partitions:
+    /// a Kafka source whose topic is keyed (`keyedBy`) checks that its
+    /// topic has as many. Others ignore it.
+    fn set_state_partitions(&mut self, _partitions: u32) {}
     /// The malformed records the last `read` set aside; only a source with
     /// a dead-letter destination sets any aside instead of failing.
     fn take_bad_records(&mut self) -> Vec<BadRecord> {

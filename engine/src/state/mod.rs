@@ -116,9 +116,43 @@ struct VersionManifest {
     encoding: String,
     #[serde(default)]
     schema: Option<StateSchema>,
+    /// How keys are partitioned, when not by [`hash`] (see
+    /// [`Partitioning`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    partitioned_by: Option<String>,
     /// Keys in state.
     rows: u64,
     partitions: Vec<PartitionRef>,
+}
+
+/// Which partition a key falls in: part of the checkpoint format (each
+/// version names it), fixed for the life of a checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Partitioning {
+    /// [`hash`] of the grouping columns other than the window.
+    #[default]
+    Hash,
+    /// As a Kafka topic keyed by `column` is partitioned: Kafka's default
+    /// partitioner over the column's value as text (see
+    /// [`crate::kafka::default_partition`]), so that state partition `p`
+    /// holds the keys of topic partition `p`. `field` is the spec field that
+    /// asked for it.
+    KafkaKey {
+        /// The grouping column that is the records' key.
+        column: String,
+        /// The spec field, for errors.
+        field: String,
+    },
+}
+
+impl Partitioning {
+    /// What a version's manifest records (`None`: [`Partitioning::Hash`]).
+    fn recorded(&self) -> Option<String> {
+        match self {
+            Partitioning::Hash => None,
+            Partitioning::KafkaKey { column, .. } => Some(format!("kafkaKey({column})")),
+        }
+    }
 }
 
 fn version_path(operator: &str, version: u64, epoch: u64) -> String {
@@ -201,6 +235,10 @@ pub struct StateStore {
     schema: Option<StateSchema>,
     /// The schema of the restored version.
     restored_schema: Option<StateSchema>,
+    /// How keys are partitioned.
+    partitioning: Partitioning,
+    /// How the restored (or seeded) versions partitioned them.
+    restored_partitioning: Option<Option<String>>,
     rows: u64,
     /// Every key below it was taken by [`StateStore::take_below`]: the next
     /// one seeks past their tombstones instead of reading them again (a
@@ -358,6 +396,7 @@ impl StateStore {
         let mut replays: Vec<Vec<Vec<u8>>> = vec![Vec::new(); partitions as usize];
         let mut rows = 0;
         let mut restored_schema = None;
+        let mut restored_partitioning = None;
         let mut restored = Restored::default();
         if let (Some(store), Some(version)) = (&remote, restore) {
             let manifest = read_version(store, operator, version).await?;
@@ -373,6 +412,7 @@ impl StateStore {
             }
             rows = manifest.rows;
             restored_schema = manifest.schema.clone();
+            restored_partitioning = Some(manifest.partitioned_by.clone());
             let downloads = manifest.partitions.iter().enumerate().map(|(p, r)| {
                 restore_partition(
                     store,
@@ -429,6 +469,9 @@ impl StateStore {
             }
             if restored_schema.is_none() {
                 restored_schema = manifest.schema.clone();
+            }
+            if restored_partitioning.is_none() {
+                restored_partitioning = Some(manifest.partitioned_by.clone());
             }
             // Its own directory for the files kept: object names are only
             // unique within one location.
@@ -495,6 +538,8 @@ impl StateStore {
             cache,
             schema: None,
             restored_schema,
+            partitioning: Partitioning::Hash,
+            restored_partitioning,
             taken_below: None,
             rows,
             commits: 0,
@@ -540,10 +585,36 @@ impl StateStore {
         Ok(())
     }
 
-    /// The partition of a key whose grouping columns (without the window)
-    /// encode to `group`.
-    pub fn partition_of(&self, group: &[u8]) -> usize {
-        Self::partition_in(group, self.partitions.len())
+    /// Sets how keys are partitioned; a restored version partitioned
+    /// otherwise is refused, naming the spec field that changed it.
+    pub fn set_partitioning(&mut self, partitioning: Partitioning) -> Result<()> {
+        if let Some(stored) = &self.restored_partitioning
+            && *stored != partitioning.recorded()
+        {
+            let field = match &partitioning {
+                Partitioning::KafkaKey { field, .. } => field.clone(),
+                Partitioning::Hash => "spec.sources[].kafka.keyedBy".to_owned(),
+            };
+            let was = stored
+                .as_deref()
+                .unwrap_or("the hash of the grouping columns");
+            let now = partitioning
+                .recorded()
+                .unwrap_or_else(|| "the hash of the grouping columns".to_owned());
+            return Err(Error::Unsupported {
+                path: field,
+                message: format!(
+                    "the checkpoint's state is partitioned by {was}, the spec asks for {now}: how the state is partitioned is fixed for the life of a checkpoint (start the query on a new checkpoint to change it)"
+                ),
+            });
+        }
+        self.partitioning = partitioning;
+        Ok(())
+    }
+
+    /// How keys are partitioned.
+    pub fn partitioning(&self) -> &Partitioning {
+        &self.partitioning
     }
 
     /// The partition of `group` among `partitions`.
@@ -828,6 +899,7 @@ impl StateStore {
             epoch: self.epoch,
             encoding: ENCODING.into(),
             schema: self.schema.clone(),
+            partitioned_by: self.partitioning.recorded(),
             rows: self.rows,
             partitions: self
                 .partitions

@@ -194,6 +194,69 @@ async fn a_malformed_value_is_set_aside_with_its_origin_or_stops_the_query() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_keyed_topic_s_records_outside_their_key_s_partition_are_set_aside() {
+    let mock = cluster();
+    mock.create_topic("payments", 3, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    // Ids 0..30 where Kafka's default partitioner puts them, then id 7 in
+    // a partition that is not its own.
+    let home = |id: usize| sluice_engine::kafka::default_partition(id.to_string().as_bytes(), 3);
+    let mut sent: Vec<(usize, i32)> = (0..30).map(|id| (id, home(id) as i32)).collect();
+    sent.push((7, (home(7) as i32 + 1) % 3));
+    for (id, partition) in &sent {
+        producer
+            .send(
+                BaseRecord::<str, str>::to("payments")
+                    .payload(&format!(r#"{{"id": {id}, "amount": 1.5}}"#))
+                    .key(&id.to_string())
+                    .partition(*partition),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let mut spec = source_spec(
+        &brokers,
+        "topic: payments, startingOffsets: earliest, keyedBy: id",
+    );
+    spec.dead_letter = Some(sluice_crds::DeadLetter {
+        path: Some("/unused".into()),
+        kafka: None,
+    });
+    let mut keyed = source(&spec);
+    keyed.set_state_partitions(3);
+    let start = keyed.resolve_start(&keyed.initial_offset()).await.unwrap();
+    let range = keyed.plan_batch(&start).await.unwrap();
+    let rows: usize = keyed
+        .read(&range)
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(rows, 30);
+    let bad = keyed.take_bad_records();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    let expected = format!(
+        "id \"7\" belongs in partition {} of 3 (Kafka's default partitioner, murmur2, as spec.sources[0].kafka.keyedBy says), not {}",
+        home(7),
+        (home(7) + 1) % 3
+    );
+    assert_eq!(bad[0].error, expected);
+    // The state must have as many partitions as the topic.
+    let mut mismatched = source(&spec);
+    mismatched.set_state_partitions(4);
+    let err = mismatched.plan_batch(&start).await.unwrap_err().to_string();
+    assert!(
+        err.contains("spec.statePartitions") && err.contains("topic payments has 3 partitions"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn avro_values_decode_with_the_writers_schema_and_others_are_set_aside() {
     use apache_avro::types::Value;
     let mock = cluster();

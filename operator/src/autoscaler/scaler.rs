@@ -84,12 +84,22 @@ pub struct Memory {
     /// The fixed part of a batch's time, as last fitted (milliseconds).
     #[serde(default)]
     fixed_ms: Option<f64>,
+    /// Whether the spec says its input is keyed (`keyedBy`): every state
+    /// operator then runs on several replicas.
+    #[serde(default)]
+    keyed: bool,
 }
 
 impl Memory {
     /// Holds the query at one replica for a reason its spec gives, or not.
     pub fn pin_by_spec(&mut self, why: Option<String>) {
         self.pinned_by_spec = why;
+    }
+
+    /// Whether the spec's input is keyed (`keyedBy`): then no state
+    /// operator holds the query at one replica.
+    pub fn set_keyed(&mut self, keyed: bool) {
+        self.keyed = keyed;
     }
 }
 
@@ -172,8 +182,8 @@ pub fn step(
             if measured.partitions > 0 {
                 memory.partitions = measured.partitions;
             }
-            if measured.stateful.is_some() {
-                memory.stateful = measured.stateful;
+            if let Some(stateful) = measured.stateful {
+                memory.stateful = Some(stateful && !memory.keyed);
             }
             let mut seen = measured.observation;
             seen.replicas = current;
@@ -192,7 +202,7 @@ pub fn step(
         (Some(why), _) => Some(format!("held at 1: {why}")),
         (None, Some(false)) => None,
         (None, Some(true)) => Some(
-            "held at 1: its stateful operator runs on one replica in this version (SELECT DISTINCT and session windows are not repartitioned by key; GROUP BY is)".to_owned(),
+            "held at 1: its stateful operator runs on one replica in this version (SELECT DISTINCT and session windows are not repartitioned by key, unless the input is keyed with keyedBy; GROUP BY is)".to_owned(),
         ),
         (None, None) => Some(
             "held at 1 until an engine reports a batch: whether the query can run on several replicas is not known yet (SELECT DISTINCT and session windows run on one)".to_owned(),
@@ -459,7 +469,24 @@ mod tests {
             t(0),
         );
         assert_eq!((s.replicas, s.recommended_replicas), (1, 1));
-        assert!(s.reason.ends_with("held at 1: its stateful operator runs on one replica in this version (SELECT DISTINCT and session windows are not repartitioned by key; GROUP BY is)"), "{}", s.reason);
+        assert!(s.reason.ends_with("held at 1: its stateful operator runs on one replica in this version (SELECT DISTINCT and session windows are not repartitioned by key, unless the input is keyed with keyedBy; GROUP BY is)"), "{}", s.reason);
+        // Over a keyed input (keyedBy) they run on several replicas.
+        let mut memory = Memory::default();
+        memory.set_keyed(true);
+        let Seen::Running(mut measured) = running(1, 9_000.0, 0.0, 2_000.0) else {
+            unreachable!()
+        };
+        measured.stateful = Some(true);
+        let s = step(
+            &mut memory,
+            &spec(),
+            None,
+            None,
+            Seen::Running(measured),
+            t(0),
+        );
+        assert!(s.recommended_replicas > 1, "{s:?}");
+        assert!(!s.reason.contains("held at 1"), "{}", s.reason);
         // Complete mode, whatever the reports say.
         let mut memory = Memory::default();
         memory.pin_by_spec(Some("complete mode runs on one replica".into()));
