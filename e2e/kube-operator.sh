@@ -521,6 +521,10 @@ if zero=$(wait_for '^0 0$' 180 field sq/auto e2e '{.spec.replicas}{.status.autos
 else
   fail "no scale to zero: '$zero', $(field sq/auto e2e '{.status.autoscaling}')"
 fi
+# The pods leave the API before their engines exit, and an engine asked to
+# stop finishes the batch under way: one still stopping could read the new
+# records itself (exactly once, but then nothing is left to wake for).
+for _ in $(seq 30); do pgrep -f "$work/engines/e2e-auto-" >/dev/null || break; sleep 1; done
 produce auto-in 400000 3000
 if one=$(wait_for '^1 1$' 60 field sq/auto e2e '{.status.autoscaling.replicas} {.status.replicas}'); then
   ok "3,000 new records at the broker while at zero: back to 1 replica ($(field sq/auto e2e '{.status.autoscaling.reason}'))"

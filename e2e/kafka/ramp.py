@@ -4,7 +4,8 @@ broker (started by bench/autoscale-ramp.sh).
 A producer writes transactions into a 6-partition topic at a rate that
 ramps up and down over about ten minutes, then stops, then writes a last
 burst. A stateless query (Kafka -> Kafka; with `--kind windowed`, the
-windowed GROUP BY of rescale.py in two stages) runs as replica processes
+windowed GROUP BY of rescale.py in two stages; with `--kind keyed`, the same
+over a topic keyed by user, `keyedBy`, in one stage) runs as replica processes
 (`sluice run --replica i --replicas n`). Every TICK seconds a driver reads
 each replica's /progress and runs one step of the operator's autoscaler on
 them (`sluice-operator autoscale-step`: the very decision and measurement
@@ -69,9 +70,11 @@ def schedule(t, peak):
 class RampFeed(threading.Thread):
     """Produces at `schedule(t)` a second until 540 s."""
 
-    def __init__(self, env, topic, peak, seed, duration=540):
+    def __init__(self, env, topic, peak, seed, duration=540, partitioner="consistent_random"):
         super().__init__(daemon=True)
         self.env, self.topic, self.peak, self.duration = env, topic, peak, duration
+        self.config = {"bootstrap.servers": env.bootstrap, "linger.ms": 5,
+                       "partitioner": partitioner}
         self.rnd = random.Random(seed)
         self.expected = []
         self.produced = 0
@@ -89,7 +92,7 @@ class RampFeed(threading.Thread):
 
     def run(self):
         try:
-            producer = Producer({"bootstrap.servers": self.env.bootstrap, "linger.ms": 5})
+            producer = Producer(self.config)
             owed = 0.0
             while (t := time.time() - self.started) < self.duration:
                 owed += schedule(t, self.peak) * 0.05
@@ -102,7 +105,7 @@ class RampFeed(threading.Thread):
             self.error = e
 
     def burst(self, n):
-        producer = Producer({"bootstrap.servers": self.env.bootstrap, "linger.ms": 5})
+        producer = Producer(self.config)
         self.send(producer, n)
         producer.flush()
 
@@ -180,9 +183,10 @@ def main():
     parser.add_argument("--peak", type=int, default=3000)
     parser.add_argument("--tick", type=float, default=10)
     parser.add_argument("--report-dir", required=True)
-    parser.add_argument("--kind", choices=["stateless", "windowed"], default="stateless",
+    parser.add_argument("--kind", choices=["stateless", "windowed", "keyed"], default="stateless",
                         help="windowed: the windowed GROUP BY of e2e/kafka/rescale.py, in two "
-                             "stages through its repartition topic, its state moved at each rescale")
+                             "stages through its repartition topic, its state moved at each rescale; "
+                             "keyed: the same over a topic keyed by user (keyedBy), in one stage")
     parser.set_defaults(records=0)
     args = parser.parse_args()
     env = Env(args)
@@ -192,7 +196,8 @@ def main():
     state = os.path.join(args.work, "autoscaler.json")
     replicas = Replicas(env, path)
     replicas.start_all(1)
-    feed = RampFeed(env, "ramp-in", args.peak, seed=7)
+    feed = RampFeed(env, "ramp-in", args.peak, seed=7,
+                    partitioner="murmur2_random" if args.kind == "keyed" else "consistent_random")
     feed.start()
     rows, counts, burst_at, woke = [], [1], None, None
     current = 1
@@ -227,10 +232,10 @@ def main():
     feed.join()
     if feed.error:
         fail(f"the producer failed: {feed.error}")
-    if args.kind == "windowed":
+    if args.kind != "stateless":
         # What one replica writes over the same records.
         reference = spec(env, "ramp-one", "ramp-in", "ramp-one-out", "  trigger: {availableNow: true}\n",
-                         kind="windowed")
+                         kind=args.kind)
         env.topic("ramp-one-out", 3)
         env.run(reference)
         feed.expected = output_rows(env, "ramp-one-out")

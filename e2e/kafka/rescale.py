@@ -22,7 +22,8 @@ replica writes from the same topic (a one-replica availableNow run on a new
 checkpoint), each once, and for the stateless query exactly the rows the
 filter keeps of what was produced. The hand-over's duration (settling the
 old generation) and the time to the new generation's first batch are
-printed from /metrics. The windowed query runs twice: over a topic keyed
+printed from /metrics, and what older generations left and no state
+version needs is deleted (their fences kept). The windowed query runs twice: over a topic keyed
 by user with the default (librdkafka) partitioner, in two stages through
 the repartition topic, and over a topic a murmur2 producer keyed by user
 with `keyedBy: user_id` (`--kind keyed`), in one stage, no repartition
@@ -201,6 +202,42 @@ class Replicas:
         fail(f"the {len(self.procs)} replicas did not all commit a batch within {timeout} s")
 
 
+def leftovers(checkpoint):
+    """Files older generations left that the newest does not need: under
+    replicas/g<k>/ (k two or more older) outside the locations the newest assignment
+    names for state, and the checkpoint's own state/ once none names it;
+    epochs/ and metadata stay (they fence old replicas)."""
+    assignments = os.path.join(checkpoint, "assignments")
+    newest_g = max(int(g) for g in os.listdir(assignments))
+    with open(os.path.join(assignments, str(newest_g))) as f:
+        newest = json.load(f)
+    named = [os.path.normpath(at["location"]) for at in newest.get("state", []) if at]
+    found = []
+    for dirpath, _, files in os.walk(checkpoint):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, checkpoint)
+            parts = rel.split(os.sep)
+            if "epochs" in parts or name == "metadata":
+                continue
+            if any(path.startswith(n + os.sep) for n in named):
+                continue
+            old_generation = (parts[0] == "replicas" and int(parts[1][1:]) + 1 < newest_g)
+            own_state = parts[0] == "state" and os.path.normpath(checkpoint) not in named
+            if old_generation or (own_state and newest_g >= 2):
+                found.append(rel)
+    return found
+
+
+def wait_cleaned(checkpoint, what, timeout=60):
+    deadline = time.time() + timeout
+    while (left := leftovers(checkpoint)) and time.time() < deadline:
+        time.sleep(1)
+    if left:
+        fail(f"{what}: {len(left)} files older generations left are still there {timeout} s on, "
+             f"e.g. {left[:5]}")
+
+
 def output_rows(env, topic):
     return [Row(json.loads(m.value())) for m in env.read_topic(topic)]
 
@@ -278,6 +315,7 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
         fail(f"{kind} {mode}: one replica wrote no row: nothing to compare")
     wait_for_output(env, sink, len(expected))
     replicas.check_alive()
+    wait_cleaned(path.replace(".yaml", "-checkpoint"), f"{kind} {mode}")
     replicas.stop_all(signal.SIGTERM)
     actual = output_rows(env, sink)
     if kind == "stateless":

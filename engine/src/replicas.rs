@@ -47,6 +47,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_crds::StreamingQuery;
@@ -383,6 +384,10 @@ pub async fn join(
     loop {
         let current = newest(&root).await?;
         if current.replicas == replica.count {
+            if replica.index == 0 {
+                // A clean a stop cut short.
+                spawn_forget(&root, &current);
+            }
             return Ok(Some(ReplicaRun::of(
                 location, &current, replica, &id, &topic,
             )));
@@ -444,6 +449,7 @@ pub async fn join(
                 monitor
                     .metrics()
                     .record_handover(next.handover_ms as f64 / 1e3);
+                spawn_forget(&root, &next);
                 return Ok(Some(ReplicaRun::of(location, &next, replica, &id, &topic)));
             }
             // Another replica 0 (a zombie, or a second rescale) wrote it
@@ -451,6 +457,100 @@ pub async fn join(
             Created::Exists(_) => continue,
         }
     }
+}
+
+/// Objects deleted at once.
+const DELETES: usize = 16;
+
+/// [`forget_old_generations`] in the background: the generation starts
+/// meanwhile, and a clean cut short is finished when replica 0 next joins.
+fn spawn_forget(root: &Checkpoint, generation: &Assignment) {
+    if generation.generation == 0 {
+        return;
+    }
+    let (root, generation) = (root.clone(), generation.clone());
+    tokio::spawn(async move {
+        match forget_old_generations(&root, &generation).await {
+            Ok(0) => {}
+            Ok(deleted) => info!(
+                generation = generation.generation,
+                deleted, "Deleted what older generations left that no state version needs."
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "Could not delete what older generations left; replica 0 tries again when it next joins."
+            ),
+        }
+    });
+}
+
+/// Deletes what the generations before `next` left under `root` that
+/// nothing needs any more: once a generation is settled its logs are read
+/// no more (`next`'s starts say where each partition is), and its state
+/// only while `next` names it as where a state partition is (a new replica
+/// that has not committed yet restores from there; after its first commit
+/// its own location holds the partition whole). So every object of
+/// `replicas/g<k>/` outside the locations `next.state` names is deleted,
+/// for k at least two below `next`'s generation (the one just settled may
+/// still have a zombie finishing a batch into it: it goes at the next
+/// hand-over), and the checkpoint's own `state/` (a query that never
+/// scaled out) once no generation names it; `epochs/` and `metadata` stay,
+/// so that a replica of an old generation still running finds itself
+/// fenced. Returns how many objects it deleted.
+pub async fn forget_old_generations(root: &Checkpoint, next: &Assignment) -> Result<usize> {
+    let storage = root.storage();
+    let base = storage.location().trim_end_matches('/');
+    let named: Vec<String> = next
+        .state
+        .iter()
+        .flatten()
+        .map(|at| {
+            at.location
+                .trim_end_matches('/')
+                .strip_prefix(base)
+                .unwrap_or(&at.location)
+                .trim_start_matches('/')
+                .to_owned()
+        })
+        .collect();
+    let needed = |path: &str| {
+        named
+            .iter()
+            .any(|n| !n.is_empty() && path.starts_with(&format!("{n}/")))
+            || path.contains("/epochs/")
+            || path.ends_with("/metadata")
+    };
+    let generation_of = |path: &str| -> Option<u64> {
+        path.strip_prefix("replicas/g")?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()
+    };
+    let mut doomed: Vec<String> = storage
+        .list("replicas")
+        .await?
+        .into_iter()
+        .map(|o| o.location.to_string())
+        .filter(|path| generation_of(path).is_some_and(|g| g + 1 < next.generation))
+        .filter(|path| !needed(path))
+        .collect();
+    if next.generation >= 2 && !named.iter().any(String::is_empty) {
+        doomed.extend(
+            storage
+                .list("state")
+                .await?
+                .into_iter()
+                .map(|o| o.location.to_string()),
+        );
+    }
+    let count = doomed.len();
+    futures::stream::iter(doomed)
+        .map(|path| async move { storage.delete(&path).await })
+        .buffer_unordered(DELETES)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(count)
 }
 
 /// What a generation hands over to the next.
@@ -658,6 +758,88 @@ mod tests {
         assert_eq!(overlay(&Value::Null, &a), a);
         assert!(Replica::new(2, 2).is_err());
         assert!(Replica::new(0, 0).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_deletes_what_no_generation_needs_and_keeps_the_fences() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_location = dir.path().to_str().unwrap().to_owned();
+        let root = Checkpoint::open(&root_location).unwrap();
+        let storage = root.storage();
+        let objects = [
+            "state/aggregate/v9-1.json",
+            "offsets/9",
+            "epochs/1",
+            "replicas/g1/r0/state/aggregate/0/5-1-000009.sst",
+            "replicas/g1/r0/merge/state/aggregate/v5-1.json",
+            "replicas/g1/r0/merge/epochs/2",
+            "replicas/g1/r0/offsets/5",
+            "replicas/g1/r0/epochs/2",
+            "replicas/g1/r0/metadata",
+            "replicas/g2/r0/merge/state/aggregate/v7-1.json",
+            "replicas/g2/r0/offsets/7",
+            "replicas/g2/r1/merge/state/aggregate/v8-1.json",
+            "replicas/g3/r0/offsets/0",
+        ];
+        for path in objects {
+            storage.put(path, b"x".to_vec()).await.unwrap();
+        }
+        let at = |location: String| {
+            Some(StateAt {
+                location,
+                version: 7,
+                epoch: 1,
+            })
+        };
+        // Generation 4 names one partition at g2/r0's merge location and
+        // one at the checkpoint's own (a replica that never committed): g1
+        // and g2 go but for their fences and that location; g3 (the one
+        // just settled) and the root's state stay.
+        let mut next = Assignment {
+            generation: 4,
+            state: vec![
+                at(format!("{root_location}/replicas/g2/r0/merge")),
+                at(root_location.clone()),
+            ],
+            ..Assignment::first()
+        };
+        assert_eq!(forget_old_generations(&root, &next).await.unwrap(), 5);
+        let left: Vec<String> = storage
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.location.to_string())
+            .collect();
+        for kept in [
+            "state/aggregate/v9-1.json",
+            "offsets/9",
+            "replicas/g1/r0/merge/epochs/2",
+            "replicas/g1/r0/epochs/2",
+            "replicas/g1/r0/metadata",
+            "replicas/g2/r0/merge/state/aggregate/v7-1.json",
+            "replicas/g3/r0/offsets/0",
+        ] {
+            assert!(left.contains(&kept.to_owned()), "{kept} deleted: {left:?}");
+        }
+        for gone in [
+            "replicas/g1/r0/state/aggregate/0/5-1-000009.sst",
+            "replicas/g2/r0/offsets/7",
+            "replicas/g2/r1/merge/state/aggregate/v8-1.json",
+        ] {
+            assert!(!left.contains(&gone.to_owned()), "{gone} kept: {left:?}");
+        }
+        // Once no generation names the checkpoint's own state, it goes too.
+        next.state.pop();
+        assert_eq!(forget_old_generations(&root, &next).await.unwrap(), 1);
+        assert!(
+            storage
+                .get("state/aggregate/v9-1.json")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(storage.get("epochs/1").await.unwrap().is_some());
     }
 
     #[test]
