@@ -20,10 +20,17 @@ python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q matplotl
   || echo "(matplotlib not installed: the timeline is written as CSV only)"
 
 work=$(mktemp -d)
-trap 'pkill -KILL -f "$work/ramp" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; rm -rf "$work"' EXIT
+keep=0
+trap 'pkill -KILL -f "$work/ramp" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; [ "$keep" = 1 ] || rm -rf "$work"' EXIT
 kafka_start "$work/broker"
 python3 e2e/kafka/ramp.py --sluice "$CARGO_TARGET_DIR/debug/sluice" \
   --operator "$CARGO_TARGET_DIR/debug/sluice-operator" --bootstrap "$KAFKA_BOOTSTRAP" \
   --broker-dir "$work/broker" --work "$work" --peak "${RAMP_PEAK:-3000}" \
-  --report-dir "${REPORT_DIR:-$HOME/.cache/sluice/reports}" "$@"
+  --report-dir "${REPORT_DIR:-$HOME/.cache/sluice/reports}" "$@" || {
+  # What a failure leaves is what explains it: checkpoints, logs, the
+  # broker's data (start it again with kafka_start on that directory).
+  keep=1
+  echo "bench autoscale-ramp: FAILED; kept $work (checkpoints, replica logs, the broker's data)"
+  exit 1
+}
 echo "bench autoscale-ramp: done"

@@ -1316,9 +1316,44 @@ mod tests {
         rows
     }
 
+    /// The rounds a test of several replicas runs: each batch of
+    /// `batches` with the watermarks one query would run it with (the
+    /// largest event time so far minus 30 s; late rows judged by the last
+    /// batch's, as in Spark), then a round without data that closes every
+    /// window.
+    fn rounds(batches: &[RecordBatch]) -> Vec<(RecordBatch, BatchWatermarks)> {
+        use datafusion::arrow::array::TimestampMicrosecondArray;
+        let empty = RecordBatch::new_empty(batches[0].schema());
+        let mut max_ts = None::<i64>;
+        let mut last_eviction = None::<Option<i64>>;
+        let mut out = Vec::new();
+        for batch in batches.iter().map(Some).chain([None]) {
+            let eviction = match batch {
+                Some(_) => max_ts.map(|t| t / 1000 - 30_000),
+                None => max_ts.map(|t| t / 1000 + 3_600_000),
+            };
+            let watermarks = BatchWatermarks {
+                eviction_ms: eviction,
+                late_events_ms: last_eviction.unwrap_or(eviction),
+            };
+            last_eviction = Some(eviction);
+            let batch = batch.cloned().unwrap_or_else(|| empty.clone());
+            if let Some(t) = batch
+                .column(2)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .and_then(|t| t.values().iter().copied().max())
+            {
+                max_ts = max_ts.max(Some(t));
+            }
+            out.push((batch, watermarks));
+        }
+        out
+    }
+
     #[tokio::test]
     async fn two_stages_over_replicas_write_what_the_whole_query_writes() {
-        use datafusion::arrow::array::{TimestampMicrosecondArray, UInt32Array};
+        use datafusion::arrow::array::UInt32Array;
         use datafusion::arrow::compute::take_record_batch;
         let events = events_schema(&["k", "v"]);
         let sources = [("events".to_owned(), events.clone())];
@@ -1381,22 +1416,8 @@ mod tests {
                 .unwrap();
                 seconds.push(plan);
             }
-            let empty = RecordBatch::new_empty(events.clone());
-            let mut max_ts = None::<i64>;
-            let mut last_eviction = None::<Option<i64>>;
             let (mut total, mut dropped) = (0, 0);
-            let rounds = batches.iter().cloned().map(Some).chain([None]);
-            for (n, batch) in rounds.enumerate() {
-                // The last round: no data, every window closes.
-                let eviction = match &batch {
-                    Some(_) => max_ts.map(|t| t / 1000 - 30_000),
-                    None => max_ts.map(|t| t / 1000 + 3_600_000),
-                };
-                let watermarks = BatchWatermarks {
-                    eviction_ms: eviction,
-                    late_events_ms: last_eviction.unwrap_or(eviction),
-                };
-                let batch = batch.unwrap_or_else(|| empty.clone());
+            for (n, (batch, watermarks)) in rounds(&batches).into_iter().enumerate() {
                 let expected = whole
                     .execute(vec![vec![batch.clone()]], watermarks)
                     .await
@@ -1448,15 +1469,6 @@ mod tests {
                     .iter()
                     .map(|p| p.state_progress()[0].num_rows_dropped_by_watermark)
                     .sum::<u64>();
-                last_eviction = Some(eviction);
-                if let Some(t) = batch
-                    .column(2)
-                    .as_any()
-                    .downcast_ref::<TimestampMicrosecondArray>()
-                    .and_then(|t| t.values().iter().copied().max())
-                {
-                    max_ts = max_ts.max(Some(t));
-                }
             }
             assert!(total > 20, "{sql}: {total} rows written");
             if mode == OutputMode::Append {
@@ -1471,7 +1483,7 @@ mod tests {
         // query over the topic partitions it owns, its state partitioned as
         // the topic is, under the global watermark. GROUP BY over panes,
         // session windows and SELECT DISTINCT, which need no repartition.
-        use datafusion::arrow::array::{Int64Array, TimestampMicrosecondArray, UInt32Array};
+        use datafusion::arrow::array::{Int64Array, UInt32Array};
         use datafusion::arrow::compute::take_record_batch;
         let events = events_schema(&["k", "v"]);
         let sources = [("events".to_owned(), events.clone())];
@@ -1519,21 +1531,8 @@ mod tests {
                 .unwrap();
                 replicas.push(plan);
             }
-            let empty = RecordBatch::new_empty(events.clone());
-            let mut max_ts = None::<i64>;
-            let mut last_eviction = None::<Option<i64>>;
             let mut total = 0;
-            let rounds = batches.iter().cloned().map(Some).chain([None]);
-            for (n, batch) in rounds.enumerate() {
-                let eviction = match &batch {
-                    Some(_) => max_ts.map(|t| t / 1000 - 30_000),
-                    None => max_ts.map(|t| t / 1000 + 3_600_000),
-                };
-                let watermarks = BatchWatermarks {
-                    eviction_ms: eviction,
-                    late_events_ms: last_eviction.unwrap_or(eviction),
-                };
-                let batch = batch.unwrap_or_else(|| empty.clone());
+            for (n, (batch, watermarks)) in rounds(&batches).into_iter().enumerate() {
                 let expected = whole
                     .execute(vec![vec![batch.clone()]], watermarks)
                     .await
@@ -1564,15 +1563,6 @@ mod tests {
                 }
                 assert_eq!(cells(&actual), cells(&expected), "{sql}, batch {n}");
                 total += cells(&expected).len();
-                last_eviction = Some(eviction);
-                if let Some(t) = batch
-                    .column(2)
-                    .as_any()
-                    .downcast_ref::<TimestampMicrosecondArray>()
-                    .and_then(|t| t.values().iter().copied().max())
-                {
-                    max_ts = max_ts.max(Some(t));
-                }
             }
             assert!(total > 20, "{sql}: {total} rows written");
         }

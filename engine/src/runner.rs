@@ -1148,10 +1148,20 @@ impl Runner {
             self.summary.batches += 1;
             self.summary.input_rows += progress.num_input_rows;
             self.summary.output_rows += progress.sink.num_output_rows;
+            let late: u64 = progress
+                .state_operators
+                .iter()
+                .map(|s| s.num_rows_dropped_by_watermark)
+                .sum();
             info!(
                 batch_id,
                 input_rows = progress.num_input_rows,
                 output_rows = progress.sink.num_output_rows,
+                late_rows = late,
+                watermark = progress
+                    .event_time
+                    .get("watermark")
+                    .map_or("", String::as_str),
                 input_rows_per_second = format!("{:.1}", progress.input_rows_per_second),
                 processed_rows_per_second = format!("{:.1}", progress.processed_rows_per_second),
                 duration_ms = progress.duration_ms["triggerExecution"],

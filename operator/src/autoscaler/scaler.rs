@@ -455,53 +455,28 @@ mod tests {
 
     #[test]
     fn a_query_whose_state_is_not_repartitioned_is_held_at_one_replica() {
-        let mut memory = Memory::default();
-        let Seen::Running(mut measured) = running(1, 9_000.0, 0.0, 2_000.0) else {
-            unreachable!()
+        // One step from no status, with a busy replica whose reports say
+        // (or not) that its state runs on one replica.
+        let first_step = |memory: &mut Memory, stateful| {
+            let Seen::Running(mut measured) = running(1, 9_000.0, 0.0, 2_000.0) else {
+                unreachable!()
+            };
+            measured.stateful = Some(stateful);
+            step(memory, &spec(), None, None, Seen::Running(measured), t(0))
         };
-        measured.stateful = Some(true);
-        let s = step(
-            &mut memory,
-            &spec(),
-            None,
-            None,
-            Seen::Running(measured),
-            t(0),
-        );
+        let s = first_step(&mut Memory::default(), true);
         assert_eq!((s.replicas, s.recommended_replicas), (1, 1));
         assert!(s.reason.ends_with("held at 1: its stateful operator runs on one replica in this version (SELECT DISTINCT and session windows are not repartitioned by key, unless the input is keyed with keyedBy; GROUP BY is)"), "{}", s.reason);
         // Over a keyed input (keyedBy) they run on several replicas.
         let mut memory = Memory::default();
         memory.set_keyed(true);
-        let Seen::Running(mut measured) = running(1, 9_000.0, 0.0, 2_000.0) else {
-            unreachable!()
-        };
-        measured.stateful = Some(true);
-        let s = step(
-            &mut memory,
-            &spec(),
-            None,
-            None,
-            Seen::Running(measured),
-            t(0),
-        );
+        let s = first_step(&mut memory, true);
         assert!(s.recommended_replicas > 1, "{s:?}");
         assert!(!s.reason.contains("held at 1"), "{}", s.reason);
         // Complete mode, whatever the reports say.
         let mut memory = Memory::default();
         memory.pin_by_spec(Some("complete mode runs on one replica".into()));
-        let Seen::Running(mut measured) = running(1, 9_000.0, 0.0, 2_000.0) else {
-            unreachable!()
-        };
-        measured.stateful = Some(false);
-        let s = step(
-            &mut memory,
-            &spec(),
-            None,
-            None,
-            Seen::Running(measured),
-            t(0),
-        );
+        let s = first_step(&mut memory, false);
         assert_eq!((s.replicas, s.recommended_replicas), (1, 1));
         assert!(
             s.reason
