@@ -192,16 +192,18 @@ impl Assignment {
     }
 }
 
-/// A replica's part of a keyed generation: the state it takes over, and
-/// whose watermarks make its own.
+/// What a replica's stateful stage takes over in a generation that keeps
+/// state on several replicas (the second stage of two, or the one stage of
+/// a keyed generation), and whose watermarks make its own.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Keyed {
-    /// Where every replica of the generation keeps its logs.
+pub struct Handed {
+    /// Where every replica of the generation keeps its (first-stage) logs:
+    /// the watermark is the minimum over them.
     pub peers: Vec<String>,
     /// The state partitions it owns that have a committed version, and
     /// where it is.
     pub seeds: Vec<(usize, StateAt)>,
-    /// The watermark it starts with.
+    /// The watermark its first run starts with.
     pub watermark_ms: Option<i64>,
 }
 
@@ -235,14 +237,6 @@ pub fn state_topic(query: &StreamingQuery) -> String {
 pub struct Stages {
     /// Where its second stage's logs are: `<its location>/merge`.
     pub merge: String,
-    /// Where every first-stage replica of the generation keeps its logs
-    /// (their watermarks).
-    pub writers: Vec<String>,
-    /// The state partitions it owns that have a committed version, and
-    /// where it is.
-    pub seeds: Vec<(usize, StateAt)>,
-    /// The watermark its second stage starts with.
-    pub watermark_ms: Option<i64>,
 }
 
 /// What one replica of one generation runs on.
@@ -266,8 +260,9 @@ pub struct ReplicaRun {
     pub query_id: String,
     /// With two stages: the second's.
     pub stages: Option<Stages>,
-    /// In a keyed generation: the state it takes over and its peers.
-    pub keyed: Option<Keyed>,
+    /// In a generation that keeps state on several replicas (two stages,
+    /// or keyed): what its stateful stage takes over.
+    pub handed: Option<Handed>,
 }
 
 /// Where replica `i` of generation `g` keeps its logs.
@@ -295,37 +290,32 @@ impl ReplicaRun {
                 scope: String::new(),
                 query_id: query_id.to_owned(),
                 stages: None,
-                keyed: None,
+                handed: None,
             };
         }
         let (g, i) = (assignment.generation, replica.index);
         let location = replica_location(root, g, i);
-        let peers: Vec<String> = (0..assignment.replicas)
-            .map(|j| replica_location(root, g, j))
-            .collect();
-        let seeds: Vec<(usize, StateAt)> = assignment
-            .state
-            .iter()
-            .enumerate()
-            .filter(|(p, _)| replica.owns(topic, *p as i32))
-            .filter_map(|(p, at)| at.clone().map(|at| (p, at)))
-            .collect();
         let stages = assignment.stages.then(|| Stages {
             merge: format!("{location}/merge"),
-            writers: peers.clone(),
-            seeds: seeds.clone(),
-            watermark_ms: assignment.watermark_ms,
         });
-        let keyed = assignment.keyed.then_some(Keyed {
-            peers,
-            seeds,
+        let handed = (assignment.stages || assignment.keyed).then(|| Handed {
+            peers: (0..assignment.replicas)
+                .map(|j| replica_location(root, g, j))
+                .collect(),
+            seeds: assignment
+                .state
+                .iter()
+                .enumerate()
+                .filter(|(p, _)| replica.owns(topic, *p as i32))
+                .filter_map(|(p, at)| at.clone().map(|at| (p, at)))
+                .collect(),
             watermark_ms: assignment.watermark_ms,
         });
         Self {
             replica,
             generation: g,
             stages,
-            keyed,
+            handed,
             location,
             starts: assignment
                 .starts

@@ -722,7 +722,16 @@ impl Runner {
         )
         .await?;
         let stages = run.and_then(|r| r.stages.as_ref());
-        let keyed = run.and_then(|r| r.keyed.as_ref());
+        // What the stage that keeps the state (the second of two, or the
+        // one stage of a keyed generation) takes over.
+        let stateful_stage = if stages.is_some() {
+            Stage::Merge
+        } else {
+            Stage::Whole
+        };
+        let handed = run
+            .and_then(|r| r.handed.as_ref())
+            .filter(|_| stage == stateful_stage);
         if let Some(run) = run.filter(|r| r.replica.count > 1) {
             scale_out(query, &plan, run.replica.count)?;
         }
@@ -754,13 +763,12 @@ impl Runner {
             }
             _ => sink::build(&spec.sink, spec.output_mode)?,
         };
-        let mut feed = None;
+        if stage == Stage::Merge && handed.is_none() {
+            return Err(Error::Plan(
+                "the second stage runs only as a replica of a two-stage generation".into(),
+            ));
+        }
         if stage == Stage::Merge {
-            let stages = stages.ok_or_else(|| {
-                Error::Plan(
-                    "the second stage runs only as a replica of a two-stage generation".into(),
-                )
-            })?;
             let schema = shuffle::shuffle_schema(&plan)?;
             sources = vec![SourceState {
                 source: Box::new(shuffle::source(query, mode, schema)?),
@@ -768,21 +776,19 @@ impl Runner {
                 dead_letter: None,
             }];
             sources[0].offset = sources[0].source.initial_offset();
-            feed = Some(WatermarkFeed::new(
-                &stages.writers,
-                declarations(query)?,
-                started.timestamp_millis(),
-            )?);
         }
-        if let (Stage::Whole, Some(keyed)) = (stage, keyed) {
-            // A keyed generation's watermark: the minimum over its
-            // replicas (this one's own rows included, from its commits).
-            feed = Some(WatermarkFeed::new(
-                &keyed.peers,
-                declarations(query)?,
-                started.timestamp_millis(),
-            )?);
-        }
+        // The watermark of a stage that keeps state on several replicas:
+        // the minimum over the generation's (first-stage) replicas, this
+        // one's own rows included (from its commits) in a keyed generation.
+        let feed = handed
+            .map(|handed| {
+                WatermarkFeed::new(
+                    &handed.peers,
+                    declarations(query)?,
+                    started.timestamp_millis(),
+                )
+            })
+            .transpose()?;
         if let Some(run) = run.filter(|r| r.replica.count > 1) {
             for state in sources.iter_mut() {
                 state.source.set_slice(run.replica)?;
@@ -845,16 +851,11 @@ impl Runner {
                 replay = recovery.replay.is_some(),
                 "Recovered from the checkpoint."
             );
-            let handed = match (stage, stages, keyed) {
-                (Stage::Merge, Some(stages), _) => Some((&stages.seeds, stages.watermark_ms)),
-                (Stage::Whole, _, Some(keyed)) => Some((&keyed.seeds, keyed.watermark_ms)),
-                _ => None,
-            };
-            if let (Some((handed_seeds, watermark_ms)), None) = (handed, &recovery.committed) {
+            if let (Some(handed), None) = (handed, &recovery.committed) {
                 // A replica's first commit is still to come: its state
                 // partitions are where the previous generation left them,
                 // and so is the watermark.
-                for (p, at) in handed_seeds {
+                for (p, at) in &handed.seeds {
                     seeds.push(crate::state::Seed {
                         partition: *p,
                         storage: Checkpoint::open(&at.location)?.storage().clone(),
@@ -864,8 +865,8 @@ impl Runner {
                         },
                     });
                 }
-                last_eviction = Some(watermark_ms);
-                tracker.set_global(watermark_ms);
+                last_eviction = Some(handed.watermark_ms);
+                tracker.set_global(handed.watermark_ms);
             }
             if recovery.committed.is_none() && recovery.replay.is_none() {
                 // A new query: where each source starts is decided once and

@@ -655,11 +655,13 @@ impl KafkaSource {
         if bad.is_empty() {
             return Ok((batch.clone(), good));
         }
-        let kept: Vec<u32> = kept_rows.iter().map(|row| good[*row as usize]).collect();
+        let kept = kept_rows
+            .iter()
+            .map(|row| good[*row as usize] as usize)
+            .collect();
         let batch = take_record_batch(batch, &UInt32Array::from(kept_rows))
             .map_err(|e| Error::State(e.to_string()))?;
-        let kept_usize: Vec<usize> = kept.iter().map(|i| *i as usize).collect();
-        let (_, kept) = self.set_aside(records, kept_usize, bad, None)?;
+        let (_, kept) = self.set_aside(records, kept, bad, None)?;
         Ok((batch, kept))
     }
 
