@@ -15,7 +15,12 @@ move between replicas at each rescale:
    single replica is SIGKILLed and restarted in between, and replica 0 of a
    new generation is SIGKILLed in the middle of its hand-over;
 3. zombies: the new replicas start while the old ones still run; the old
-   ones must stop by themselves, fenced, having written nothing more.
+   ones must stop by themselves, fenced, having written nothing more;
+4. lagging (windowed and keyed): before the 3 -> 2 rescale one replica is
+   paused (SIGSTOP) for 20 s, 30 s of event time behind the others, while
+   the producer goes on writing: each new replica gains partitions that
+   stand far apart in event time and reads them in proportion to their
+   backlogs; the records of the lagging ones must not be dropped as late.
 
 Each time, the output topic (read_committed) holds exactly the rows one
 replica writes from the same topic (a one-replica availableNow run on a new
@@ -27,8 +32,10 @@ version needs is deleted (their fences kept). The windowed query runs twice: ove
 by user with the default (librdkafka) partitioner, in two stages through
 the repartition topic, and over a topic a murmur2 producer keyed by user
 with `keyedBy: user_id` (`--kind keyed`), in one stage, no repartition
-topic. Also: SELECT DISTINCT on 2 replicas is refused, naming spec.query,
-and accepted over a keyed topic.
+topic. A SELECT DISTINCT (by user and amount band, `--kind distinct`) runs
+in two stages as the GROUP BY does, rescaled gracefully and with SIGKILLs.
+Also: session windows on 2 replicas are refused, naming spec.query, over
+a topic not keyed, and accepted over a keyed one.
 """
 
 import argparse
@@ -60,17 +67,24 @@ WINDOWED = """SELECT window_start, window_end, user_id,
     FROM hop(transactions, event_time, INTERVAL '10' SECOND, INTERVAL '20' SECOND)
     GROUP BY window_start, window_end, user_id
     HAVING count(*) >= 2"""
+# A deduplication by user and amount band, not by the input's key:
+# repartitioned by key through the query's internal topic, as GROUP BY is.
+DISTINCT = """SELECT DISTINCT user_id, CAST(floor(amount / 25) AS BIGINT) AS band
+    FROM transactions"""
 EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def spec(env, name, source_topic, sink_topic, extra="", kind="stateless"):
+def spec(env, name, source_topic, sink_topic, extra="", kind="stateless", per_trigger=2000):
     if kind == "windowed":
-        return env.spec(name, env.kafka_source(source_topic, 2000), env.kafka_sink(sink_topic),
+        return env.spec(name, env.kafka_source(source_topic, per_trigger), env.kafka_sink(sink_topic),
                         extra, query=WINDOWED, watermark="{column: event_time, delay: 5s}")
+    if kind == "distinct":
+        return env.spec(name, env.kafka_source(source_topic, per_trigger), env.kafka_sink(sink_topic),
+                        extra, query=DISTINCT, watermark=None)
     if kind == "keyed":
         # The topic is keyed by user (murmur2, as the Java client): no
         # repartition topic; state partition p is topic partition p.
-        source = env.kafka_source(source_topic, 2000)[:-1] + ", keyedBy: user_id}"
+        source = env.kafka_source(source_topic, per_trigger)[:-1] + ", keyedBy: user_id}"
         path = env.spec(name, source, env.kafka_sink(sink_topic), extra, query=WINDOWED,
                         watermark="{column: event_time, delay: 5s}")
         with open(path) as f:
@@ -78,7 +92,7 @@ def spec(env, name, source_topic, sink_topic, extra="", kind="stateless"):
         with open(path, "w") as f:
             f.write(text)
         return path
-    return env.spec(name, env.kafka_source(source_topic, 2000), env.kafka_sink(sink_topic),
+    return env.spec(name, env.kafka_source(source_topic, per_trigger), env.kafka_sink(sink_topic),
                     extra, query=QUERY, watermark=None)
 
 
@@ -256,7 +270,9 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
     source, sink = f"{name}-in", f"{name}-out"
     env.topic(source, PARTITIONS)
     env.topic(sink, 3)
-    path = spec(env, name, source, sink, kind=kind)
+    # Lagging: small batches, so that a new replica takes many to catch up
+    # a lagging partition while its peers run batches too.
+    path = spec(env, name, source, sink, kind=kind, per_trigger=300 if mode == "lagging" else 2000)
     # librdkafka's murmur2_random is the Java client's default partitioner.
     feed = Feed(env, source, total, rate, seed,
                 partitioner="murmur2_random" if kind == "keyed" else "consistent_random")
@@ -279,6 +295,17 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
             replicas.procs[0].send_signal(signal.SIGKILL)
             replicas.procs[0].wait()
             replicas.start(0, count)
+        elif mode == "lagging":
+            # One replica paused until it is far more than the watermark's
+            # delay behind the others, then all rescaled: each new replica
+            # gains partitions that stand at event times far apart.
+            if len(replicas.procs) > 1:
+                laggard = replicas.procs[1]
+                laggard.send_signal(signal.SIGSTOP)
+                time.sleep(20)
+                laggard.send_signal(signal.SIGCONT)
+            replicas.stop_all(signal.SIGTERM)
+            replicas.start_all(count)
         else:  # zombies
             replicas.retire()
             replicas.start_all(count)
@@ -321,10 +348,13 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
     if kind == "stateless":
         compare(actual, feed.expected, f"{mode}: the output of 1 -> 3 -> 2 replicas", where="Kafka")
     compare(actual, one, f"{kind} {mode}: against one replica", where="Kafka")
-    if kind == "keyed":
+    if kind != "stateless":
         assignments = path.replace(".yaml", "-checkpoint/assignments")
         with open(os.path.join(assignments, max(os.listdir(assignments), key=int))) as f:
             newest = json.load(f)
+    if kind in ("windowed", "distinct") and not newest.get("stages"):
+        fail(f"{kind} {mode}: the newest generation does not run in two stages: {newest}")
+    if kind == "keyed":
         if not newest.get("keyed") or newest.get("stages"):
             fail(f"keyed {mode}: the newest generation is not keyed in one stage: {newest}")
         topics = Producer({"bootstrap.servers": env.bootstrap}).list_topics(timeout=10).topics
@@ -360,20 +390,26 @@ def more_replicas_than_partitions(env):
     ok(f"windowed, 3 replicas over 2 partitions (one reads nothing): {len(one)} rows, equal to one replica's")
 
 
-def distinct_refused(env):
-    path = env.spec("distinct", env.kafka_source("scale-graceful-in"), env.kafka_sink("distinct-out"),
-                    "  replicas: 2\n", query="SELECT DISTINCT user_id FROM transactions")
+def sessions_refused(env):
+    """Session windows on 2 replicas: refused over a topic not keyed by the
+    session's key, accepted over one keyed with keyedBy."""
+    sessions = ("SELECT window_start, window_end, user_id, count(*) AS n "
+                "FROM session(transactions, event_time, INTERVAL '5' SECOND) "
+                "GROUP BY window_start, window_end, user_id")
+    path = env.spec("sessions", env.kafka_source("scale-graceful-in"), env.kafka_sink("sessions-out"),
+                    "  replicas: 2\n", query=sessions, watermark="{column: event_time, delay: 5s}")
     out = subprocess.run([env.sluice, "validate", path], capture_output=True, text=True)
     if out.returncode == 0 or "spec.query" not in out.stderr or "not built" not in out.stderr:
-        fail(f"SELECT DISTINCT on 2 replicas was not refused naming spec.query: {out.stderr}")
-    ok("SELECT DISTINCT on 2 replicas is refused: " + out.stderr.strip().splitlines()[-1].strip())
+        fail(f"session windows on 2 replicas were not refused naming spec.query: {out.stderr}")
+    ok("session windows on 2 replicas over a topic not keyed are refused: "
+       + out.stderr.strip().splitlines()[-1].strip())
     keyed = env.kafka_source("scale-graceful-in")[:-1] + ", keyedBy: user_id}"
-    path = env.spec("distinct-keyed", keyed, env.kafka_sink("distinct-out"),
-                    "  replicas: 2\n", query="SELECT DISTINCT user_id FROM transactions")
+    path = env.spec("sessions-keyed", keyed, env.kafka_sink("sessions-out"),
+                    "  replicas: 2\n", query=sessions, watermark="{column: event_time, delay: 5s}")
     out = subprocess.run([env.sluice, "validate", path], capture_output=True, text=True)
     if out.returncode != 0:
-        fail(f"SELECT DISTINCT over a keyed topic on 2 replicas was refused: {out.stderr}")
-    ok("SELECT DISTINCT over a keyed topic (keyedBy) on 2 replicas is accepted")
+        fail(f"session windows over a keyed topic (keyedBy) on 2 replicas were refused: {out.stderr}")
+    ok("session windows over a keyed topic (keyedBy) on 2 replicas are accepted")
 
 
 def main():
@@ -384,21 +420,29 @@ def main():
     parser.add_argument("--work", required=True)
     parser.add_argument("--records", type=int, default=60000)
     parser.add_argument("--rate", type=int, default=1500)
-    parser.add_argument("--only", choices=["graceful", "killed", "zombies"])
-    parser.add_argument("--kind", choices=["stateless", "windowed", "keyed"])
+    parser.add_argument("--only", choices=["graceful", "killed", "zombies", "lagging"])
+    parser.add_argument("--kind", choices=["stateless", "windowed", "keyed", "distinct"])
     args = parser.parse_args()
     env = Env(args)
-    prefixes = {"stateless": "scale", "windowed": "keyed", "keyed": "bykey"}
-    for kind in ("stateless", "windowed", "keyed"):
+    prefixes = {"stateless": "scale", "windowed": "keyed", "keyed": "bykey", "distinct": "dedup"}
+    for kind in ("stateless", "windowed", "keyed", "distinct"):
         if args.kind not in (None, kind):
             continue
-        for seed, mode in enumerate(("graceful", "killed", "zombies")):
+        for seed, mode in enumerate(("graceful", "killed", "zombies", "lagging")):
+            if mode == "lagging" and kind in ("stateless", "distinct"):
+                continue  # no watermark: nothing can be late
+            if mode == "zombies" and kind == "distinct":
+                continue  # its two stages are fenced as the windowed query's
             if args.only in (None, mode):
                 name = f"{prefixes[kind]}-{mode}"
-                scenario(env, name, mode, args.records, args.rate, seed, kind=kind)
+                # Lagging: the producer still writes well after the last
+                # rescale, so that the new replicas read their partitions
+                # in proportion to backlogs that stand far apart.
+                total = args.records * 2 if mode == "lagging" else args.records
+                scenario(env, name, mode, total, args.rate, seed, kind=kind)
     if args.kind in (None, "windowed") and args.only is None:
         more_replicas_than_partitions(env)
-    distinct_refused(env)
+    sessions_refused(env)
 
 
 if __name__ == "__main__":

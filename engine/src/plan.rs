@@ -290,17 +290,11 @@ impl QueryPlan {
     /// Why this query cannot run in two stages on several replicas, if it
     /// cannot (the field to blame and the reason).
     pub fn two_stages_refused(&self) -> Option<(&'static str, String)> {
-        let shape = self.aggregated?;
-        if shape.deduplicates {
-            return Some((
-                "spec.query",
-                "SELECT DISTINCT on several replicas is not built yet (only GROUP BY aggregations are repartitioned by key): run it on 1 replica".into(),
-            ));
-        }
+        self.aggregated?;
         if self.windows.iter().any(|w| w.function.session) {
             return Some((
                 "spec.query",
-                "session windows on several replicas are not built yet (only GROUP BY over tumbling and hopping windows, or none, is repartitioned by key): run it on 1 replica".into(),
+                "session windows on several replicas are not built yet over an input that is not keyed by the session's key (GROUP BY over tumbling and hopping windows, or none, and SELECT DISTINCT are repartitioned by key; a topic keyed with keyedBy runs sessions on several replicas): run it on 1 replica".into(),
             ));
         }
         if self.output_mode == OutputMode::Complete {
@@ -339,8 +333,17 @@ impl QueryPlan {
             crate::operators::find_phases(&physical).map_err(|e| Error::Plan(e.to_string()))?;
         let window_start = phases.group_position(WINDOW_START);
         let window_end = phases.group_position(WINDOW_END);
-        let codec = crate::operators::aggregate::codec_of(&phases);
-        let evicts = self.aggregated.is_some_and(|a| a.windowed_with_watermark);
+        let deduplicates = self.aggregated.is_some_and(|a| a.deduplicates);
+        let codec = if deduplicates {
+            crate::operators::dedup::codec_of(&phases, self.dedup_event_time)
+        } else {
+            crate::operators::aggregate::codec_of(&phases)
+        };
+        // A deduplication judges late rows by its event time itself, in
+        // the second stage as in the whole query.
+        let evicts = self
+            .aggregated
+            .is_some_and(|a| a.windowed_with_watermark && !a.deduplicates);
         self.late_after = match (window_start, window_end) {
             (Some(window_start), Some(window_end)) if evicts => Some(crate::operators::LateAfter {
                 window_start,
@@ -486,7 +489,7 @@ impl QueryPlan {
         let committed = stateful.store().committed();
         // Spark's operator names.
         let name = if self.aggregated.is_some_and(|a| a.deduplicates) {
-            "dedupe"
+            DEDUPE
         } else if self.windows.iter().any(|w| w.function.session) {
             "sessionWindowStateStoreSaveExec"
         } else {
@@ -607,10 +610,11 @@ impl QueryPlan {
     }
 }
 
-/// The progress name of a `GROUP BY`'s state (Spark's): the one stateful
-/// operator that runs on several replicas (the operator's autoscaler reads
-/// it; see [`QueryPlan::two_stages_refused`]).
+/// The progress name of a `GROUP BY`'s state (Spark's).
 pub const STATE_STORE_SAVE: &str = "stateStoreSave";
+
+/// The progress name of a `SELECT DISTINCT`'s state (Spark's).
+pub const DEDUPE: &str = "dedupe";
 
 /// Set to `off` to keep a hop window's state per window, not per pane (for
 /// comparisons: both give the same results).
@@ -1382,6 +1386,10 @@ mod tests {
                 "SELECT k, count(*) AS n, max(v) AS hi FROM events GROUP BY k",
                 OutputMode::Update,
             ),
+            // Deduplication: by the other columns, and with the event time
+            // among the columns (late rows dropped, old ones forgotten).
+            ("SELECT DISTINCT k FROM events", OutputMode::Append),
+            ("SELECT DISTINCT ts, k FROM events", OutputMode::Append),
         ] {
             let batches = seeded_events(&events, 7, (10, 300), 100_000, (23, 50));
             let watermarks = [Some("ts".to_owned())];
@@ -1471,7 +1479,9 @@ mod tests {
                     .sum::<u64>();
             }
             assert!(total > 20, "{sql}: {total} rows written");
-            if mode == OutputMode::Append {
+            // Every case but the deduplication without an event time drops
+            // some.
+            if mode == OutputMode::Append && sql != "SELECT DISTINCT k FROM events" {
                 assert!(dropped > 0, "{sql}: late rows were dropped");
             }
         }

@@ -130,9 +130,28 @@ struct ReadAhead {
     reads: Vec<SourceRead>,
 }
 
-/// What one source read for a batch: its rows, and the malformed records it
-/// set aside.
-type SourceRead = (Vec<RecordBatch>, Vec<crate::source::BadRecord>);
+/// What one source read for a batch.
+struct SourceRead {
+    batches: Vec<RecordBatch>,
+    /// The malformed records it set aside.
+    bad: Vec<crate::source::BadRecord>,
+    /// Which partition each row came from (Kafka).
+    partitions: Option<crate::source::RowPartitions>,
+}
+
+impl SourceRead {
+    /// Reads `range` from `source`.
+    async fn from(source: &mut dyn Source, range: &BatchRange) -> Result<Self> {
+        let batches = source.read(range).await;
+        let bad = source.take_bad_records();
+        let partitions = source.take_row_partitions();
+        Ok(Self {
+            batches: batches?,
+            bad,
+            partitions,
+        })
+    }
+}
 
 /// Plans and reads the batch after the one whose ranges end at `starts`
 /// (see the module's documentation). `None` when no source has new data or
@@ -153,10 +172,9 @@ async fn read_ahead(sources: &mut [SourceState], starts: Vec<Value>) -> Option<R
     }
     let mut reads = Vec::with_capacity(sources.len());
     for (state, range) in sources.iter_mut().zip(&ranges) {
-        match state.source.read(range).await {
-            Ok(batches) => reads.push((batches, state.source.take_bad_records())),
+        match SourceRead::from(state.source.as_mut(), range).await {
+            Ok(read) => reads.push(read),
             Err(err) => {
-                let _ = state.source.take_bad_records();
                 debug!(error = %err, "Reading ahead failed: the next batch reads again.");
                 return None;
             }
@@ -226,6 +244,10 @@ pub struct Runner {
     feed: Option<WatermarkFeed>,
     /// A two-stage query's stages: what the second tells the first.
     link: Option<Link>,
+    /// A replica of a generation: a source's own watermark does not pass a
+    /// partition a batch left records of unread (see
+    /// [`crate::watermark::Tracker::observe`]).
+    hold_for_partitions: bool,
 }
 
 /// Set to `off` not to read the next batch ahead (for comparisons: the
@@ -940,6 +962,7 @@ impl Runner {
             joined: None,
             feed,
             link: None,
+            hold_for_partitions: run.is_some(),
         })
     }
 
@@ -1241,7 +1264,9 @@ impl Runner {
                     start: offsets.start.clone(),
                     end: offsets.end.clone(),
                     detail: offsets.detail.clone(),
-                    latest: offsets.end.clone(),
+                    // Not known: the read counts every partition as left
+                    // behind (see `Source::take_row_partitions`).
+                    latest: Value::Null,
                     rows: 0,
                     records_behind_latest: 0,
                     metrics: Default::default(),
@@ -1275,12 +1300,13 @@ impl Runner {
         let mut event_stats = EventTimeStats::default();
         let mut read = reads.this.map(Vec::into_iter);
         for (i, (state, range)) in self.sources.iter_mut().zip(&ranges).enumerate() {
-            let (batches, bad) = match read.as_mut().and_then(Iterator::next) {
+            let SourceRead {
+                batches,
+                bad,
+                partitions,
+            } = match read.as_mut().and_then(Iterator::next) {
                 Some(ahead) => ahead,
-                None => {
-                    let batches = state.source.read(range).await?;
-                    (batches, state.source.take_bad_records())
-                }
+                None => SourceRead::from(state.source.as_mut(), range).await?,
             };
             rows_read.push(batches.iter().map(|b| b.num_rows() as u64).sum::<u64>());
             if let (Some(dead), false) = (&mut state.dead_letter, bad.is_empty()) {
@@ -1288,11 +1314,15 @@ impl Runner {
                 warn!(source = state.source.name(), batch_id, records = bad.len(), to = %to, "Set malformed records aside.");
             }
             dead_letters.push(bad.len() as u64);
-            let seen = self
-                .tracker
-                .declaration(i)
-                .and_then(|declared| event_stats.add(&declared.column, &batches));
-            max_events.push(seen);
+            let declared = self.tracker.declaration(i);
+            let seen = declared.and_then(|declared| event_stats.add(&declared.column, &batches));
+            let held = match (declared, &partitions) {
+                (Some(declared), Some(partitions)) if self.hold_for_partitions => {
+                    crate::watermark::behind_partitions_max(&declared.column, &batches, partitions)
+                }
+                _ => None,
+            };
+            max_events.push((seen, held));
             inputs.push(batches);
         }
         let get_batch_ms = read_start.elapsed().as_millis() as u64;
@@ -1354,8 +1384,8 @@ impl Runner {
             self.plan.commit_state(batch_id).await?;
             fault::point("state", batch_id);
             let now_ms = timestamp.timestamp_millis();
-            for (i, (rows, max)) in rows_read.iter().zip(&max_events).enumerate() {
-                self.tracker.observe(i, *rows, *max, now_ms);
+            for (i, (rows, (max, held))) in rows_read.iter().zip(&max_events).enumerate() {
+                self.tracker.observe(i, *rows, *max, *held, now_ms);
             }
             if let (Some(store), Some(fence)) = (&self.checkpoint, &self.fence) {
                 fence.check().await?;
@@ -1415,7 +1445,11 @@ impl Runner {
                     range.start.clone()
                 },
                 end_offset: range.end.clone(),
-                latest_offset: range.latest.clone(),
+                latest_offset: if range.latest.is_null() {
+                    range.end.clone()
+                } else {
+                    range.latest.clone()
+                },
                 num_input_rows: rows,
                 input_rows_per_second: per_second(rows, arrival_window),
                 processed_rows_per_second: per_second(rows, elapsed),

@@ -21,10 +21,28 @@
 //! - A batch with no new data runs when the global watermark has moved past
 //!   the last batch's eviction watermark and the query has state the
 //!   watermark evicts (decided by the plan).
+//!
+//! One rule is Sluice's own, for the replicas of a scaled-out query (whose
+//! watermark is already the minimum over the replicas, which Spark has no
+//! need of): a source's own watermark does not pass a Kafka partition that
+//! the batch left records of unread (its per-batch limit cut it short).
+//! A rescale hands each new replica partitions whose old owners stood at
+//! different event times; reading them in proportion to their backlog,
+//! the largest event time read would run ahead of the lagging partitions'
+//! unread records, which would then be late, rows a one-replica run keeps.
+//! Held at the lagging partition until it is read up to where it was
+//! planned, the watermark drops only what one replica drops. A partition
+//! read to its latest offset holds nothing (Spark's rule again), so an
+//! idle partition never stalls the watermark, as it would under Flink's
+//! per-split minimum.
 
 use std::collections::BTreeMap;
 
+use datafusion::arrow::array::{Array, TimestampMicrosecondArray};
+use datafusion::arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
+
+use crate::source::RowPartitions;
 
 /// A source's watermark declaration.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,8 +146,17 @@ impl Tracker {
 
     /// After a batch planned at `now_ms`: source `i` produced rows whose
     /// largest event time was `max_event_micros` (`None`: no rows, or all
-    /// null).
-    pub fn observe(&mut self, i: usize, rows: u64, max_event_micros: Option<i64>, now_ms: i64) {
+    /// null); `held_micros`, the smallest largest event time over the
+    /// partitions it left records of unread (see the module's
+    /// documentation), holds the source's watermark below it.
+    pub fn observe(
+        &mut self,
+        i: usize,
+        rows: u64,
+        max_event_micros: Option<i64>,
+        held_micros: Option<i64>,
+        now_ms: i64,
+    ) {
         let Some((name, Some(declared))) = self.sources.get(i) else {
             return;
         };
@@ -140,7 +167,10 @@ impl Tracker {
         if let Some(max) = max_event_micros {
             // NB: as Spark, the max event time in whole milliseconds
             // (truncated toward zero) before the delay.
-            let own = (max / 1000).saturating_sub(declared.delay_ms);
+            let mut own = (max / 1000).saturating_sub(declared.delay_ms);
+            if let Some(held) = held_micros {
+                own = own.min((held / 1000).saturating_sub(declared.delay_ms));
+            }
             entry.watermark_ms = Some(entry.watermark_ms.map_or(own, |w| w.max(own)));
         }
     }
@@ -185,6 +215,40 @@ impl Tracker {
     }
 }
 
+/// Over the partitions `partitions` marks behind, the smallest of the
+/// largest event time (`column`) each had in `batches` (its rows, in
+/// order, as `partitions.rows` says); `None` when none is behind.
+pub fn behind_partitions_max(
+    column: &str,
+    batches: &[RecordBatch],
+    partitions: &RowPartitions,
+) -> Option<i64> {
+    if !partitions.partitions.iter().any(|p| p.behind) {
+        return None;
+    }
+    let mut largest: Vec<Option<i64>> = vec![None; partitions.partitions.len()];
+    let mut row = 0;
+    for batch in batches {
+        let times = batch
+            .column_by_name(column)
+            .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>());
+        if let Some(times) = times {
+            let rows = partitions.rows.get(row..).unwrap_or_default();
+            for (value, &at) in times.iter().zip(rows) {
+                let slot = &mut largest[at as usize];
+                *slot = (*slot).max(value);
+            }
+        }
+        row += batch.num_rows();
+    }
+    partitions
+        .partitions
+        .iter()
+        .zip(largest)
+        .filter_map(|(p, max)| max.filter(|_| p.behind))
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,19 +272,81 @@ mod tests {
             0,
         );
         assert_eq!(t.global_at(0), None);
-        t.observe(0, 1, Some(10_999_999), 0);
+        t.observe(0, 1, Some(10_999_999), None, 0);
         // b has produced nothing yet: it holds the watermark (Spark: 0).
         assert_eq!(t.global_at(0), None);
-        t.observe(1, 1, Some(5_000_500), 0);
+        t.observe(1, 1, Some(5_000_500), None, 0);
         assert_eq!(t.global_at(0), Some(5_000));
         t.set_global(Some(5_000));
-        t.observe(1, 1, Some(20_000_000), 0);
+        t.observe(1, 1, Some(20_000_000), None, 0);
         // a: 10_999 ms - 1 s.
         assert_eq!(t.global_at(0), Some(9_999));
         // It never goes back, whatever a source says.
         t.set_global(Some(9_999));
-        t.observe(0, 1, Some(1_000), 0);
+        t.observe(0, 1, Some(1_000), None, 0);
         assert_eq!(t.global_at(0), Some(9_999));
+    }
+
+    #[test]
+    fn a_partition_left_behind_holds_its_source_s_watermark_until_read_up() {
+        let mut t = Tracker::new(vec![("a".into(), declared(1_000, None))], 0);
+        // The batch read another partition up to 20 s, and one it left
+        // records of unread up to 8 s: those records are not late.
+        t.observe(0, 1, Some(20_000_000), Some(8_000_000), 0);
+        assert_eq!(t.global_at(0), Some(7_000));
+        // Read up to where it was planned: Spark's rule, the largest.
+        t.observe(0, 1, Some(21_000_000), None, 0);
+        assert_eq!(t.global_at(0), Some(20_000));
+        // It never goes back.
+        t.observe(0, 1, Some(22_000_000), Some(9_000_000), 0);
+        assert_eq!(t.global_at(0), Some(20_000));
+    }
+
+    #[test]
+    fn the_hold_is_the_smallest_largest_event_time_over_partitions_left_behind() {
+        use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+
+        use crate::source::PartitionRead;
+        let batch = |times: Vec<Option<i64>>| {
+            RecordBatch::try_new(
+                std::sync::Arc::new(Schema::new(vec![Field::new(
+                    "ts",
+                    DataType::Timestamp(TimeUnit::Microsecond, None),
+                    true,
+                )])),
+                vec![std::sync::Arc::new(TimestampMicrosecondArray::from(times))],
+            )
+            .unwrap()
+        };
+        let read = |behind: [bool; 3]| RowPartitions {
+            partitions: behind
+                .iter()
+                .enumerate()
+                .map(|(i, &behind)| PartitionRead {
+                    name: format!("t/{i}"),
+                    behind,
+                })
+                .collect(),
+            // Rows of partitions 0, 1 and 2 interleaved, over two batches.
+            rows: vec![0, 1, 2, 0, 1, 2, 1],
+        };
+        let batches = [
+            batch(vec![Some(50), Some(10), Some(70), Some(60), None]),
+            batch(vec![Some(80), Some(30)]),
+        ];
+        // Partition 0's largest is 60, 1's 30, 2's 80.
+        assert_eq!(
+            behind_partitions_max("ts", &batches, &read([true, false, true])),
+            Some(60)
+        );
+        assert_eq!(
+            behind_partitions_max("ts", &batches, &read([true, true, true])),
+            Some(30)
+        );
+        assert_eq!(
+            behind_partitions_max("ts", &batches, &read([false, false, false])),
+            None
+        );
     }
 
     #[test]
@@ -232,7 +358,7 @@ mod tests {
             ],
             0,
         );
-        t.observe(0, 1, Some(7_000_000), 500);
+        t.observe(0, 1, Some(7_000_000), None, 500);
         assert_eq!(t.global_at(500), None);
         // quiet has had no rows since the run started at 0.
         assert_eq!(t.global_at(1_000), Some(7_000));

@@ -124,6 +124,8 @@ pub struct KafkaSource {
     purged_at: Option<Instant>,
     /// With `keyedBy`: the topic's keying, checked record by record.
     keyed: Option<Keyed>,
+    /// The partition of each row the last `read` returned.
+    row_partitions: Option<crate::source::RowPartitions>,
 }
 
 /// A topic keyed by a column (`keyedBy`): each record must be in the
@@ -277,6 +279,7 @@ impl KafkaSource {
                 state_partitions: None,
                 topic_partitions: None,
             }),
+            row_partitions: None,
         })
     }
 
@@ -821,6 +824,40 @@ fn rate_limit(start: &Offsets, latest: &Offsets, limit: u64) -> Offsets {
     end
 }
 
+/// The partition of each kept record (`good`, indices into `records`),
+/// each partition marked behind when `end` stops short of `latest` there
+/// (or `latest` is not known: a replayed batch).
+fn row_partitions(
+    records: &[Record],
+    good: &[u32],
+    end: &Offsets,
+    latest: &Value,
+) -> crate::source::RowPartitions {
+    let latest = offsets_from_json(latest);
+    let mut index: BTreeMap<(&str, i32), u32> = BTreeMap::new();
+    let mut out = crate::source::RowPartitions::default();
+    for &i in good {
+        let record = &records[i as usize];
+        let key = (record.topic.as_str(), record.partition);
+        let at = *index.entry(key).or_insert_with(|| {
+            let behind = match (&latest, end.get(key.0).and_then(|ps| ps.get(&key.1))) {
+                (Some(latest), Some(end)) => latest
+                    .get(key.0)
+                    .and_then(|ps| ps.get(&key.1))
+                    .is_none_or(|latest| latest > end),
+                _ => true,
+            };
+            out.partitions.push(crate::source::PartitionRead {
+                name: format!("{}/{}", key.0, key.1),
+                behind,
+            });
+            (out.partitions.len() - 1) as u32
+        });
+        out.rows.push(at);
+    }
+    out
+}
+
 fn start_error(source: &str, value: &Value) -> Error {
     Error::Offset {
         source_name: source.to_owned(),
@@ -970,6 +1007,7 @@ impl Source for KafkaSource {
     }
 
     async fn read(&mut self, range: &BatchRange) -> Result<Vec<RecordBatch>> {
+        self.row_partitions = None;
         let start =
             offsets_from_json(&range.start).ok_or_else(|| start_error(&self.name, &range.start))?;
         let end =
@@ -977,8 +1015,9 @@ impl Source for KafkaSource {
         let consumer = self.consumer().await?;
         let name = self.name.clone();
         let brokers = self.brokers.clone();
+        let ends = end.clone();
         let records =
-            blocking(move || read_range(&consumer, &start, &end, &name, &brokers)).await?;
+            blocking(move || read_range(&consumer, &start, &ends, &name, &brokers)).await?;
         if records.is_empty() {
             return Ok(Vec::new());
         }
@@ -1011,6 +1050,7 @@ impl Source for KafkaSource {
             columns,
         )
         .map_err(|e| Error::State(e.to_string()))?;
+        self.row_partitions = Some(row_partitions(&records, &good, &end, &range.latest));
         let kept = take_record_batch(&whole, &UInt32Array::from(good))
             .map_err(|e| Error::State(e.to_string()))?;
         let mut columns: Vec<ArrayRef> = declared.map(|b| b.columns().to_vec()).unwrap_or_default();
@@ -1040,6 +1080,10 @@ impl Source for KafkaSource {
             warn!(source = %self.name, error = %e, "Could not commit the batch's offsets to the consumer group (monitoring only).");
         }
         Ok(())
+    }
+
+    fn take_row_partitions(&mut self) -> Option<crate::source::RowPartitions> {
+        self.row_partitions.take()
     }
 
     fn take_bad_records(&mut self) -> Vec<BadRecord> {
@@ -1271,6 +1315,36 @@ mod tests {
         assert_eq!(rate_limit(&start, &latest, 10)["t"][&1], 1);
         // Under the limit: everything.
         assert_eq!(rate_limit(&start, &latest, 1_000_000), latest);
+    }
+
+    #[test]
+    fn each_row_is_named_with_its_partition_and_whether_the_batch_left_some_behind() {
+        let record = |partition, offset| Record {
+            key: None,
+            value: None,
+            topic: "t".into(),
+            partition,
+            offset,
+            timestamp_ms: None,
+            headers: Vec::new(),
+        };
+        let records = [record(1, 5), record(0, 7), record(1, 6), record(2, 3)];
+        let end = offsets(&[(0, 8), (1, 7), (2, 4)]);
+        // Partition 1 was planned short of its latest offset; record 3
+        // (partition 2) was set aside.
+        let latest = offsets_json(&offsets(&[(0, 8), (1, 50), (2, 4)]));
+        let read = row_partitions(&records, &[0, 1, 2], &end, &latest);
+        let named: Vec<_> = read
+            .partitions
+            .iter()
+            .map(|p| (p.name.as_str(), p.behind))
+            .collect();
+        assert_eq!(named, [("t/1", true), ("t/0", false)]);
+        assert_eq!(read.rows, [0, 1, 0]);
+        // A replayed batch does not know the latest offsets: all behind.
+        let replayed = row_partitions(&records, &[0, 1, 3], &end, &Value::Null);
+        assert!(replayed.partitions.iter().all(|p| p.behind));
+        assert_eq!(replayed.rows, [0, 1, 2]);
     }
 
     #[test]

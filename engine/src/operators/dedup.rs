@@ -26,12 +26,7 @@ impl Deduplicate {
     /// The deduplication of `phases` (a `GROUP BY` of every column), whose
     /// column `event_time` carries a watermark; returns it and its codec.
     pub fn new(phases: &Phases, event_time: Option<usize>) -> (Self, Codec) {
-        let codec = Codec::new(
-            phases.state_schema(),
-            phases.groups(),
-            &event_time.into_iter().collect::<Vec<_>>(),
-            event_time.map(|col| (col, TimeAt::Prefix)),
-        );
+        let codec = codec_of(phases, event_time);
         (
             Deduplicate {
                 event_time,
@@ -40,6 +35,18 @@ impl Deduplicate {
             codec,
         )
     }
+}
+
+/// The codec of a deduplication's state: keys start with the event time
+/// (when one of the columns is), and the partition is the hash of the
+/// other columns. The repartition topic's partitioner is this codec too.
+pub fn codec_of(phases: &Phases, event_time: Option<usize>) -> Codec {
+    Codec::new(
+        phases.state_schema(),
+        phases.groups(),
+        &event_time.into_iter().collect::<Vec<_>>(),
+        event_time.map(|col| (col, TimeAt::Prefix)),
+    )
 }
 
 #[async_trait]

@@ -16,7 +16,7 @@
 
 pub mod aggregate;
 pub mod codec;
-mod dedup;
+pub mod dedup;
 mod session;
 
 use std::sync::Arc;

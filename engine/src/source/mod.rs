@@ -157,6 +157,34 @@ pub trait Source: Send + Sync {
     fn take_bad_records(&mut self) -> Vec<BadRecord> {
         Vec::new()
     }
+    /// Which partition each row of the last `read` came from, for a source
+    /// whose partitions a batch may read at different paces (Kafka, with
+    /// `maxOffsetsPerTrigger`); `None` for others.
+    fn take_row_partitions(&mut self) -> Option<RowPartitions> {
+        None
+    }
+}
+
+/// Which partition each row a `read` returned came from (see
+/// [`Source::take_row_partitions`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowPartitions {
+    /// The partitions the read took rows from.
+    pub partitions: Vec<PartitionRead>,
+    /// Per row, in order over the batches `read` returned: its partition,
+    /// an index into `partitions`.
+    pub rows: Vec<u32>,
+}
+
+/// One partition a `read` took rows from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionRead {
+    /// Its name (`topic/partition`).
+    pub name: String,
+    /// Whether the batch left records of it unread: its end is short of
+    /// the latest offset when the batch was planned (a per-batch limit), or
+    /// that is not known (a batch replayed after a restart).
+    pub behind: bool,
 }
 
 /// Builds the source a spec describes.

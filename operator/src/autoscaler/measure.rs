@@ -29,10 +29,9 @@ pub struct Measured {
     /// the work. 0 when no report names them.
     pub partitions: u32,
     /// Whether the query runs on one replica only: a report names a
-    /// stateful operator other than a `GROUP BY`'s (`stateStoreSave`, which
-    /// is repartitioned by key over the replicas): `SELECT DISTINCT`
-    /// (`dedupe`) or session windows. `None` while no replica has reported
-    /// a batch: not known yet.
+    /// stateful operator other than those repartitioned by key over the
+    /// replicas ([`REPARTITIONED`]): session windows. `None` while no
+    /// replica has reported a batch: not known yet.
     pub stateful: Option<bool>,
     /// The fixed part of a batch's time fitted in this window (the
     /// smallest over the replicas), in milliseconds.
@@ -54,9 +53,10 @@ fn in_window(
         .collect()
 }
 
-/// The progress name of the one stateful operator that runs on several
-/// replicas: a `GROUP BY` (Spark's name for its state).
-pub const REPARTITIONED: &str = "stateStoreSave";
+/// The progress names of the stateful operators that run on several
+/// replicas (repartitioned by key): a `GROUP BY`'s and a `SELECT
+/// DISTINCT`'s (Spark's names for their state).
+pub const REPARTITIONED: [&str; 2] = ["stateStoreSave", "dedupe"];
 
 /// Measures `replicas` (each replica's recent reports, oldest first) over
 /// the `window` before `now`. A replica's true rate counts the time its
@@ -84,7 +84,7 @@ pub fn measure(
         let pinned = last
             .state_operators
             .iter()
-            .any(|op| op.operator_name != REPARTITIONED);
+            .any(|op| !REPARTITIONED.contains(&op.operator_name.as_str()));
         stateful = Some(stateful.unwrap_or(false) || pinned);
         seen.lag += behind(last) as f64;
         partitions.extend(topic_partitions(last));
@@ -240,6 +240,7 @@ fn topic_partitions(report: &QueryProgress) -> Vec<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use sluice_crds::progress::StateOperatorProgress;
 
     /// A report of a batch that started `at` seconds after 10:00, read
     /// `rows` in `busy_ms` and left `behind` records behind, on `partitions`
@@ -270,6 +271,31 @@ mod tests {
         ))
         .unwrap()
         .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn only_a_state_that_is_not_repartitioned_holds_the_query_on_one_replica() {
+        let with = |operator: &str| {
+            let mut r = report(10, 100, 50, 0, &[0]);
+            r.state_operators = vec![StateOperatorProgress {
+                operator_name: operator.into(),
+                num_rows_total: 1,
+                num_rows_updated: 1,
+                num_rows_removed: 0,
+                num_rows_dropped_by_watermark: 0,
+                memory_used_bytes: 0,
+                commit_time_ms: 0,
+                custom_metrics: Default::default(),
+            }];
+            measure(&[vec![r]], Duration::from_secs(30), at(20), None).stateful
+        };
+        assert_eq!(with("stateStoreSave"), Some(false));
+        assert_eq!(with("dedupe"), Some(false));
+        assert_eq!(with("sessionWindowStateStoreSaveExec"), Some(true));
+        assert_eq!(
+            measure(&[Vec::new()], Duration::from_secs(30), at(20), None).stateful,
+            None
+        );
     }
 
     #[test]
