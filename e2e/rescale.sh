@@ -3,12 +3,12 @@
 # (e2e/kafka/lib.sh; cached under ~/.cache/sluice/kafka): a stateless
 # Kafka -> Kafka query, then a windowed GROUP BY keyed by user (in two
 # stages through its repartition topic), then the same over a topic keyed
-# by user (`keyedBy`, in one stage), then a SELECT DISTINCT (two stages),
-# rescaled 1 -> 3 -> 2 replicas
+# by user (`keyedBy`, in one stage), then a SELECT DISTINCT and session
+# windows (two stages), rescaled 1 -> 3 -> 2 replicas
 # while a producer writes, gracefully, with SIGKILLs, with zombies of the
 # older generation, and (stateful) with one replica far behind the others
 # at the last rescale; the output equals one replica's, each row once.
-# `--kind stateless|windowed|keyed|distinct` and
+# `--kind stateless|windowed|keyed|distinct|sessions` and
 # `--only graceful|killed|zombies|lagging` run a part. The checks are in
 # e2e/kafka/rescale.py. RESCALE_E2E_RECORDS and RESCALE_E2E_RATE set
 # the feed (default 60,000 records at 1,500 a second).

@@ -106,10 +106,11 @@ pub struct StreamingQuerySpec {
     pub suspend: Option<bool>,
     /// The number of engine pods: 1 (the default) runs the query, 0 stops
     /// it. More than one splits the partitions of Kafka sources between
-    /// the pods (a Kafka sink and a checkpoint needed); a `GROUP BY` or
-    /// `SELECT DISTINCT` query's rows are repartitioned by key between them
-    /// through a Kafka topic (session windows, unless the topic is keyed
-    /// with `keyedBy`, and complete mode run on one pod in this version). The `/scale` subresource sets it
+    /// the pods (a Kafka sink and a checkpoint needed); a stateful query's
+    /// rows (`GROUP BY`, session windows, `SELECT DISTINCT`) are
+    /// repartitioned by key between them through a Kafka topic, unless the
+    /// topic is keyed with `keyedBy` (complete mode runs on one pod in this
+    /// version). The `/scale` subresource sets it
     /// (`kubectl scale`, KEDA, an HPA). Ignored while `autoscaling` is
     /// enabled: the operator then picks the count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,8 +158,7 @@ pub struct Autoscaling {
     pub enabled: Option<bool>,
     /// The fewest replicas while records flow. Default 1. A query starts
     /// on one replica until an engine's report shows it can run on several
-    /// (session windows over an input not keyed with `keyedBy`, and
-    /// complete mode, run on one in this version).
+    /// (complete mode runs on one in this version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub min_replicas: Option<i32>,

@@ -32,10 +32,10 @@ version needs is deleted (their fences kept). The windowed query runs twice: ove
 by user with the default (librdkafka) partitioner, in two stages through
 the repartition topic, and over a topic a murmur2 producer keyed by user
 with `keyedBy: user_id` (`--kind keyed`), in one stage, no repartition
-topic. A SELECT DISTINCT (by user and amount band, `--kind distinct`) runs
-in two stages as the GROUP BY does, rescaled gracefully and with SIGKILLs.
-Also: session windows on 2 replicas are refused, naming spec.query, over
-a topic not keyed, and accepted over a keyed one.
+topic. A SELECT DISTINCT (by user and amount band, `--kind distinct`) and
+session windows per user (`--kind sessions`) run in two stages as the
+GROUP BY does, rescaled gracefully and with SIGKILLs. Also: complete mode
+on 2 replicas is refused, naming spec.outputMode.
 """
 
 import argparse
@@ -71,6 +71,11 @@ WINDOWED = """SELECT window_start, window_end, user_id,
 # repartitioned by key through the query's internal topic, as GROUP BY is.
 DISTINCT = """SELECT DISTINCT user_id, CAST(floor(amount / 25) AS BIGINT) AS band
     FROM transactions"""
+# Session windows per user (a 1 s gap: about one event in eight starts a
+# new session), repartitioned by user through the internal topic.
+SESSIONS = """SELECT window_start, window_end, user_id, count(*) AS n, sum(amount) AS total
+    FROM session(transactions, event_time, INTERVAL '1' SECOND)
+    GROUP BY window_start, window_end, user_id"""
 EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
 
@@ -81,6 +86,9 @@ def spec(env, name, source_topic, sink_topic, extra="", kind="stateless", per_tr
     if kind == "distinct":
         return env.spec(name, env.kafka_source(source_topic, per_trigger), env.kafka_sink(sink_topic),
                         extra, query=DISTINCT, watermark=None)
+    if kind == "sessions":
+        return env.spec(name, env.kafka_source(source_topic, per_trigger), env.kafka_sink(sink_topic),
+                        extra, query=SESSIONS, watermark="{column: event_time, delay: 5s}")
     if kind == "keyed":
         # The topic is keyed by user (murmur2, as the Java client): no
         # repartition topic; state partition p is topic partition p.
@@ -331,6 +339,8 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
     feed.join()
     if feed.error:
         fail(f"the producer failed: {feed.error}")
+    if kind != "stateless":
+        flush(env, source, total, feed.partitioner)
     # The one-replica run over the same input.
     reference = spec(env, f"{name}-one", source, f"{name}-one-out", "  trigger: {availableNow: true}\n",
                      kind=kind)
@@ -352,7 +362,7 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
         assignments = path.replace(".yaml", "-checkpoint/assignments")
         with open(os.path.join(assignments, max(os.listdir(assignments), key=int))) as f:
             newest = json.load(f)
-    if kind in ("windowed", "distinct") and not newest.get("stages"):
+    if kind in ("windowed", "distinct", "sessions") and not newest.get("stages"):
         fail(f"{kind} {mode}: the newest generation does not run in two stages: {newest}")
     if kind == "keyed":
         if not newest.get("keyed") or newest.get("stages"):
@@ -363,6 +373,28 @@ def scenario(env, name, mode, total, rate, seed, kind="stateless"):
     steps = ", ".join(f"to {c}: hand-over {h:.1f} s, first batch {f:.1f} s" for c, h, f in timings)
     ok(f"{kind} {mode}: {total} records at {rate}/s, 1 -> 3 -> 2 replicas, {len(actual)} rows each once, "
        f"equal to one replica's ({steps})")
+
+
+def flush(env, topic, after, partitioner):
+    """A record a minute of event time after the feed's last in every
+    partition of `topic`: the watermark then passes every window and
+    session of the feed's, on any number of replicas. Without it the runs
+    end at different watermarks: one replica's is the largest event time
+    read minus the delay, several replicas' the smallest over them, a few
+    milliseconds lower, and a session ending in between is closed by one
+    and not the other."""
+    at = EPOCH + datetime.timedelta(milliseconds=after + 60_000)
+    hit = set()
+    producer = Producer({"bootstrap.servers": env.bootstrap, "partitioner": partitioner})
+    for i in range(60):
+        user = f"flush-{i:02d}"
+        row = {"transaction_id": f"flush-{i:02d}", "user_id": user, "amount": 1.0,
+               "event_time": at.isoformat().replace("+00:00", "Z")}
+        producer.produce(topic, key=user.encode(), value=json.dumps(row).encode(),
+                         on_delivery=lambda err, msg: hit.add(msg.partition()) if err is None else None)
+    producer.flush()
+    if len(hit) < PARTITIONS:
+        fail(f"the flush records reached partitions {sorted(hit)} of {PARTITIONS} only")
 
 
 def more_replicas_than_partitions(env):
@@ -390,26 +422,31 @@ def more_replicas_than_partitions(env):
     ok(f"windowed, 3 replicas over 2 partitions (one reads nothing): {len(one)} rows, equal to one replica's")
 
 
-def sessions_refused(env):
-    """Session windows on 2 replicas: refused over a topic not keyed by the
-    session's key, accepted over one keyed with keyedBy."""
-    sessions = ("SELECT window_start, window_end, user_id, count(*) AS n "
-                "FROM session(transactions, event_time, INTERVAL '5' SECOND) "
-                "GROUP BY window_start, window_end, user_id")
-    path = env.spec("sessions", env.kafka_source("scale-graceful-in"), env.kafka_sink("sessions-out"),
-                    "  replicas: 2\n", query=sessions, watermark="{column: event_time, delay: 5s}")
+def complete_refused(env):
+    """Complete mode on 2 replicas is refused, naming spec.outputMode."""
+    query = "SELECT user_id, count(*) AS n FROM transactions GROUP BY user_id"
+    path = env.spec("complete", env.kafka_source("scale-graceful-in"), env.kafka_sink("complete-out"),
+                    "  replicas: 2\n", query=query)
+    with open(path) as f:
+        text = f.read().replace("outputMode: append", "outputMode: complete")
+    with open(path, "w") as f:
+        f.write(text)
     out = subprocess.run([env.sluice, "validate", path], capture_output=True, text=True)
-    if out.returncode == 0 or "spec.query" not in out.stderr or "not built" not in out.stderr:
-        fail(f"session windows on 2 replicas were not refused naming spec.query: {out.stderr}")
-    ok("session windows on 2 replicas over a topic not keyed are refused: "
-       + out.stderr.strip().splitlines()[-1].strip())
-    keyed = env.kafka_source("scale-graceful-in")[:-1] + ", keyedBy: user_id}"
-    path = env.spec("sessions-keyed", keyed, env.kafka_sink("sessions-out"),
-                    "  replicas: 2\n", query=sessions, watermark="{column: event_time, delay: 5s}")
-    out = subprocess.run([env.sluice, "validate", path], capture_output=True, text=True)
-    if out.returncode != 0:
-        fail(f"session windows over a keyed topic (keyedBy) on 2 replicas were refused: {out.stderr}")
-    ok("session windows over a keyed topic (keyedBy) on 2 replicas are accepted")
+    if out.returncode == 0 or "spec.outputMode" not in out.stderr:
+        fail(f"complete mode on 2 replicas was not refused naming spec.outputMode: {out.stderr}")
+    ok("complete mode on 2 replicas is refused: " + out.stderr.strip().splitlines()[-1].strip())
+
+
+# Each query's topic prefix and the rescales it goes through: lagging only
+# where a watermark can make rows late; zombies where fencing differs (one
+# stage, two stages, keyed).
+KINDS = {
+    "stateless": ("scale", ("graceful", "killed", "zombies")),
+    "windowed": ("keyed", ("graceful", "killed", "zombies", "lagging")),
+    "keyed": ("bykey", ("graceful", "killed", "zombies", "lagging")),
+    "distinct": ("dedup", ("graceful", "killed")),
+    "sessions": ("sessions", ("graceful", "killed")),
+}
 
 
 def main():
@@ -421,20 +458,17 @@ def main():
     parser.add_argument("--records", type=int, default=60000)
     parser.add_argument("--rate", type=int, default=1500)
     parser.add_argument("--only", choices=["graceful", "killed", "zombies", "lagging"])
-    parser.add_argument("--kind", choices=["stateless", "windowed", "keyed", "distinct"])
+    parser.add_argument("--kind", choices=list(KINDS))
     args = parser.parse_args()
     env = Env(args)
-    prefixes = {"stateless": "scale", "windowed": "keyed", "keyed": "bykey", "distinct": "dedup"}
-    for kind in ("stateless", "windowed", "keyed", "distinct"):
+    for kind, (prefix, modes) in KINDS.items():
         if args.kind not in (None, kind):
             continue
         for seed, mode in enumerate(("graceful", "killed", "zombies", "lagging")):
-            if mode == "lagging" and kind in ("stateless", "distinct"):
-                continue  # no watermark: nothing can be late
-            if mode == "zombies" and kind == "distinct":
-                continue  # its two stages are fenced as the windowed query's
+            if mode not in modes:
+                continue
             if args.only in (None, mode):
-                name = f"{prefixes[kind]}-{mode}"
+                name = f"{prefix}-{mode}"
                 # Lagging: the producer still writes well after the last
                 # rescale, so that the new replicas read their partitions
                 # in proportion to backlogs that stand far apart.
@@ -442,7 +476,7 @@ def main():
                 scenario(env, name, mode, total, args.rate, seed, kind=kind)
     if args.kind in (None, "windowed") and args.only is None:
         more_replicas_than_partitions(env)
-    sessions_refused(env)
+    complete_refused(env)
 
 
 if __name__ == "__main__":

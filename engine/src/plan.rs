@@ -291,12 +291,6 @@ impl QueryPlan {
     /// cannot (the field to blame and the reason).
     pub fn two_stages_refused(&self) -> Option<(&'static str, String)> {
         self.aggregated?;
-        if self.windows.iter().any(|w| w.function.session) {
-            return Some((
-                "spec.query",
-                "session windows on several replicas are not built yet over an input that is not keyed by the session's key (GROUP BY over tumbling and hopping windows, or none, and SELECT DISTINCT are repartitioned by key; a topic keyed with keyedBy runs sessions on several replicas): run it on 1 replica".into(),
-            ));
-        }
         if self.output_mode == OutputMode::Complete {
             return Some((
                 "spec.outputMode",
@@ -318,11 +312,11 @@ impl QueryPlan {
                 message,
             });
         }
-        if self.aggregated.is_none() {
+        let Some(shape) = self.aggregated else {
             return Err(Error::Plan(
                 "a stateless query runs whole on each replica, not in stages".into(),
             ));
-        }
+        };
         let physical = self
             .ctx
             .state()
@@ -333,17 +327,11 @@ impl QueryPlan {
             crate::operators::find_phases(&physical).map_err(|e| Error::Plan(e.to_string()))?;
         let window_start = phases.group_position(WINDOW_START);
         let window_end = phases.group_position(WINDOW_END);
-        let deduplicates = self.aggregated.is_some_and(|a| a.deduplicates);
-        let codec = if deduplicates {
-            crate::operators::dedup::codec_of(&phases, self.dedup_event_time)
-        } else {
-            crate::operators::aggregate::codec_of(&phases)
-        };
+        let codec = crate::operators::codec_of(&self.state_kind(shape), &phases)
+            .map_err(|e| Error::Plan(e.to_string()))?;
         // A deduplication judges late rows by its event time itself, in
         // the second stage as in the whole query.
-        let evicts = self
-            .aggregated
-            .is_some_and(|a| a.windowed_with_watermark && !a.deduplicates);
+        let evicts = shape.windowed_with_watermark && !shape.deduplicates;
         self.late_after = match (window_start, window_end) {
             (Some(window_start), Some(window_end)) if evicts => Some(crate::operators::LateAfter {
                 window_start,
@@ -425,20 +413,7 @@ impl QueryPlan {
             tracing::info!("The restored state keeps windows, not panes: the query goes on so.");
             self.panes = None;
         }
-        let kind = if shape.deduplicates {
-            Kind::Deduplicate {
-                event_time: self.dedup_event_time,
-            }
-        } else if self.windows.iter().any(|w| w.function.session) {
-            Kind::Session {
-                evicts: shape.windowed_with_watermark && self.output_mode != OutputMode::Complete,
-            }
-        } else {
-            Kind::Aggregate {
-                evicts: shape.windowed_with_watermark && self.output_mode != OutputMode::Complete,
-                panes: self.panes,
-            }
-        };
+        let kind = self.state_kind(shape);
         // The plan over empty batches: the state's schema.
         let physical = self
             .ctx
@@ -448,6 +423,23 @@ impl QueryPlan {
             .map_err(plan_error)?;
         self.stateful = Some(Stateful::new(self.output_mode, kind, &physical, store)?);
         Ok(())
+    }
+
+    /// What the state of a query of `shape` keeps.
+    fn state_kind(&self, shape: Aggregated) -> Kind {
+        let evicts = shape.windowed_with_watermark && self.output_mode != OutputMode::Complete;
+        if shape.deduplicates {
+            Kind::Deduplicate {
+                event_time: self.dedup_event_time,
+            }
+        } else if self.windows.iter().any(|w| w.function.session) {
+            Kind::Session { evicts }
+        } else {
+            Kind::Aggregate {
+                evicts,
+                panes: self.panes,
+            }
+        }
     }
 
     /// Commits the state batch `batch_id` wrote.
@@ -1385,6 +1377,12 @@ mod tests {
             (
                 "SELECT k, count(*) AS n, max(v) AS hi FROM events GROUP BY k",
                 OutputMode::Update,
+            ),
+            // Session windows: a key's sessions merged in the second stage.
+            (
+                "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total, max(v) AS hi \
+                 FROM session(events, ts, '3 seconds') GROUP BY window_start, window_end, k",
+                OutputMode::Append,
             ),
             // Deduplication: by the other columns, and with the event time
             // among the columns (late rows dropped, old ones forgotten).

@@ -31,8 +31,7 @@
 //! and also writes, in `assignments/<g+1>`, where each state partition's
 //! newest committed version is and the highest watermark the old second
 //! stages ran with; a new replica's first run restores the partitions it
-//! owns from there. Session windows (over an input not keyed) and complete
-//! mode still run on one replica.
+//! owns from there. Complete mode still runs on one replica.
 //!
 //! A stateful query over a topic already keyed by one of its grouping
 //! columns (`keyedBy`) runs in one stage instead (a **keyed** generation):

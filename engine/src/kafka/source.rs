@@ -47,8 +47,17 @@ use crate::source::{BadRecord, BatchRange, KafkaRecord, ReadMode, Source};
 use crate::{Error, Result};
 
 /// How long a read may see no progress on a partition before the brokers
-/// count as unavailable.
+/// count as unavailable: time spent polling, each poll counted for at most
+/// [`POLL_COUNTS_AT_MOST`], so that a process that was itself stopped (a
+/// SIGSTOP, a paused VM, a starved CPU) does not blame the brokers for it.
 const READ_STALL: Duration = Duration::from_secs(10);
+
+/// The poll's timeout in [`read_range`].
+const READ_POLL: Duration = Duration::from_millis(100);
+
+/// The most one turn of [`read_range`]'s loop (a poll) adds to a read's
+/// stall (see [`READ_STALL`]).
+const POLL_COUNTS_AT_MOST: Duration = Duration::from_millis(500);
 
 /// Which topics the source reads.
 enum Topics {
@@ -1102,6 +1111,39 @@ impl Source for KafkaSource {
     }
 }
 
+/// How long a read has gone without progress (see [`READ_STALL`]).
+struct Stall {
+    stalled: Duration,
+    last_turn: Instant,
+}
+
+impl Stall {
+    fn new(now: Instant) -> Self {
+        Self {
+            stalled: Duration::ZERO,
+            last_turn: now,
+        }
+    }
+
+    /// Another turn of the read's loop, at `now`: the time since the last
+    /// counts, at most [`POLL_COUNTS_AT_MOST`].
+    fn turn(&mut self, now: Instant) {
+        self.stalled += now
+            .saturating_duration_since(self.last_turn)
+            .min(POLL_COUNTS_AT_MOST);
+        self.last_turn = now;
+    }
+
+    /// A record (or the end of a partition) arrived.
+    fn progress(&mut self) {
+        self.stalled = Duration::ZERO;
+    }
+
+    fn exceeded(&self) -> bool {
+        self.stalled > READ_STALL
+    }
+}
+
 /// Reads the records of `[start, end)` of each partition.
 fn read_range(
     consumer: &BaseConsumer,
@@ -1137,12 +1179,13 @@ fn read_range(
     consumer
         .assign(&tpl)
         .map_err(|e| unavailable(format!("cannot assign the partitions: {e}")))?;
-    let mut last_progress = Instant::now();
+    let mut stall = Stall::new(Instant::now());
     let mut last_position_check = Instant::now();
     let result = (|| {
         while !pending.is_empty() {
+            stall.turn(Instant::now());
             let mut idle = false;
-            match consumer.poll(Duration::from_millis(100)) {
+            match consumer.poll(READ_POLL) {
                 Some(Ok(message)) => {
                     let key = (message.topic().to_owned(), message.partition());
                     let Some(&(s, e)) = pending.get(&key) else {
@@ -1150,7 +1193,7 @@ fn read_range(
                     };
                     let offset = message.offset();
                     if offset >= s && offset < e {
-                        last_progress = Instant::now();
+                        stall.progress();
                         records.push(Record {
                             key: message.key().map(<[u8]>::to_vec),
                             value: message.payload().map(<[u8]>::to_vec),
@@ -1203,11 +1246,11 @@ fn read_range(
                         && at >= e
                     {
                         pending.remove(&key);
-                        last_progress = Instant::now();
+                        stall.progress();
                     }
                 }
             }
-            if last_progress.elapsed() > READ_STALL {
+            if !pending.is_empty() && stall.exceeded() {
                 let waiting: Vec<String> = pending
                     .iter()
                     .map(|((t, p), (s, e))| format!("{t}/{p} [{s}, {e})"))
@@ -1315,6 +1358,27 @@ mod tests {
         assert_eq!(rate_limit(&start, &latest, 10)["t"][&1], 1);
         // Under the limit: everything.
         assert_eq!(rate_limit(&start, &latest, 1_000_000), latest);
+    }
+
+    #[test]
+    fn a_read_is_stalled_by_polling_without_progress_not_by_being_stopped() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut stall = Stall::new(t0);
+        // The process stopped for 20 s between two turns: one turn's worth.
+        stall.turn(at(20_000));
+        assert!(!stall.exceeded());
+        // Then polls (100 ms each) with nothing: 9 s, then over 10 s.
+        for i in 1..=90 {
+            stall.turn(at(20_000 + i * 100));
+        }
+        assert!(!stall.exceeded());
+        for i in 91..=100 {
+            stall.turn(at(20_000 + i * 100));
+        }
+        assert!(stall.exceeded());
+        stall.progress();
+        assert!(!stall.exceeded());
     }
 
     #[test]

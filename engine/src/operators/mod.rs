@@ -16,7 +16,7 @@
 
 pub mod aggregate;
 pub mod codec;
-pub mod dedup;
+mod dedup;
 mod session;
 
 use std::sync::Arc;
@@ -89,6 +89,18 @@ pub enum Kind {
         /// See above.
         event_time: Option<usize>,
     },
+}
+
+/// The codec of the state `kind` keeps for `phases` (what decides each
+/// key's state partition); the repartition topic's partitioner is the
+/// state's own codec, so that a row goes to the partition its key is kept
+/// in.
+pub fn codec_of(kind: &Kind, phases: &Phases) -> DfResult<codec::Codec> {
+    Ok(match kind {
+        Kind::Aggregate { .. } => aggregate::codec_of(phases),
+        Kind::Session { .. } => session::codec_of(phases)?,
+        Kind::Deduplicate { event_time } => dedup::codec_of(phases, *event_time),
+    })
 }
 
 /// The aggregation's plumbing, found in the query's physical plan.

@@ -33,18 +33,8 @@ pub struct Session {
 impl Session {
     /// The session aggregation of `phases`; returns it and its codec.
     pub fn new(phases: &Phases, mode: OutputMode, evicts: bool) -> DfResult<(Self, Codec)> {
-        let position = |name: &str| {
-            phases.group_position(name).ok_or_else(|| {
-                DataFusionError::Execution(format!("session windows need GROUP BY {name}"))
-            })
-        };
-        let (start_col, end_col) = (position(WINDOW_START)?, position(WINDOW_END)?);
-        let codec = Codec::new(
-            phases.state_schema(),
-            phases.groups(),
-            &[start_col, end_col],
-            Some((start_col, TimeAt::Suffix)),
-        );
+        let (start_col, end_col) = window_columns(phases)?;
+        let codec = codec_of(phases)?;
         Ok((
             Session {
                 mode,
@@ -109,6 +99,30 @@ impl Session {
         columns[self.end_col] = array(bounds.iter().map(|b| b.1).collect());
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
+}
+
+/// The positions of the session's start and end among the state's columns.
+fn window_columns(phases: &Phases) -> DfResult<(usize, usize)> {
+    let position = |name: &str| {
+        phases.group_position(name).ok_or_else(|| {
+            DataFusionError::Execution(format!("session windows need GROUP BY {name}"))
+        })
+    };
+    Ok((position(WINDOW_START)?, position(WINDOW_END)?))
+}
+
+/// The codec of a session aggregation's state: keys are the grouping
+/// columns other than the window, then the session's start; the partition
+/// is the hash of those columns. The repartition topic's partitioner is
+/// this codec too.
+pub fn codec_of(phases: &Phases) -> DfResult<Codec> {
+    let (start_col, end_col) = window_columns(phases)?;
+    Ok(Codec::new(
+        phases.state_schema(),
+        phases.groups(),
+        &[start_col, end_col],
+        Some((start_col, TimeAt::Suffix)),
+    ))
 }
 
 #[async_trait]

@@ -30,8 +30,8 @@ pub struct Measured {
     pub partitions: u32,
     /// Whether the query runs on one replica only: a report names a
     /// stateful operator other than those repartitioned by key over the
-    /// replicas ([`REPARTITIONED`]): session windows. `None` while no
-    /// replica has reported a batch: not known yet.
+    /// replicas ([`REPARTITIONED`]). `None` while no replica has reported a
+    /// batch: not known yet.
     pub stateful: Option<bool>,
     /// The fixed part of a batch's time fitted in this window (the
     /// smallest over the replicas), in milliseconds.
@@ -54,9 +54,15 @@ fn in_window(
 }
 
 /// The progress names of the stateful operators that run on several
-/// replicas (repartitioned by key): a `GROUP BY`'s and a `SELECT
-/// DISTINCT`'s (Spark's names for their state).
-pub const REPARTITIONED: [&str; 2] = ["stateStoreSave", "dedupe"];
+/// replicas (repartitioned by key): a `GROUP BY`'s, a `SELECT DISTINCT`'s
+/// and a session window's (Spark's names for their state). An engine that
+/// reports another (a newer operator, or an older engine that ran these on
+/// one replica under another name) holds the query at one replica.
+pub const REPARTITIONED: [&str; 3] = [
+    "stateStoreSave",
+    "dedupe",
+    "sessionWindowStateStoreSaveExec",
+];
 
 /// Measures `replicas` (each replica's recent reports, oldest first) over
 /// the `window` before `now`. A replica's true rate counts the time its
@@ -291,7 +297,8 @@ mod tests {
         };
         assert_eq!(with("stateStoreSave"), Some(false));
         assert_eq!(with("dedupe"), Some(false));
-        assert_eq!(with("sessionWindowStateStoreSaveExec"), Some(true));
+        assert_eq!(with("sessionWindowStateStoreSaveExec"), Some(false));
+        assert_eq!(with("symmetricHashJoin"), Some(true));
         assert_eq!(
             measure(&[Vec::new()], Duration::from_secs(30), at(20), None).stateful,
             None

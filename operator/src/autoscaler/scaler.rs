@@ -202,10 +202,10 @@ pub fn step(
         (Some(why), _) => Some(format!("held at 1: {why}")),
         (None, Some(false)) => None,
         (None, Some(true)) => Some(
-            "held at 1: its stateful operator runs on one replica in this version (session windows are not repartitioned by key, unless the input is keyed with keyedBy; GROUP BY and SELECT DISTINCT are)".to_owned(),
+            "held at 1: its engine reports a stateful operator not repartitioned by key (this operator knows GROUP BY, SELECT DISTINCT and session windows to be)".to_owned(),
         ),
         (None, None) => Some(
-            "held at 1 until an engine reports a batch: whether the query can run on several replicas is not known yet (session windows run on one)".to_owned(),
+            "held at 1 until an engine reports a batch: whether the query can run on several replicas is not known yet".to_owned(),
         ),
     };
     if let (Some(why), true) = (held, recommended.replicas > 1) {
@@ -466,7 +466,7 @@ mod tests {
         };
         let s = first_step(&mut Memory::default(), true);
         assert_eq!((s.replicas, s.recommended_replicas), (1, 1));
-        assert!(s.reason.ends_with("held at 1: its stateful operator runs on one replica in this version (session windows are not repartitioned by key, unless the input is keyed with keyedBy; GROUP BY and SELECT DISTINCT are)"), "{}", s.reason);
+        assert!(s.reason.ends_with("held at 1: its engine reports a stateful operator not repartitioned by key (this operator knows GROUP BY, SELECT DISTINCT and session windows to be)"), "{}", s.reason);
         // Over a keyed input (keyedBy) they run on several replicas.
         let mut memory = Memory::default();
         memory.set_keyed(true);
@@ -517,7 +517,7 @@ mod tests {
             t(5),
         );
         assert_eq!(s.replicas, 1);
-        assert!(s.reason.ends_with("held at 1 until an engine reports a batch: whether the query can run on several replicas is not known yet (session windows run on one)"), "{}", s.reason);
+        assert!(s.reason.ends_with("held at 1 until an engine reports a batch: whether the query can run on several replicas is not known yet"), "{}", s.reason);
         // A report without state operators: minReplicas.
         let s = step(
             &mut memory,
