@@ -845,9 +845,19 @@ fn row_partitions(
     let latest = offsets_from_json(latest);
     let mut index: BTreeMap<(&str, i32), u32> = BTreeMap::new();
     let mut out = crate::source::RowPartitions::default();
+    out.rows.reserve(good.len());
+    // A read's records come sorted by partition: the map is asked once per
+    // partition, not once per row.
+    let mut last: Option<((&str, i32), u32)> = None;
     for &i in good {
         let record = &records[i as usize];
         let key = (record.topic.as_str(), record.partition);
+        if let Some((same, at)) = last
+            && same == key
+        {
+            out.rows.push(at);
+            continue;
+        }
         let at = *index.entry(key).or_insert_with(|| {
             let behind = match (&latest, end.get(key.0).and_then(|ps| ps.get(&key.1))) {
                 (Some(latest), Some(end)) => latest
@@ -862,6 +872,7 @@ fn row_partitions(
             });
             (out.partitions.len() - 1) as u32
         });
+        last = Some((key, at));
         out.rows.push(at);
     }
     out
