@@ -71,7 +71,9 @@ pub struct AutoscalingStatus {
     /// Records a second arriving at the source, over the metric window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_rows_per_second: Option<f64>,
-    /// The slowest replica's records a second of busy time.
+    /// What the slowest replica processes a second when busy: what the CPU
+    /// its batches' overhead leaves buys at the records' cost, at most what
+    /// it was last seen to process while it stayed behind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub true_processing_rate: Option<f64>,
     /// Records behind the source's latest offsets.

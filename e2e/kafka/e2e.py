@@ -212,12 +212,20 @@ def get_json(port, path):
         return None
 
 
-def main():
+def env_arguments():
+    """A parser of what every script over the broker takes (see `Env`):
+    the sluice binary, the broker's address and directory, a work
+    directory."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--sluice", required=True)
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--broker-dir", required=True)
     parser.add_argument("--work", required=True)
+    return parser
+
+
+def main():
+    parser = env_arguments()
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--growing-only", action="store_true", help="only the check of added partitions")
     args = parser.parse_args()

@@ -38,7 +38,6 @@ GROUP BY does, rescaled gracefully and with SIGKILLs. Also: complete mode
 on 2 replicas is refused, naming spec.outputMode.
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -55,7 +54,7 @@ from confluent_kafka import Producer
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
-from e2e import Env, free_port  # noqa: E402
+from e2e import Env, env_arguments, free_port  # noqa: E402
 from results import Row, compare, fail, ok  # noqa: E402
 
 PARTITIONS = 6
@@ -450,11 +449,7 @@ KINDS = {
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sluice", required=True)
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--broker-dir", required=True)
-    parser.add_argument("--work", required=True)
+    parser = env_arguments()
     parser.add_argument("--records", type=int, default=60000)
     parser.add_argument("--rate", type=int, default=1500)
     parser.add_argument("--only", choices=["graceful", "killed", "zombies", "lagging"])

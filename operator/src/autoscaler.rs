@@ -20,6 +20,7 @@
 
 use std::time::Duration;
 
+pub mod cost;
 pub mod measure;
 pub mod scaler;
 pub mod simulation;
@@ -137,8 +138,8 @@ pub fn recommend(policy: &Policy, seen: &Observation) -> Recommendation {
             reason: format!("no processing measured yet: keeping {replicas}"),
         };
     }
-    // No busy time beyond the batches' fixed cost: the capacity is far
-    // above what the input asks (an infinite rate counts one replica).
+    // No CPU time beyond the batches' overhead: the capacity is far above
+    // what the input asks (an infinite rate counts one replica).
     let mean_rate = if seen.busy_seconds > 0.0 {
         seen.processed / seen.busy_seconds
     } else {
@@ -175,7 +176,7 @@ pub fn recommend(policy: &Policy, seen: &Observation) -> Recommendation {
     let capacity = if true_rate.is_finite() {
         format!("the slowest replica processes {true_rate:.0}/s when busy")
     } else {
-        "the batches take no longer than a batch's fixed cost (far more capacity than asked)"
+        "its records cost no measurable CPU beyond its batches' overhead (far more capacity than asked)"
             .to_owned()
     };
     let mut reason = format!(

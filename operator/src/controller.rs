@@ -545,6 +545,7 @@ async fn autoscale(
     let step = {
         let mut memories = ctx.autoscaler.lock().expect("not poisoned");
         let memory = memories.entry(query_key.clone()).or_default();
+        memory.set_generation(query.metadata.generation);
         memory.set_keyed(
             query
                 .spec

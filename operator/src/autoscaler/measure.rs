@@ -2,14 +2,15 @@
 //! reports (each replica's `/progress`): rates over a metric window, as
 //! Flink's autoscaler measures them from its task metrics.
 //!
-//! Per replica, over the reports of the window: the records it processed
-//! and the time its batches took (its busy time; their ratio is its *true*
-//! rate), and the records that arrived at its partitions: what its batches
-//! read plus the growth of its lag (the records behind the source's latest
-//! offsets). The query's input rate and lag are the sums over replicas, its
-//! true rate the slowest replica's. A replica that ran no batch in the
-//! window had nothing to read (the engine runs a batch as soon as data is
-//! available): it adds no input, and its lag is its last report's.
+//! Per replica, over the reports of the window: the records it processed,
+//! the CPU time its batches took (its load, see [`cost`]: its true rate is
+//! what its core processes when busy, its overhead aside), and the records
+//! that arrived at its partitions: what its batches read plus the growth of
+//! its lag (the records behind the source's latest offsets). The query's
+//! input rate and lag are the sums over replicas, its true rate the
+//! slowest replica's. A replica that ran no batch in the window had nothing
+//! to read (the engine runs a batch as soon as data is available): it adds
+//! no input, and its lag is its last report's.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use chrono::{DateTime, Utc};
 use sluice_crds::progress::QueryProgress;
 
 use super::Observation;
+use super::cost::{self, Load};
 
 /// An [`Observation`] and what else the reports tell.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -33,11 +35,30 @@ pub struct Measured {
     /// replicas ([`REPARTITIONED`]). `None` while no replica has reported a
     /// batch: not known yet.
     pub stateful: Option<bool>,
-    /// The fixed part of a batch's time fitted in this window (the
-    /// smallest over the replicas), in milliseconds.
-    pub fixed_ms: Option<f64>,
+    /// Each replica's load over the window (those that ran two batches or
+    /// more in it): points for later fits of the per-record cost.
+    pub loads: Vec<Load>,
+    /// The per-record cost (CPU seconds a record) fitted in this step, over
+    /// the loads of the window and the earlier ones given, else over a
+    /// replica's batches; `None` when neither told it.
+    pub per_record: Option<f64>,
+    /// What the slowest replica that stayed behind the latest offsets in
+    /// every batch of the window processed a second: all it can, whatever
+    /// holds it back (CPU, `maxOffsetsPerTrigger`, the brokers).
+    pub observed_capacity: Option<f64>,
 }
 
+/// What earlier steps measured, for this one.
+#[derive(Clone, Debug, Default)]
+pub struct Earlier<'a> {
+    /// The replicas' loads of the last minutes.
+    pub loads: &'a [Load],
+    /// The per-record cost last fitted (CPU seconds a record).
+    pub per_record: Option<f64>,
+    /// The capacity a replica was last observed at (see
+    /// [`Measured::observed_capacity`]).
+    pub capacity: Option<f64>,
+}
 /// The reports of `reports` whose batch started in the `window` before
 /// `now`, with when.
 fn in_window(
@@ -65,24 +86,35 @@ pub const REPARTITIONED: [&str; 3] = [
 ];
 
 /// Measures `replicas` (each replica's recent reports, oldest first) over
-/// the `window` before `now`. A replica's true rate counts the time its
-/// batches took beyond their fixed part ([`fixed_part`], else
-/// `known_fixed_ms`: what an earlier window fitted). `idle_for` is left at
-/// zero: idleness spans polls, and the caller keeps it.
+/// the `window` before `now`. A replica's true rate is what the CPU left
+/// after its overhead buys at the per-record cost ([`cost`]): fitted over
+/// this window's loads and `earlier` ones (the last minutes'), else over a
+/// replica's batches, else the last fit; without any, its records over its
+/// whole CPU time. It is at most what a replica was last observed to
+/// process while it stayed behind (in this window, else `earlier`), as
+/// Flink's autoscaler takes its observed rate while a source lags: a
+/// replica limited by something else than its CPU (`maxOffsetsPerTrigger`
+/// a batch, the brokers) shows it only so, and the limit stays when it
+/// catches up. `idle_for` is left at zero:
+/// idleness spans polls, and the caller keeps it.
 pub fn measure(
     replicas: &[Vec<QueryProgress>],
     window: Duration,
     now: DateTime<Utc>,
-    known_fixed_ms: Option<f64>,
+    earlier: &Earlier,
 ) -> Measured {
     let mut seen = Observation {
         replicas: replicas.len() as u32,
         ..Observation::default()
     };
-    let mut slowest: Option<f64> = None;
     let mut partitions = BTreeSet::new();
     let mut stateful = None;
-    let mut fixed_ms = None;
+    // Per replica that processed records: what it processed in the window
+    // and its load.
+    let mut working: Vec<(f64, Load)> = Vec::new();
+    let mut loads = Vec::new();
+    let mut batch_slopes: Vec<f64> = Vec::new();
+    let mut observed_capacity: Option<f64> = None;
     for reports in replicas {
         let Some(last) = reports.last() else {
             continue;
@@ -100,29 +132,44 @@ pub fn measure(
         else {
             continue;
         };
-        let processed: u64 = recent.iter().map(|(r, _)| r.num_input_rows).sum();
         let batches: Vec<(f64, f64)> = recent
             .iter()
             .map(|(r, _)| (r.num_input_rows as f64, busy(r)))
             .collect();
-        let fitted = fixed_part(&batches);
-        if let Some(f) = fitted {
-            fixed_ms = Some(fixed_ms.map_or(f, |k: f64| k.min(f)));
-        }
-        let busy_ms = variable_ms(&batches, fitted.or(known_fixed_ms));
-        seen.processed += processed as f64;
-        seen.busy_seconds += busy_ms / 1000.0;
-        if processed > 0 {
-            // No time beyond the fixed cost: more than the input could ask.
-            let rate = if busy_ms > 0.0 {
-                processed as f64 * 1000.0 / busy_ms
-            } else {
-                f64::INFINITY
-            };
-            slowest = Some(slowest.map_or(rate, |s| s.min(rate)));
-        }
+        batch_slopes.extend(cost::batch_slope(&batches));
+        let processed: f64 = batches.iter().map(|(n, _)| n).sum();
+        seen.processed += processed;
         let span = (newest_at - first_at).to_std().unwrap_or_default();
-        seen.input_rate += if recent.len() > 1 && !span.is_zero() {
+        let spans = recent.len() > 1 && !span.is_zero();
+        let load = if spans {
+            // What the batches after the first did between the first's
+            // start and the newest's.
+            let later = &batches[1..];
+            let secs = span.as_secs_f64();
+            Load {
+                rate: later.iter().map(|(n, _)| n).sum::<f64>() / secs,
+                cpu: later.iter().map(|(_, ms)| ms).sum::<f64>() / 1000.0 / secs,
+            }
+        } else {
+            // One batch: as if it were the window's only second.
+            Load {
+                rate: processed,
+                cpu: batches.iter().map(|(_, ms)| ms).sum::<f64>() / 1000.0,
+            }
+        };
+        if spans {
+            loads.push(load);
+            // Behind after every batch, three or more: going as fast as it
+            // can.
+            if recent.len() > 2 && recent.iter().all(|(r, _)| behind(r) > 0) {
+                observed_capacity =
+                    Some(observed_capacity.map_or(load.rate, |c: f64| c.min(load.rate)));
+            }
+        }
+        if processed > 0.0 {
+            working.push((processed, load));
+        }
+        seen.input_rate += if spans {
             // Records that arrived between the first batch's plan and the
             // newest's: what the later batches read, plus the lag's growth.
             let read: u64 = recent[1..].iter().map(|(r, _)| r.num_input_rows).sum();
@@ -132,61 +179,32 @@ pub fn measure(
             newest.input_rows_per_second
         };
     }
+    let history: Vec<Load> = earlier.loads.iter().chain(&loads).copied().collect();
+    // A slope over small batches is noisy: the replicas' median.
+    batch_slopes.sort_by(f64::total_cmp);
+    let median = batch_slopes.get(batch_slopes.len() / 2);
+    let per_record = cost::fit(&history).or(median.map(|ms| ms / 1000.0));
+    let used = per_record.or(earlier.per_record);
+    let bound = observed_capacity
+        .or(earlier.capacity)
+        .unwrap_or(f64::INFINITY);
+    let mut slowest: Option<f64> = None;
+    for (processed, load) in working {
+        let rate = cost::true_rate(load, used).min(bound);
+        slowest = Some(slowest.map_or(rate, |s| s.min(rate)));
+        if rate.is_finite() {
+            seen.busy_seconds += processed / rate;
+        }
+    }
     seen.slowest_true_rate = slowest.unwrap_or(0.0);
     Measured {
         observation: seen,
         partitions: partitions.len() as u32,
         stateful,
-        fixed_ms,
+        loads,
+        per_record,
+        observed_capacity,
     }
-}
-
-/// The part of a batch's time that does not grow with its records, fitted
-/// by least squares to `ms = fixed + per_record × records` over the
-/// batches (`(records, ms)` each) that read records. A micro-batch's time
-/// has such a part (a Kafka transaction's round trips take ~20 ms for one
-/// record or a thousand; planning the query takes CPU time whatever the
-/// batch reads), and at a low input it is nearly all of it:
-/// counted as load, a replica that idles would look saturated. `None` when
-/// the batches are too alike in size to tell the parts apart (fewer than 4,
-/// or the largest not twice the smallest: a backlog read at
-/// `maxOffsetsPerTrigger`, a steady input). Records that took no
-/// measurable time (a slope of 0 or less) leave the quickest batch's time
-/// as the fixed part.
-fn fixed_part(batches: &[(f64, f64)]) -> Option<f64> {
-    let read: Vec<(f64, f64)> = batches.iter().copied().filter(|(n, _)| *n > 0.0).collect();
-    let (smallest, largest) = read.iter().fold((f64::MAX, 0.0f64), |(lo, hi), (n, _)| {
-        (lo.min(*n), hi.max(*n))
-    });
-    if read.len() < 4 || largest < 2.0 * smallest {
-        return None;
-    }
-    let count = read.len() as f64;
-    let mean_n = read.iter().map(|(n, _)| n).sum::<f64>() / count;
-    let mean_ms = read.iter().map(|(_, ms)| ms).sum::<f64>() / count;
-    let spread: f64 = read.iter().map(|(n, _)| (n - mean_n).powi(2)).sum();
-    let slope = read
-        .iter()
-        .map(|(n, ms)| (n - mean_n) * (ms - mean_ms))
-        .sum::<f64>()
-        / spread;
-    let quickest = read.iter().map(|(_, ms)| *ms).fold(f64::MAX, f64::min);
-    Some(if slope <= 0.0 {
-        quickest
-    } else {
-        (mean_ms - slope * mean_n).clamp(0.0, quickest)
-    })
-}
-
-/// The time the batches (`(records, ms)` each) took for their records:
-/// beyond `fixed` each, or all of it when the fixed part is unknown (which
-/// overstates the load: more replicas, never fewer).
-fn variable_ms(batches: &[(f64, f64)], fixed: Option<f64>) -> f64 {
-    batches
-        .iter()
-        .filter(|(n, _)| *n > 0.0)
-        .map(|(_, ms)| (ms - fixed.unwrap_or(0.0)).max(0.0))
-        .sum()
 }
 
 /// When the batch of `report` started.
@@ -207,9 +225,9 @@ const FIXED_PHASES: [&str; 3] = ["latestOffset", "sinkCommit", "commitOffsets"];
 /// nearly all their time is waiting (for the brokers' answers, a
 /// transaction's markers), whatever they read: counted in, a replica that
 /// idles would look saturated, and more replicas (smaller batches each)
-/// would look slower still. The CPU time leaves the waits out, and what it
-/// still has that does not grow with the records (planning the query) is
-/// steady enough for [`fixed_part`] to fit where wall-clock times are not.
+/// would look slower still. The CPU time leaves the waits out; what it
+/// still has that does not grow with the records (planning the query, a
+/// second stage's batches) is the overhead [`cost`] tells apart.
 fn busy(report: &QueryProgress) -> f64 {
     if let Some(cpu) = report.cpu_ms {
         return cpu;
@@ -293,14 +311,26 @@ mod tests {
                 commit_time_ms: 0,
                 custom_metrics: Default::default(),
             }];
-            measure(&[vec![r]], Duration::from_secs(30), at(20), None).stateful
+            measure(
+                &[vec![r]],
+                Duration::from_secs(30),
+                at(20),
+                &Earlier::default(),
+            )
+            .stateful
         };
         assert_eq!(with("stateStoreSave"), Some(false));
         assert_eq!(with("dedupe"), Some(false));
         assert_eq!(with("sessionWindowStateStoreSaveExec"), Some(false));
         assert_eq!(with("symmetricHashJoin"), Some(true));
         assert_eq!(
-            measure(&[Vec::new()], Duration::from_secs(30), at(20), None).stateful,
+            measure(
+                &[Vec::new()],
+                Duration::from_secs(30),
+                at(20),
+                &Earlier::default()
+            )
+            .stateful,
             None
         );
     }
@@ -317,15 +347,53 @@ mod tests {
             .map(|i| report(i * 10 + 5, 10_000, 4_000, 0, &[1]))
             .collect();
         // The window (60 s before 01:35) holds batches from 00:40.
-        let m = measure(&[r0, r1], Duration::from_secs(60), at(95), None);
+        let m = measure(
+            &[r0, r1],
+            Duration::from_secs(60),
+            at(95),
+            &Earlier::default(),
+        );
         let seen = &m.observation;
         assert_eq!(seen.replicas, 2);
         assert_eq!(m.partitions, 3);
         assert_eq!(seen.lag, 9_000.0, "the newest reports' lag");
         // 6 batches of each replica in the window.
         assert_eq!(seen.processed, 120_000.0);
-        assert_eq!(seen.busy_seconds, 36.0);
-        assert_eq!(seen.slowest_true_rate, 2_500.0);
+        // Replica 0 stayed behind after every batch (its lag grows: each
+        // reads 10,000 at most): 1,000/s is all it can, whatever its CPU
+        // says (5,000/s), and what replica 1 is taken to do at most.
+        assert_eq!(m.observed_capacity, Some(1_000.0));
+        assert_eq!(seen.slowest_true_rate, 1_000.0);
+        assert_eq!(seen.busy_seconds, 120.0);
+        // Caught up, each is what its CPU says: 5,000/s and 2,500/s.
+        let caught_up = |r: &QueryProgress| {
+            let mut r = r.clone();
+            r.sources[0].records_behind_latest = 0;
+            r
+        };
+        let r0: Vec<_> = (0..10)
+            .map(|i| caught_up(&report(i * 10, 10_000, 2_000, 0, &[0, 2])))
+            .collect();
+        let r1: Vec<_> = (0..10)
+            .map(|i| report(i * 10 + 5, 10_000, 4_000, 0, &[1]))
+            .collect();
+        let replicas = [r0, r1];
+        let m = measure(
+            &replicas,
+            Duration::from_secs(60),
+            at(95),
+            &Earlier::default(),
+        );
+        assert_eq!(m.observed_capacity, None);
+        assert_eq!(m.observation.busy_seconds, 36.0);
+        assert_eq!(m.observation.slowest_true_rate, 2_500.0);
+        // A capacity observed before, while behind, still bounds them.
+        let earlier = Earlier {
+            capacity: Some(1_500.0),
+            ..Earlier::default()
+        };
+        let m = measure(&replicas, Duration::from_secs(60), at(95), &earlier);
+        assert_eq!(m.observation.slowest_true_rate, 1_500.0);
         // Replica 0: (5 × 10,000 + 5,000) / 50 s = 1,100/s; replica 1:
         // 50,000 / 50 s = 1,000/s.
         assert!((seen.input_rate - 2_100.0).abs() < 1e-9, "{seen:?}");
@@ -348,7 +416,7 @@ mod tests {
             std::slice::from_ref(&small),
             Duration::from_secs(60),
             at(50),
-            None,
+            &Earlier::default(),
         );
         assert!(
             (m.observation.slowest_true_rate - 1_200.0).abs() < 1e-6,
@@ -363,35 +431,14 @@ mod tests {
                 r
             })
             .collect();
-        let m = measure(&[free], Duration::from_secs(60), at(50), None);
+        let m = measure(
+            &[free],
+            Duration::from_secs(60),
+            at(50),
+            &Earlier::default(),
+        );
         assert_eq!(m.observation.slowest_true_rate, f64::INFINITY);
         assert_eq!(m.observation.busy_seconds, 0.0);
-    }
-
-    #[test]
-    fn the_fixed_part_of_a_batchs_time_is_fitted_out() {
-        // 100 ms a batch, 0.5 ms a record: a replica does 2,000/s when busy.
-        let batches: Vec<(f64, f64)> = [5.0, 10.0, 20.0, 40.0, 80.0]
-            .iter()
-            .map(|n| (*n, 100.0 + 0.5 * n))
-            .collect();
-        let fixed = fixed_part(&batches).unwrap();
-        assert!((fixed - 100.0).abs() < 1e-9);
-        assert!((variable_ms(&batches, Some(fixed)) - 77.5).abs() < 1e-9);
-        // Alike in size (a backlog at maxOffsetsPerTrigger): not fitted;
-        // all counted unless an earlier window fitted the fixed part.
-        let alike = [
-            (2000.0, 1100.0),
-            (2000.0, 1090.0),
-            (1900.0, 1050.0),
-            (2000.0, 1110.0),
-        ];
-        assert_eq!(fixed_part(&alike), None);
-        assert_eq!(variable_ms(&alike, None), 4350.0);
-        assert_eq!(variable_ms(&alike, Some(100.0)), 3950.0);
-        // More records, no more time: the quickest batch is the fixed part.
-        let flat = [(5.0, 110.0), (12.0, 105.0), (3.0, 112.0), (9.0, 108.0)];
-        assert_eq!(fixed_part(&flat), Some(105.0));
     }
 
     #[test]
@@ -414,10 +461,18 @@ mod tests {
             })
             .collect();
         let window = Duration::from_secs(60);
-        let m = measure(std::slice::from_ref(&batches), window, at(60), None);
+        let m = measure(
+            std::slice::from_ref(&batches),
+            window,
+            at(60),
+            &Earlier::default(),
+        );
         let rate = m.observation.slowest_true_rate;
         assert!((rate - 20_000.0).abs() < 1_000.0, "{m:?}");
-        assert!((m.fixed_ms.unwrap() - 1.5).abs() < 0.1, "{m:?}");
+        assert!(
+            (m.per_record.unwrap() - 0.000_05).abs() < 0.000_005,
+            "{m:?}"
+        );
         // Six replicas sharing the same input read a sixth a batch: the
         // measure does not fall with the batches (it did on wall-clock
         // times, so that more replicas asked for more still).
@@ -430,33 +485,114 @@ mod tests {
                 r
             })
             .collect();
-        let m = measure(&[smaller], window, at(60), None);
+        let m = measure(&[smaller], window, at(60), &Earlier::default());
         let rate = m.observation.slowest_true_rate;
         assert!((rate - 20_000.0).abs() < 2_000.0, "{m:?}");
     }
 
     #[test]
-    fn a_fixed_part_fitted_before_serves_batches_alike_in_size() {
+    fn a_per_record_cost_fitted_before_serves_batches_alike_in_size() {
+        // 100 records in 150 ms every 10 s: 10 records and 15 ms a second.
         let alike: Vec<_> = (0..5).map(|i| report(i * 10, 100, 150, 0, &[0])).collect();
         let window = Duration::from_secs(60);
-        let naive = measure(std::slice::from_ref(&alike), window, at(50), None);
+        let naive = measure(
+            std::slice::from_ref(&alike),
+            window,
+            at(50),
+            &Earlier::default(),
+        );
         assert!((naive.observation.slowest_true_rate - 666.7).abs() < 0.1);
-        assert_eq!(naive.fixed_ms, None);
-        let known = measure(&[alike], window, at(50), Some(100.0));
-        assert!((known.observation.slowest_true_rate - 2_000.0).abs() < 1e-6);
+        assert_eq!(naive.per_record, None);
+        assert_eq!(naive.loads.len(), 1);
+        // 0.5 ms a record: 10 ms of the 15 is overhead; the other 0.99 of
+        // the core buys 1,980 records a second.
+        let known = Earlier {
+            per_record: Some(0.0005),
+            ..Earlier::default()
+        };
+        let known = measure(std::slice::from_ref(&alike), window, at(50), &known);
+        assert!((known.observation.slowest_true_rate - 1_980.0).abs() < 1e-6);
+        // Loads of earlier windows at other rates tell the cost: 1 ms a
+        // record over 5 ms of overhead a second.
+        let earlier = [
+            Load {
+                rate: 40.0,
+                cpu: 0.045,
+            },
+            Load {
+                rate: 20.0,
+                cpu: 0.025,
+            },
+        ];
+        let earlier = Earlier {
+            loads: &earlier,
+            ..Earlier::default()
+        };
+        let fitted = measure(&[alike], window, at(50), &earlier);
+        assert!(
+            (fitted.per_record.unwrap() - 0.001).abs() < 1e-9,
+            "{fitted:?}"
+        );
+        assert!((fitted.observation.slowest_true_rate - 995.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn replicas_at_different_rates_tell_the_per_record_cost_apart_from_the_overhead() {
+        // Two-stage replicas of a windowed GROUP BY at 300 records/s over
+        // four replicas (as measured on this machine, debug build): 20
+        // batches a second, each with ~15 ms of CPU whatever it reads
+        // (planning, transactions, the second stage's batches), give or
+        // take 5 ms; 200 µs a record. Two replicas own one partition, two
+        // own two. Records over CPU time said ~170/s; the batches alone are
+        // too noisy to fit.
+        let replica = |rows: &[u64]| -> Vec<QueryProgress> {
+            (0..600u32)
+                .map(|i| {
+                    let n = rows[i as usize % rows.len()];
+                    let mut r = report(i / 20, n, 50, 0, &[0]);
+                    r.timestamp = format!("2026-11-22T10:00:{:02}.{:03}Z", i / 20, (i % 20) * 50);
+                    let noise = [4.0, -5.0, 1.0, -2.0, 3.0, -1.0][i as usize % 6];
+                    r.cpu_ms = Some(15.0 + 0.2 * n as f64 + noise);
+                    r
+                })
+                .collect()
+        };
+        let one = [2, 3, 2, 3];
+        let two = [5, 4, 6, 5];
+        let replicas = [replica(&one), replica(&one), replica(&two), replica(&two)];
+        let m = measure(
+            &replicas,
+            Duration::from_secs(30),
+            at(30),
+            &Earlier::default(),
+        );
+        let per_record = m.per_record.unwrap();
+        assert!((per_record - 0.0002).abs() < 0.000_02, "{m:?}");
+        let rate = m.observation.slowest_true_rate;
+        assert!((2_900.0..4_000.0).contains(&rate), "{m:?}");
     }
 
     #[test]
     fn a_replica_without_a_batch_in_the_window_adds_no_input_and_keeps_its_lag() {
         let old = vec![report(0, 500, 100, 3, &[0])];
-        let m = measure(&[old], Duration::from_secs(60), at(600), None);
+        let m = measure(
+            &[old],
+            Duration::from_secs(60),
+            at(600),
+            &Earlier::default(),
+        );
         assert_eq!(m.observation.input_rate, 0.0);
         assert_eq!(m.observation.processed, 0.0);
         assert_eq!(m.observation.lag, 3.0);
         assert_eq!(m.partitions, 1);
         // One batch in the window: its own input rate.
         let one = vec![report(590, 500, 100, 0, &[0])];
-        let m = measure(&[one], Duration::from_secs(60), at(600), None);
+        let m = measure(
+            &[one],
+            Duration::from_secs(60),
+            at(600),
+            &Earlier::default(),
+        );
         assert_eq!(m.observation.input_rate, 7.0);
         assert_eq!(m.observation.slowest_true_rate, 5_000.0);
     }
@@ -467,7 +603,7 @@ mod tests {
             &[Vec::new(), vec![report(10, 10, 10, 0, &[0])]],
             Duration::from_secs(60),
             at(20),
-            None,
+            &Earlier::default(),
         );
         assert_eq!(m.observation.replicas, 2);
         assert_eq!(m.observation.slowest_true_rate, 1_000.0);

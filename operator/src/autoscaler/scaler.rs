@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use sluice_crds::progress::QueryProgress;
 use sluice_crds::{Autoscaling, AutoscalingStatus, StreamingQuery};
 
-use super::measure::{Measured, measure};
+use super::cost::Load;
+use super::measure::{Earlier, Measured, measure};
 use super::{Observation, Policy, Recommendation, recommend, stabilize};
 
 /// The defaults of `spec.autoscaling`'s durations.
@@ -25,6 +26,10 @@ const RESTART_TIME: Duration = Duration::from_secs(60);
 const SCALE_DOWN_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// The default of `spec.autoscaling.metricWindow`.
 pub const METRIC_WINDOW: Duration = Duration::from_secs(60);
+/// How long the replicas' loads serve to fit the per-record cost: the last
+/// minutes' input, whose rates differ as it rises or falls, without what an
+/// older engine or an older input cost.
+const LOAD_HISTORY: Duration = Duration::from_secs(5 * 60);
 
 /// The policy `spec` sets, for a source of `partitions` topic-partitions (0
 /// when unknown: no cap). Durations that do not parse (validation refuses
@@ -81,9 +86,22 @@ pub struct Memory {
     /// Why the spec itself holds the query at one replica (complete mode).
     #[serde(default)]
     pinned_by_spec: Option<String>,
-    /// The fixed part of a batch's time, as last fitted (milliseconds).
+    /// The replicas' loads measured at the last steps, with when: the
+    /// points the per-record cost is fitted over.
     #[serde(default)]
-    fixed_ms: Option<f64>,
+    loads: Vec<(DateTime<Utc>, Load)>,
+    /// The per-record cost (CPU seconds a record) as last fitted.
+    #[serde(default)]
+    per_record: Option<f64>,
+    /// The capacity a replica was last observed at while it stayed behind
+    /// (records a second): kept until observed again, since what limits
+    /// it (`maxOffsetsPerTrigger`, its CPU) does not show once it keeps up.
+    #[serde(default)]
+    capacity: Option<f64>,
+    /// The generation of the spec the loads, the cost and the capacity
+    /// were measured under.
+    #[serde(default)]
+    generation: Option<i64>,
     /// Whether the spec says its input is keyed (`keyedBy`): every state
     /// operator then runs on several replicas.
     #[serde(default)]
@@ -100,6 +118,19 @@ impl Memory {
     /// operator holds the query at one replica.
     pub fn set_keyed(&mut self, keyed: bool) {
         self.keyed = keyed;
+    }
+
+    /// The generation of the query's spec: a changed spec (its query, its
+    /// source's options such as `maxOffsetsPerTrigger`) forgets what
+    /// records cost and what a replica was seen to process: they are
+    /// measured again.
+    pub fn set_generation(&mut self, generation: Option<i64>) {
+        if self.generation != generation {
+            self.generation = generation;
+            self.loads.clear();
+            self.per_record = None;
+            self.capacity = None;
+        }
     }
 }
 
@@ -165,9 +196,24 @@ pub fn step(
             ..Observation::default()
         },
         Seen::Reports(reports) => {
-            let measured = measure(&reports, metric_window(spec), now, memory.fixed_ms);
-            if measured.fixed_ms.is_some() {
-                memory.fixed_ms = measured.fixed_ms;
+            let recent =
+                |at: &DateTime<Utc>| (now - *at).to_std().unwrap_or_default() <= LOAD_HISTORY;
+            memory.loads.retain(|(at, _)| recent(at));
+            let loads: Vec<Load> = memory.loads.iter().map(|(_, l)| *l).collect();
+            let earlier = Earlier {
+                loads: &loads,
+                per_record: memory.per_record,
+                capacity: memory.capacity,
+            };
+            let measured = measure(&reports, metric_window(spec), now, &earlier);
+            memory
+                .loads
+                .extend(measured.loads.iter().map(|l| (now, *l)));
+            if measured.observed_capacity.is_some() {
+                memory.capacity = measured.observed_capacity;
+            }
+            if measured.per_record.is_some() {
+                memory.per_record = measured.per_record;
             }
             return step(
                 memory,
@@ -335,7 +381,9 @@ mod tests {
             },
             partitions: 6,
             stateful: Some(false),
-            fixed_ms: None,
+            loads: Vec::new(),
+            per_record: None,
+            observed_capacity: None,
         })
     }
 
@@ -544,5 +592,73 @@ mod tests {
         assert_eq!(s.replicas, 4);
         let s = after(&mut memory, &s, running(4, 100.0, 0.0, 2_000.0), t(121));
         assert_eq!(s.replicas, 1);
+    }
+
+    /// Replica reports of a batch every 50 ms over the 20 s before `t(end)`,
+    /// each reading `rows` with `cpu_ms` of CPU and leaving `behind`.
+    fn batches(end: i64, rows: u64, cpu_ms: f64, behind: u64) -> Vec<QueryProgress> {
+        (0..400)
+            .map(|i| {
+                let at = t(end) - chrono::Duration::milliseconds(20_000 - i * 50);
+                serde_json::from_value(serde_json::json!({
+                    "id": "q", "runId": "r", "name": "q",
+                    "timestamp": at.to_rfc3339_opts(SecondsFormat::Millis, true),
+                    "batchId": i, "numInputRows": rows, "inputRowsPerSecond": 0.0,
+                    "processedRowsPerSecond": 0.0, "durationMs": {"triggerExecution": 50},
+                    "cpuMs": cpu_ms,
+                    "sources": [{"description": "kafka", "startOffset": null,
+                                 "endOffset": {"t": {"0": 1, "1": 1, "2": 1, "3": 1, "4": 1, "5": 1}},
+                                 "latestOffset": null,
+                                 "numInputRows": rows, "inputRowsPerSecond": 0.0,
+                                 "processedRowsPerSecond": 0.0, "recordsBehindLatest": behind}],
+                    "sink": {"description": "kafka", "numOutputRows": rows},
+                }))
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_capacity_seen_while_behind_still_counts_once_the_replica_keeps_up() {
+        let spec = Autoscaling {
+            max_replicas: 8,
+            metric_window: Some("20s".into()),
+            ..Autoscaling::default()
+        };
+        let one = AutoscalingStatus {
+            replicas: 1,
+            recommended_replicas: 1,
+            ..AutoscalingStatus::default()
+        };
+        let mut memory = Memory::default();
+        // Held back (by maxOffsetsPerTrigger: 100 a batch), with a third of
+        // a core: 2,000/s is all it does.
+        let behind = Seen::Reports(vec![batches(20, 100, 16.0, 5_000)]);
+        let s = step(&mut memory, &spec, Some(&one), None, behind, t(20));
+        assert_eq!(s.true_processing_rate, Some(2_000.0), "{}", s.reason);
+        assert!(s.replicas >= 2, "{}", s.reason);
+        // Three replicas keep up with 3,000/s: their CPU alone says far
+        // more, but each can still do 2,000/s only.
+        let keeping_up = |memory: &mut Memory, previous: &AutoscalingStatus, at: i64| {
+            let three = (0..3).map(|_| batches(at, 50, 15.5, 0)).collect();
+            step(
+                memory,
+                &spec,
+                Some(previous),
+                None,
+                Seen::Reports(three),
+                t(at),
+            )
+        };
+        let s = keeping_up(&mut memory, &s, 40);
+        assert_eq!(s.true_processing_rate, Some(2_000.0), "{}", s.reason);
+        assert_eq!(s.recommended_replicas, 3, "{}", s.reason);
+        // A changed spec (say, a higher maxOffsetsPerTrigger) is measured
+        // again: nothing bounds the CPU's measure (here records over CPU
+        // time: nothing fitted yet), and fewer replicas are asked for.
+        memory.set_generation(Some(2));
+        let s = keeping_up(&mut memory, &s, 60);
+        assert_eq!(s.true_processing_rate, Some(3_225.8), "{}", s.reason);
+        assert_eq!(s.recommended_replicas, 2, "{}", s.reason);
     }
 }
