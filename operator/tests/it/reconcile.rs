@@ -1054,9 +1054,12 @@ fn autoscaled_query() -> StreamingQuery {
 async fn lagging_engine() -> u16 {
     use axum::routing::get;
     let now = chrono::Utc::now();
+    // Batches back to back, each reading 5,000 records (its
+    // maxOffsetsPerTrigger) in 1 s, while 2,500 a second arrive: the lag
+    // falls by 2,500 a batch, down to 520,000.
     let reports: Vec<Value> = (0..6)
         .map(|i| {
-            let at = now - chrono::Duration::seconds(50 - 10 * i);
+            let at = now - chrono::Duration::seconds(5 - i);
             json!({
                 "id": "q", "runId": "r", "name": "fraud",
                 "timestamp": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -1065,7 +1068,7 @@ async fn lagging_engine() -> u16 {
                 "sources": [{"description": "kafka", "startOffset": null,
                              "endOffset": {"transactions": {"0": 1, "1": 1, "2": 1, "3": 1, "4": 1, "5": 1}},
                              "latestOffset": null, "numInputRows": 5000, "inputRowsPerSecond": 500.0,
-                             "processedRowsPerSecond": 5000.0, "recordsBehindLatest": 400_000 + 20_000 * (i + 1)}],
+                             "processedRowsPerSecond": 5000.0, "recordsBehindLatest": 520_000 + 2_500 * (5 - i)}],
                 "sink": {"description": "kafka", "numOutputRows": 5000},
             })
         })
@@ -1121,10 +1124,11 @@ async fn the_autoscaler_sets_the_stateful_sets_replicas_and_the_status_never_the
         status["autoscaling"]["reason"],
         "keeping 1: waiting for the StatefulSet to have 1 ready engine pods of its current template"
     );
-    // Its pod runs and reports a growing backlog: 2,500/s in and 520,000
-    // behind, to drain within 1 m less the 10 s restart, with the 25,000
-    // that arrive during it: 2,500 + 545,000 / 50 = 13,400/s at 5,000/s a
-    // replica when busy: 3 replicas (the steady input alone needs 1).
+    // Its pod runs and reports a backlog: 2,500/s in and 520,000 behind,
+    // to drain within 1 m less the 10 s restart, with the 25,000 that
+    // arrive during it: 2,500 + 545,000 / 50 = 13,400/s at 5,000/s a
+    // replica (busy, and behind after every batch: all it does): 3
+    // replicas (the steady input alone needs 1).
     let pod = json!({
         "metadata": {"name": "fraud-0", "namespace": NS,
                      "labels": {"controller-revision-hash": "fraud-1"},
