@@ -1485,6 +1485,170 @@ mod tests {
         }
     }
 
+    /// The partial states one first-stage plan writes for `batch`, by state
+    /// partition (of `partitions`).
+    async fn partials_by_partition(
+        first: &mut QueryPlan,
+        batch: RecordBatch,
+        watermarks: BatchWatermarks,
+        partitions: usize,
+    ) -> Vec<Vec<RecordBatch>> {
+        use datafusion::arrow::array::UInt32Array;
+        use datafusion::arrow::compute::take_record_batch;
+        let mut by: Vec<Vec<RecordBatch>> = vec![Vec::new(); partitions];
+        for partial in first.execute(vec![vec![batch]], watermarks).await.unwrap() {
+            let parts = first
+                .partitioner()
+                .unwrap()
+                .partitions(&partial, partitions)
+                .unwrap();
+            for (p, rows) in by.iter_mut().enumerate() {
+                let mine: Vec<u32> = (0..partial.num_rows() as u32)
+                    .filter(|i| parts[*i as usize] == p)
+                    .collect();
+                rows.push(take_record_batch(&partial, &UInt32Array::from(mine)).unwrap());
+            }
+        }
+        by
+    }
+
+    #[tokio::test]
+    async fn a_new_replica_writes_the_windows_its_partitions_old_owner_left_open() {
+        use crate::state::{PartitionRef, Seed};
+        // Hop windows kept as panes, in append mode: a batch writes the
+        // windows ending in (its late-events watermark, its eviction one].
+        // Two second-stage replicas stop at different watermarks (one's
+        // last batch read its rows before the watermark moved); the next
+        // generation starts at the higher. The windows between the two of
+        // the lower one's partitions are written by their new owner, once.
+        let events = events_schema(&["k", "v"]);
+        let sources = [("events".to_owned(), events.clone())];
+        let sql = "SELECT window_start, window_end, k, count(*) AS n, sum(v) AS total \
+                   FROM hop(events, ts, '20 seconds', '50 seconds') \
+                   GROUP BY window_start, window_end, k";
+        let partitions = 4usize;
+        let batches = seeded_events(&events, 7, (10, 300), 100_000, (23, 50));
+        let watermarks = [Some("ts".to_owned())];
+        let new_plan = || QueryPlan::new(sql, &sources, &watermarks, &[], OutputMode::Append);
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            |name: &str| Storage::open(dir.path().join(name).to_str().unwrap(), "f").unwrap();
+        let mut whole = new_plan().await.unwrap();
+        whole
+            .open_state(
+                partitions as u32,
+                &dir.path().join("whole"),
+                None,
+                None,
+                &[],
+                1,
+            )
+            .await
+            .unwrap();
+        let mut first = new_plan().await.unwrap();
+        first.set_stage(Stage::Shuffle).await.unwrap();
+        let mut olds = Vec::new();
+        for r in 0..2 {
+            let mut plan = new_plan().await.unwrap();
+            plan.set_stage(Stage::Merge).await.unwrap();
+            plan.open_state(
+                partitions as u32,
+                &dir.path().join(format!("old{r}")),
+                Some(storage(&format!("c{r}"))),
+                None,
+                &[],
+                1,
+            )
+            .await
+            .unwrap();
+            olds.push(plan);
+        }
+        let rounds = rounds(&batches);
+        let (mut expected, mut actual) = (Vec::new(), Vec::new());
+        let stop = rounds.len() / 2;
+        let mut evicted = [None, None];
+        for (n, (batch, watermarks)) in rounds[..=stop].iter().enumerate() {
+            expected.extend(
+                whole
+                    .execute(vec![vec![batch.clone()]], *watermarks)
+                    .await
+                    .unwrap(),
+            );
+            let parts =
+                partials_by_partition(&mut first, batch.clone(), *watermarks, partitions).await;
+            for (r, old) in olds.iter_mut().enumerate() {
+                // Replica 1's last batch reads its rows before its
+                // watermark moves: its windows ending in between stay open.
+                let at = if r == 1 && n == stop {
+                    let held = rounds[stop - 1].1.eviction_ms;
+                    BatchWatermarks {
+                        eviction_ms: held,
+                        late_events_ms: held,
+                    }
+                } else {
+                    *watermarks
+                };
+                let rows: Vec<RecordBatch> = parts
+                    .iter()
+                    .enumerate()
+                    .filter(|(p, _)| p % 2 == r)
+                    .flat_map(|(_, rows)| rows.clone())
+                    .collect();
+                actual.extend(old.execute(vec![rows], at).await.unwrap());
+                evicted[r] = at.eviction_ms;
+            }
+        }
+        assert!(evicted[0] > evicted[1], "{evicted:?}");
+        for old in &mut olds {
+            old.commit_state(stop as u64).await.unwrap();
+        }
+        // The next generation: one replica, every partition seeded from its
+        // old owner's last version, at the higher watermark.
+        let seeds: Vec<Seed> = (0..partitions)
+            .map(|p| Seed {
+                partition: p,
+                storage: storage(&format!("c{}", p % 2)),
+                at: PartitionRef {
+                    version: stop as u64,
+                    epoch: 1,
+                },
+                evicted_ms: evicted[p % 2],
+            })
+            .collect();
+        let mut next = new_plan().await.unwrap();
+        next.set_stage(Stage::Merge).await.unwrap();
+        next.open_state(
+            partitions as u32,
+            &dir.path().join("next"),
+            Some(storage("c2")),
+            None,
+            &seeds,
+            2,
+        )
+        .await
+        .unwrap();
+        for (n, (batch, watermarks)) in rounds.iter().enumerate().skip(stop + 1) {
+            expected.extend(
+                whole
+                    .execute(vec![vec![batch.clone()]], *watermarks)
+                    .await
+                    .unwrap(),
+            );
+            let parts =
+                partials_by_partition(&mut first, batch.clone(), *watermarks, partitions).await;
+            actual.extend(
+                next.execute(vec![parts.concat()], *watermarks)
+                    .await
+                    .unwrap(),
+            );
+            // Each batch commits: from the first commit on, every partition
+            // writes its windows from the batch's own watermark.
+            next.commit_state(n as u64).await.unwrap();
+        }
+        assert!(cells(&expected).len() > 20);
+        assert_eq!(cells(&actual), cells(&expected));
+    }
+
     #[tokio::test]
     async fn keyed_replicas_over_their_topic_partitions_write_what_the_whole_query_writes() {
         // A topic keyed by k (`keyedBy: k`): each replica runs the whole

@@ -138,6 +138,13 @@ pub struct StateAt {
     pub version: u64,
     /// The run that committed that version.
     pub epoch: u64,
+    /// The eviction watermark that version was written with: the windows
+    /// of the partition ending at or before it were written. Replicas of
+    /// one generation stop at different watermarks, and the next starts at
+    /// the highest: a partition whose owner stopped lower still has windows
+    /// to write, from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted_ms: Option<i64>,
 }
 
 /// `assignments/<g>`: a generation of replicas.
@@ -621,6 +628,7 @@ async fn settle(
                     location: run.location.clone(),
                     version: committed.offsets.batch_id,
                     epoch: committed.commit.epoch,
+                    evicted_ms: committed.offsets.watermarks.eviction_ms,
                 };
                 for (p, slot) in state.iter_mut().enumerate() {
                     if replica.owns(&topic, p as i32) {
@@ -641,6 +649,7 @@ async fn settle(
                         location: stages.merge.clone(),
                         version: committed.offsets.batch_id,
                         epoch: committed.commit.epoch,
+                        evicted_ms: committed.offsets.watermarks.eviction_ms,
                     });
                 }
             }
@@ -778,6 +787,7 @@ mod tests {
                 location,
                 version: 7,
                 epoch: 1,
+                evicted_ms: None,
             })
         };
         // Generation 4 names one partition at g2/r0's merge location and

@@ -580,6 +580,16 @@ pub async fn run_query(
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+            Err(err) if err.is_transient() => {
+                // Asked to stop while the batch under way failed for a
+                // reason a retry can help with (a replica paused past its
+                // writes' timeout, then stopped for a rescale): stopped as
+                // asked, the batch left uncommitted for the next run, as
+                // Spark's `stop()` ends a query without its batch's error.
+                warn!(error = %err, "Stopped as asked; the batch under way failed and is left to the next run.");
+                total.stopped = Stopped::Requested;
+                return Ok(total);
+            }
             Err(err) => return Err(err),
         }
     }
@@ -885,6 +895,7 @@ impl Runner {
                             version: at.version,
                             epoch: at.epoch,
                         },
+                        evicted_ms: at.evicted_ms,
                     });
                 }
                 last_eviction = Some(handed.watermark_ms);

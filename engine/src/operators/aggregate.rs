@@ -213,7 +213,12 @@ impl Aggregate {
                     );
                 }
                 let rows = self.codec.decode(found.iter().map(|(_, v)| v.as_slice()))?;
-                let windows = as_windows(&rows, &|_, end| end > late && end <= w)?;
+                // A partition seeded from a replica that stopped at a lower
+                // watermark than the generation's writes its windows from
+                // there.
+                let lates = super::lates_of_rows(&self.codec, store, &rows, late)?;
+                let late_of = |i: usize| lates.as_ref().map_or(late, |lates| lates[i]);
+                let windows = as_windows(&rows, &|i, end| end > late_of(i) && end <= w)?;
                 return Ok((combine(ctx, partial, windows).await?, removed));
             }
             OutputMode::Update => {

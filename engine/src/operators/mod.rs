@@ -170,6 +170,28 @@ pub trait StatefulOperator: Send + Sync {
     ) -> DfResult<BatchOutput>;
 }
 
+/// Each row's late-events watermark (microseconds) for a batch whose own is
+/// `late`: its state partition's, where a partition seeded from another
+/// replica still has windows to write below `late` (see
+/// [`StateStore::late_by_partition`]); `None` when every row's is `late`.
+/// `rows` are state rows (`codec`'s).
+pub(crate) fn lates_of_rows(
+    codec: &codec::Codec,
+    store: &StateStore,
+    rows: &RecordBatch,
+    late: i64,
+) -> DfResult<Option<Vec<i64>>> {
+    let Some(by_partition) = store.late_by_partition(late) else {
+        return Ok(None);
+    };
+    let groups = codec.groups_of(rows)?;
+    let partitions =
+        codec.partitions_of(rows, &groups, store.partitioning(), store.partitions())?;
+    Ok(Some(
+        partitions.into_iter().map(|p| by_partition[p]).collect(),
+    ))
+}
+
 /// A query's stateful operator with its state.
 pub struct Stateful {
     mode: OutputMode,
@@ -367,6 +389,10 @@ impl Stateful {
         let mut new_states = concat_batches(&schema, &columns_fixed)?;
         let mut late = 0;
         if let (Some(rule), Some(w)) = (late_after, watermarks.late_micros()) {
+            // Judged by the generation's watermark, also in a partition
+            // seeded from a replica that stopped lower (see
+            // [`StateStore::late_by_partition`]): as late as a one-replica
+            // run would judge them.
             let (kept, dropped) = rule.drop_late(&new_states, w)?;
             new_states = kept;
             late = dropped;

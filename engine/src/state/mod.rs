@@ -245,6 +245,10 @@ pub struct StateStore {
     /// scan from the start of a partition reads every deleted key until
     /// RocksDB compacts it away).
     taken_below: Option<Vec<u8>>,
+    /// Until the first commit, per partition seeded from another replica's
+    /// version: the eviction watermark (milliseconds) that version was
+    /// written with.
+    seeded_evictions: Vec<Option<i64>>,
     commits: u64,
     /// A snapshot of a partition once every this many versions.
     snapshot_every: u64,
@@ -347,6 +351,9 @@ pub struct Seed {
     pub storage: Storage,
     /// The version (of every partition) that lists it.
     pub at: PartitionRef,
+    /// The eviction watermark that version was written with (see
+    /// [`StateStore::late_by_partition`]).
+    pub evicted_ms: Option<i64>,
 }
 
 impl StateStore {
@@ -522,6 +529,10 @@ impl StateStore {
                 changes: WriteBatch::default(),
             });
         }
+        let mut seeded_evictions = vec![None; partitions as usize];
+        for seed in seeds {
+            seeded_evictions[seed.partition] = seed.evicted_ms;
+        }
         for p in seeded {
             rows += dbs[p].db.iterator(IteratorMode::Start).count() as u64;
             let _ = std::fs::remove_dir_all(local.join(format!("seed-{p}.files")));
@@ -541,6 +552,7 @@ impl StateStore {
             partitioning: Partitioning::Hash,
             restored_partitioning,
             taken_below: None,
+            seeded_evictions,
             rows,
             commits: 0,
             snapshot_every: SNAPSHOT_EVERY,
@@ -625,6 +637,26 @@ impl StateStore {
     /// How many partitions the state has.
     pub fn partitions(&self) -> usize {
         self.partitions.len()
+    }
+
+    /// The late-events watermark (microseconds) of each partition for a
+    /// batch whose own is `late`, when some partition was seeded from a
+    /// version written with a lower eviction watermark and this store has
+    /// not committed since: its windows ending after that one and up to
+    /// `late` were not written by its old owner, and are still to be (the
+    /// generation's watermark is the highest its replicas reached). `None`
+    /// when every partition is at `late`.
+    pub fn late_by_partition(&self, late: i64) -> Option<Vec<i64>> {
+        let lower = |e: &Option<i64>| e.map(|ms| ms.saturating_mul(1000)).filter(|e| *e < late);
+        if !self.seeded_evictions.iter().any(|e| lower(e).is_some()) {
+            return None;
+        }
+        Some(
+            self.seeded_evictions
+                .iter()
+                .map(|e| lower(e).unwrap_or(late))
+                .collect(),
+        )
     }
 
     /// The values of `keys`, in order. The partitions are read in parallel
@@ -815,6 +847,7 @@ impl StateStore {
                 partition.changes.clear();
             }
             self.committed = Committed::default();
+            self.seeded_evictions.fill(None);
             return Ok(());
         };
         let here = PartitionRef {
@@ -923,6 +956,7 @@ impl StateStore {
             "Committed the state."
         );
         self.committed = committed;
+        self.seeded_evictions.fill(None);
         Ok(())
     }
 
@@ -1492,6 +1526,7 @@ mod tests {
                 partition,
                 storage: old.clone(),
                 at: at(1),
+                evicted_ms: (partition == 3).then_some(20_000),
             })
             .to_vec();
         let mut taken = StateStore::open_seeded(
@@ -1517,9 +1552,18 @@ mod tests {
             assert_eq!(value, &want, "key {i}");
         }
         assert_eq!(taken.rows(), 50);
+        // Partition 3's old owner had written its windows up to 20 s: until
+        // the first commit, its late-events watermark is that, not the
+        // generation's (higher) one.
+        assert_eq!(taken.late_by_partition(19_000_000), None);
+        assert_eq!(
+            taken.late_by_partition(20_196_000),
+            Some(vec![20_196_000, 20_196_000, 20_196_000, 20_000_000])
+        );
         // Its first commit writes them whole to its own location: a
         // restart from there needs nothing of the old one.
         taken.commit(5).await.unwrap();
+        assert_eq!(taken.late_by_partition(20_196_000), None);
         std::fs::remove_dir_all(dir.path().join("checkpoint")).unwrap();
         let again = StateStore::open(
             "agg",
