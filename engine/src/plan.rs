@@ -1512,6 +1512,26 @@ mod tests {
         by
     }
 
+    /// One round of a two-stage test: the whole query's output for `batch`
+    /// added to `expected`, and the first stage's partial states by state
+    /// partition.
+    async fn one_round(
+        whole: &mut QueryPlan,
+        first: &mut QueryPlan,
+        batch: &RecordBatch,
+        watermarks: BatchWatermarks,
+        partitions: usize,
+        expected: &mut Vec<RecordBatch>,
+    ) -> Vec<Vec<RecordBatch>> {
+        expected.extend(
+            whole
+                .execute(vec![vec![batch.clone()]], watermarks)
+                .await
+                .unwrap(),
+        );
+        partials_by_partition(first, batch.clone(), watermarks, partitions).await
+    }
+
     #[tokio::test]
     async fn a_new_replica_writes_the_windows_its_partitions_old_owner_left_open() {
         use crate::state::{PartitionRef, Seed};
@@ -1568,14 +1588,15 @@ mod tests {
         let stop = rounds.len() / 2;
         let mut evicted = [None, None];
         for (n, (batch, watermarks)) in rounds[..=stop].iter().enumerate() {
-            expected.extend(
-                whole
-                    .execute(vec![vec![batch.clone()]], *watermarks)
-                    .await
-                    .unwrap(),
-            );
-            let parts =
-                partials_by_partition(&mut first, batch.clone(), *watermarks, partitions).await;
+            let parts = one_round(
+                &mut whole,
+                &mut first,
+                batch,
+                *watermarks,
+                partitions,
+                &mut expected,
+            )
+            .await;
             for (r, old) in olds.iter_mut().enumerate() {
                 // Replica 1's last batch reads its rows before its
                 // watermark moves: its windows ending in between stay open.
@@ -1628,14 +1649,15 @@ mod tests {
         .await
         .unwrap();
         for (n, (batch, watermarks)) in rounds.iter().enumerate().skip(stop + 1) {
-            expected.extend(
-                whole
-                    .execute(vec![vec![batch.clone()]], *watermarks)
-                    .await
-                    .unwrap(),
-            );
-            let parts =
-                partials_by_partition(&mut first, batch.clone(), *watermarks, partitions).await;
+            let parts = one_round(
+                &mut whole,
+                &mut first,
+                batch,
+                *watermarks,
+                partitions,
+                &mut expected,
+            )
+            .await;
             actual.extend(
                 next.execute(vec![parts.concat()], *watermarks)
                     .await
