@@ -9,11 +9,12 @@
 # KAFKA_E2E_RECORDS sets the number of transactions (default 1,000,000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib/cleanup.sh
 source e2e/kafka/lib.sh
 kafka_e2e_prepare
 
 work=$(mktemp -d)
-trap 'kafka_kill "$work/broker" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kafka_kill "$work/broker" 2>/dev/null || true; remove_dir "$work"' EXIT
 kafka_start "$work/broker"
 kafka_topic_create alerts 2
 SLUICE_TEST_KAFKA="$KAFKA_BOOTSTRAP" cargo test --locked --workspace --test it -- --ignored --exact \

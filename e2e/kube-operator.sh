@@ -97,6 +97,8 @@ operator="$CARGO_TARGET_DIR/debug/sluice-operator"
 
 # shellcheck source=kube/lib.sh
 . e2e/kube/lib.sh
+# shellcheck source=lib/cleanup.sh
+. e2e/lib/cleanup.sh
 work=$(mktemp -d /tmp/sluice-kube-operator.XXXXXX)
 pids=()
 cleanup() {
@@ -108,7 +110,7 @@ cleanup() {
   if (( failed )) || [[ -n "${KUBE_OPERATOR_KEEP:-}" ]]; then
     echo "(logs kept in $work)"
   else
-    rm -rf "$work"
+    remove_dir "$work"
   fi
 }
 trap cleanup EXIT

@@ -11,6 +11,7 @@
 # LAKE_E2E_RECORDS sets the number of fraud transactions (default 400,000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib/cleanup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 export PYTHONDONTWRITEBYTECODE=1
 # Built as `cargo test --workspace` builds it (the test suite's feature set).
@@ -20,7 +21,7 @@ source e2e/lake/lib.sh
 delta_readers_setup
 
 work=$(mktemp -d)
-trap 's3_stop; rm -rf "$work"' EXIT
+trap 's3_stop; remove_dir "$work"' EXIT
 s3_start "$work"
 python3 e2e/lake/e2e.py --sluice "$CARGO_TARGET_DIR/debug/sluice" --work "$work" \
   --delta-python "$(delta_venv)/bin/python" --delta-jars "$(delta_spark_jars)" \

@@ -5,6 +5,7 @@
 # the query at a batch boundary with exit status 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib/cleanup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 # Built as `cargo test --workspace` builds it (the test suite's feature set:
 # a lone `cargo build --bin sluice` unifies fewer features and would build
@@ -13,7 +14,7 @@ cargo test --workspace --locked --quiet --no-run
 sluice="$CARGO_TARGET_DIR/debug/sluice"
 
 work=$(mktemp -d)
-trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'stop_processes "${pid:-}"; remove_dir "$work"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 sed -e "s#/tmp/sluice/rate-to-files#$work#" -e 's/processingTime: 2s/processingTime: 500ms/' \
   examples/local/rate-to-files.yaml > "$work/query.yaml"

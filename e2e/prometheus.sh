@@ -4,6 +4,7 @@
 # input rate and lag, the series a dashboard and the autoscaler use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib/cleanup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 command -v prometheus > /dev/null || { echo "prometheus: not installed: apt-get install prometheus" >&2; exit 1; }
 # Built as `cargo test --workspace` builds it (the test suite's feature set:
@@ -17,7 +18,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 engine_port=$(free_port)
 prom_port=$(free_port)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'stop_processes "${pids[@]}"; remove_dir "$work"' EXIT
 
 sed -e "s#/tmp/sluice/rate-to-files#$work#" -e 's/processingTime: 2s/processingTime: 500ms/' \
   -e 's/rowsPerSecond: 10$/rowsPerSecond: 200/' examples/local/rate-to-files.yaml > "$work/query.yaml"

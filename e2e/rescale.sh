@@ -14,12 +14,13 @@
 # the feed (default 60,000 records at 1,500 a second).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib/cleanup.sh
 source e2e/kafka/lib.sh
 kafka_e2e_prepare
 
 work=$(mktemp -d)
 keep=0
-trap 'pkill -KILL -f "$work/" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; [ "$keep" = 1 ] || rm -rf "$work"' EXIT
+trap 'pkill -KILL -f "$work/" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; [ "$keep" = 1 ] || remove_dir "$work"' EXIT
 kafka_start "$work/broker"
 python3 e2e/kafka/rescale.py --sluice "$CARGO_TARGET_DIR/debug/sluice" --bootstrap "$KAFKA_BOOTSTRAP" \
   --broker-dir "$work/broker" --work "$work" \

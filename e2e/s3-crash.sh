@@ -5,11 +5,12 @@
 # an S3-compatible server running as its own process (e2e/lib/s3.sh: moto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib/cleanup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 source e2e/lib/s3.sh
 
 work=$(mktemp -d)
-trap 's3_stop; rm -rf "$work"' EXIT
+trap 's3_stop; remove_dir "$work"' EXIT
 s3_start "$work"
 
 SLUICE_TEST_S3_CHECKPOINT=s3://checkpoints/crash-test \

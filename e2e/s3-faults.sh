@@ -7,11 +7,12 @@
 # while the outage lasts (engine/tests/it/faults.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib/cleanup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sluice/target}"
 source e2e/lib/s3.sh
 
 work=$(mktemp -d)
-trap 's3_stop; kill "${proxy:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 's3_stop; stop_processes "${proxy:-}"; remove_dir "$work"' EXIT
 s3_start "$work"
 proxy_port=$(free_port)
 python3 e2e/s3proxy.py --listen "127.0.0.1:$proxy_port" --upstream "$AWS_ENDPOINT_URL" \

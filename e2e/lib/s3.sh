@@ -3,7 +3,10 @@
 # and any named after WORK. `s3_start WORK [BUCKET...]` starts it (its log in
 # WORK/moto.log) and exports what the engine reads, as a pod would from a
 # Secret: AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, AWS_REGION, AWS_ACCESS_KEY_ID,
-# AWS_SECRET_ACCESS_KEY. `s3_stop` stops it.
+# AWS_SECRET_ACCESS_KEY. `s3_stop` stops it (and waits until it is gone).
+
+# shellcheck source=cleanup.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cleanup.sh"
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -33,5 +36,5 @@ PY
 }
 
 s3_stop() {
-  [ -n "${S3_PID:-}" ] && kill "$S3_PID" 2>/dev/null || true
+  stop_processes "${S3_PID:-}"
 }
