@@ -18,7 +18,8 @@ trap 'kafka_kill "$work/broker" 2>/dev/null || true; remove_dir "$work"' EXIT
 kafka_start "$work/broker"
 kafka_topic_create alerts 2
 SLUICE_TEST_KAFKA="$KAFKA_BOOTSTRAP" cargo test --locked --workspace --test it -- --ignored --exact \
-  kafka::the_sink_knows_which_batches_it_committed_on_a_real_broker
+  kafka::the_sink_knows_which_batches_it_committed_on_a_real_broker \
+  hanging::a_transaction_a_broker_left_open_is_ended_as_its_coordinator_recorded_it
 python3 e2e/kafka/e2e.py --sluice "$CARGO_TARGET_DIR/debug/sluice" --bootstrap "$KAFKA_BOOTSTRAP" \
   --broker-dir "$work/broker" --work "$work" --records "${KAFKA_E2E_RECORDS:-1000000}"
 echo "e2e kafka: passed"

@@ -1,14 +1,18 @@
 //! The Kafka connector: a source that reads topics by exact per-partition
 //! ranges (`source.rs`), a sink that writes each batch in one transaction
-//! (`sink.rs`), and what they share: client settings with their secrets,
+//! (`sink.rs`) and ends the transactions a broker left open on its
+//! partitions (`hanging.rs`, over Kafka requests of its own: `wire.rs`),
+//! and what they share: client settings with their secrets,
 //! offsets as Spark writes them, and errors that say who must act.
 //!
 //! Every call into librdkafka blocks; the connector makes them on Tokio's
 //! blocking threads, so the engine's HTTP endpoints answer meanwhile.
 
 mod avro;
+pub mod hanging;
 pub mod sink;
 pub mod source;
+pub mod wire;
 
 use std::collections::BTreeMap;
 

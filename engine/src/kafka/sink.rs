@@ -4,6 +4,9 @@
 //!
 //! - **open**: `initTransactions`, which fences any older producer of the
 //!   query (a zombie run) and completes or aborts its open transaction;
+//!   then the transactions a broker left open on the sink's partitions
+//!   (markers lost in a broker restart) are ended as their coordinator
+//!   recorded them (`hanging.rs`);
 //! - **prepare** batch N: begin a transaction, produce the rows;
 //! - **commit** batch N: add to the transaction a marker, an offset commit
 //!   of N + 1 for the consumer group named like the transactional id, on
@@ -38,7 +41,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sluice_crds::{Delivery, KafkaSink as KafkaSpec};
 
-use super::{CALL_TIMEOUT, blocking, classify, client_config};
+use super::hanging::{self, HangingError, LastTransaction};
+use super::{CALL_TIMEOUT, blocking, classify, client_config, wire};
 use crate::sink::{Sink, SinkContext};
 use crate::{Error, Result};
 
@@ -258,6 +262,75 @@ impl KafkaSink {
         self.producer
             .clone()
             .ok_or_else(|| self.error("the sink is not open".into()))
+    }
+
+    /// What the coordinator records of `transactional_id`'s last
+    /// transaction; `None` for a new id, or when it cannot be asked (TLS or
+    /// SASL, a broker before KIP-664: warned).
+    async fn last_transaction(&self, transactional_id: &str) -> Result<Option<LastTransaction>> {
+        if let Err(e) = wire::check_security(self.config.get("security.protocol")) {
+            tracing::warn!(
+                sink = %self.description(),
+                "Transactions a broker left open are not checked for: {e}. If read_committed consumers of the topic stop, end them with kafka-transactions.sh find-hanging and abort."
+            );
+            return Ok(None);
+        }
+        let (brokers, id) = (self.brokers.clone(), transactional_id.to_owned());
+        match blocking(move || Ok(hanging::last_transaction(&brokers, &id, CALL_TIMEOUT))).await? {
+            Ok(last) => Ok(last),
+            Err(e) => self.hanging_failed(e).map(|()| None),
+        }
+    }
+
+    /// Ends the transactions of `last`'s producer a broker left open on
+    /// the topic and on the marker group's offsets partition.
+    async fn settle_hanging(&self, last: LastTransaction, group: &str) -> Result<()> {
+        let (brokers, topic, group) = (self.brokers.clone(), self.topic.clone(), group.to_owned());
+        let settled = blocking(move || {
+            Ok(hanging::settle(
+                &brokers,
+                &last,
+                &topic,
+                &group,
+                CALL_TIMEOUT,
+            ))
+        })
+        .await?;
+        match settled {
+            Ok(settled) => {
+                for s in settled {
+                    tracing::warn!(
+                        sink = %self.description(),
+                        partition = %format!("{}-{}", s.topic, s.partition),
+                        start_offset = s.start_offset,
+                        outcome = ?s.outcome,
+                        "A transaction a broker had left open (its coordinator had ended it, but the partition never got its marker) is ended as the coordinator recorded it."
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => self.hanging_failed(e),
+        }
+    }
+
+    fn hanging_failed(&self, e: HangingError) -> Result<()> {
+        match e {
+            HangingError::Unavailable(message) => Err(Error::Unavailable {
+                what: "Kafka".into(),
+                message: format!(
+                    "checking {} for transactions a broker left open: {message}",
+                    self.brokers
+                ),
+            }),
+            HangingError::Unsupported(message) => {
+                tracing::warn!(
+                    sink = %self.description(),
+                    "Transactions a broker left open could not be checked for ({message}). If read_committed consumers of the topic stop, end them with kafka-transactions.sh find-hanging and abort."
+                );
+                Ok(())
+            }
+            HangingError::Stuck(message) => Err(self.error(message)),
+        }
     }
 
     fn marker_partition(&self, offset: Offset) -> Result<TopicPartitionList> {
@@ -522,7 +595,16 @@ impl Sink for KafkaSink {
                 "opening the transactional producer {transactional_id} on {}",
                 self.brokers
             ));
+            // How the id's last transaction ended, read before
+            // `initTransactions` forgets it; then, with every older
+            // producer fenced, the transactions a broker left open on the
+            // sink's partitions are ended as the coordinator meant
+            // (hanging.rs).
+            let last = self.last_transaction(&transactional_id).await?;
             blocking(move || p.init_transactions(COMMIT_TIMEOUT).map_err(fail)).await?;
+            if let Some(last) = last {
+                self.settle_hanging(last, &transactional_id).await?;
+            }
             let marker: BaseConsumer = self
                 .consumer_config
                 .clone()

@@ -4,6 +4,7 @@ mod cli;
 mod crash;
 mod examples;
 mod faults;
+mod hanging;
 mod kafka;
 mod pipeline;
 mod replay;
