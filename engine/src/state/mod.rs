@@ -54,8 +54,17 @@ use encoding::{ENCODING, StateSchema};
 /// `minBatchesToRetain` default.
 pub const VERSIONS_TO_RETAIN: u64 = 100;
 
-/// Old versions are cleaned up once every this many commits.
+/// Old versions are cleaned up once every this many commits at most...
 const CLEAN_EVERY: u64 = 10;
+
+/// ... and once every this long at most: Spark's
+/// `spark.sql.streaming.stateStore.maintenanceInterval` default. A clean
+/// lists every object of the operator's state (with 100 versions kept,
+/// thousands): with batches back to back, every 10 commits was twice a
+/// second, a fifth of a replica's CPU on a local checkpoint
+/// (`bench/replica-cpu.sh`) and as many LIST requests on S3. What waits
+/// is only deleting: between cleans, more old versions stay.
+const CLEAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Files downloaded or uploaded at once.
 const TRANSFERS: usize = 8;
@@ -250,6 +259,8 @@ pub struct StateStore {
     /// written with.
     seeded_evictions: Vec<Option<i64>>,
     commits: u64,
+    /// When the last clean started, and `commits` then.
+    last_clean: Option<(std::time::Instant, u64)>,
     /// A snapshot of a partition once every this many versions.
     snapshot_every: u64,
     /// What the last commit wrote.
@@ -555,6 +566,7 @@ impl StateStore {
             seeded_evictions,
             rows,
             commits: 0,
+            last_clean: None,
             snapshot_every: SNAPSHOT_EVERY,
             committed: Committed::default(),
             cleaner,
@@ -1042,7 +1054,8 @@ impl StateStore {
         Ok((uploads.len() as u64 + 1, uploaded_bytes))
     }
 
-    /// After batch `committed` committed: once every few commits, starts
+    /// After batch `committed` committed: once every [`CLEAN_EVERY`]
+    /// commits and [`CLEAN_INTERVAL`] at most, starts
     /// deleting what no kept version needs, in the background (the next
     /// batches run meanwhile; an error is returned by the next call). Kept:
     /// the newest [`VERSIONS_TO_RETAIN`] committed versions and everything
@@ -1055,12 +1068,18 @@ impl StateStore {
         if self.remote.is_none() {
             return Ok(());
         }
-        let due = self.commits.is_multiple_of(CLEAN_EVERY) && self.commits > 0;
+        let due = match self.last_clean {
+            None => self.commits >= CLEAN_EVERY,
+            Some((at, commits)) => {
+                self.commits >= commits + CLEAN_EVERY && at.elapsed() >= CLEAN_INTERVAL
+            }
+        };
         if !due && !self.cleaning.as_ref().is_some_and(|c| c.is_finished()) {
             return Ok(());
         }
         self.cleaned().await?;
         if due {
+            self.last_clean = Some((std::time::Instant::now(), self.commits));
             let mut cleaner = self.cleaner.take().expect("no clean is running");
             let checkpoint = checkpoint.clone();
             self.cleaning = Some(tokio::spawn(async move {
