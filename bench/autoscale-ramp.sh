@@ -14,6 +14,7 @@
 # Environment: RAMP_PEAK (records/s at the peak, default 3000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib/cleanup.sh
 source e2e/kafka/lib.sh
 kafka_e2e_prepare
 python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q matplotlib \
@@ -21,7 +22,7 @@ python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q matplotl
 
 work=$(mktemp -d)
 keep=0
-trap 'pkill -KILL -f "$work/ramp" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; [ "$keep" = 1 ] || rm -rf "$work"' EXIT
+trap 'pkill -KILL -f "$work/ramp" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; [ "$keep" = 1 ] || remove_dir "$work"' EXIT
 kafka_start "$work/broker"
 python3 e2e/kafka/ramp.py --sluice "$CARGO_TARGET_DIR/debug/sluice" \
   --operator "$CARGO_TARGET_DIR/debug/sluice-operator" --bootstrap "$KAFKA_BOOTSTRAP" \

@@ -13,10 +13,11 @@
 # SLUICE_BIN (default the debug build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source e2e/lib/cleanup.sh
 source e2e/kafka/lib.sh
 kafka_e2e_prepare
 work=$(mktemp -d)
-trap 'pkill -KILL -f "$work/cpu" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'pkill -KILL -f "$work/cpu" 2>/dev/null || true; kafka_kill "$work/broker" 2>/dev/null || true; remove_dir "$work"' EXIT
 kafka_start "$work/broker"
 [ $# -gt 0 ] || set -- windowed:1:300 windowed:1:1500 windowed:1:4000 windowed:1:8000 windowed:4:300
 python3 e2e/kafka/replica_cpu.py --sluice "${SLUICE_BIN:-$CARGO_TARGET_DIR/debug/sluice}" \

@@ -476,6 +476,10 @@ fn write_marker(
                 );
                 return Err(if retriable(code) {
                     HangingError::Unavailable(message)
+                } else if code == 31 {
+                    HangingError::Stuck(format!(
+                        "{message}: writing a transaction marker takes the ClusterAction permission on the cluster (as kafka-transactions.sh abort does): grant it to the sink's principal, or end the transaction by hand"
+                    ))
                 } else {
                     HangingError::Stuck(message)
                 });
