@@ -4,8 +4,9 @@
 #   source e2e/lib/cleanup.sh
 #   trap 'stop_processes "${pids[@]}"; remove_dir "$work"' EXIT
 #
-# A process still writing in the directory (Prometheus' TSDB compacting on
-# SIGTERM, a broker flushing) makes `rm -rf` fail with "Directory not empty";
+# A process still writing in the directory (a `sluice run` finishing its
+# batch on SIGTERM, as CI saw in e2e/prometheus.sh; a broker flushing) makes
+# `rm -rf` fail with "Directory not empty";
 # under `set -e` that failure in a trap would become the script's exit status
 # after every check had passed. So: SIGTERM, wait up to 10 s, SIGKILL; and the
 # removal is retried, and only warns if it still fails: a test's result is its
