@@ -117,6 +117,17 @@ impl From<WireError> for HangingError {
 
 type Result<T> = std::result::Result<T, HangingError>;
 
+/// A broker's answer with error `code` to `what`: worth a retry, or not
+/// for this client to get past.
+fn refused(connection: &Connection, what: &str, code: i16) -> HangingError {
+    let message = format!("{}: {what}: {}", connection.address(), error_name(code));
+    if retriable(code) {
+        HangingError::Unavailable(message)
+    } else {
+        HangingError::Unsupported(message)
+    }
+}
+
 /// The partition of [`OFFSETS_TOPIC`] that holds `group`'s offsets, of
 /// `partitions`: `Utils.abs(group.hashCode()) % partitions`, Java's
 /// `String.hashCode` over UTF-16 units.
@@ -211,11 +222,11 @@ pub fn last_transaction(
         match c.error_code {
             0 => Ok(Some(format!("{}:{}", c.host.as_str(), c.port))),
             code if retriable(code) => Ok(None),
-            code => Err(HangingError::Unsupported(format!(
-                "{}: FindCoordinator for {transactional_id}: {}",
-                broker.address(),
-                error_name(code)
-            ))),
+            code => Err(refused(
+                &broker,
+                &format!("FindCoordinator for {transactional_id}"),
+                code,
+            )),
         }
     })?;
     let mut coordinator = Connection::open(&coordinator, timeout)?;
@@ -241,11 +252,11 @@ pub fn last_transaction(
             // TRANSACTIONAL_ID_NOT_FOUND: never used, or expired.
             105 => Ok(Some(None)),
             code if retriable(code) => Ok(None),
-            code => Err(HangingError::Unsupported(format!(
-                "{}: DescribeTransactions for {transactional_id}: {}",
-                coordinator.address(),
-                error_name(code)
-            ))),
+            code => Err(refused(
+                &coordinator,
+                &format!("DescribeTransactions for {transactional_id}"),
+                code,
+            )),
         }
     })
 }
@@ -277,11 +288,11 @@ fn leaders(broker: &mut Connection, topics: &[&str]) -> Result<Leaders> {
     for topic in response.topics {
         let name = topic.name.map(|n| n.0.to_string()).unwrap_or_default();
         if topic.error_code != 0 {
-            return Err(HangingError::Unavailable(format!(
-                "{}: metadata of {name}: {}",
-                broker.address(),
-                error_name(topic.error_code)
-            )));
+            return Err(refused(
+                broker,
+                &format!("metadata of {name}"),
+                topic.error_code,
+            ));
         }
         let of_topic: BTreeMap<i32, i32> = topic
             .partitions
@@ -405,24 +416,12 @@ fn open_transactions(
     for topic in response.topics {
         for partition in topic.partitions {
             let name = topic.name.0.as_str();
-            match partition.error_code {
-                0 => {}
-                code if retriable(code) => {
-                    return Err(HangingError::Unavailable(format!(
-                        "{}: DescribeProducers of {name}-{}: {}",
-                        connection.address(),
-                        partition.partition_index,
-                        error_name(code)
-                    )));
-                }
-                code => {
-                    return Err(HangingError::Unsupported(format!(
-                        "{}: DescribeProducers of {name}-{}: {}",
-                        connection.address(),
-                        partition.partition_index,
-                        error_name(code)
-                    )));
-                }
+            if partition.error_code != 0 {
+                return Err(refused(
+                    connection,
+                    &format!("DescribeProducers of {name}-{}", partition.partition_index),
+                    partition.error_code,
+                ));
             }
             for producer in partition.active_producers {
                 if producer.producer_id.0 == producer_id && producer.current_txn_start_offset >= 0 {

@@ -14,6 +14,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::{RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 
@@ -167,34 +168,18 @@ impl Connection {
     }
 }
 
-/// Kafka's name for an error code (`org.apache.kafka.common.protocol.Errors`),
-/// for messages; the number when this client does not know it.
+/// Kafka's name for a response's error code, for messages
+/// (`kafka-protocol`'s, e.g. `NotCoordinator`).
 pub fn error_name(code: i16) -> String {
-    let name = match code {
-        0 => "NONE",
-        3 => "UNKNOWN_TOPIC_OR_PARTITION",
-        6 => "NOT_LEADER_OR_FOLLOWER",
-        7 => "REQUEST_TIMED_OUT",
-        14 => "COORDINATOR_LOAD_IN_PROGRESS",
-        15 => "COORDINATOR_NOT_AVAILABLE",
-        16 => "NOT_COORDINATOR",
-        29 => "TOPIC_AUTHORIZATION_FAILED",
-        31 => "CLUSTER_AUTHORIZATION_FAILED",
-        35 => "UNSUPPORTED_VERSION",
-        47 => "INVALID_PRODUCER_EPOCH",
-        51 => "CONCURRENT_TRANSACTIONS",
-        53 => "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
-        90 => "PRODUCER_FENCED",
-        105 => "TRANSACTIONAL_ID_NOT_FOUND",
-        _ => return code.to_string(),
-    };
-    name.to_owned()
+    ResponseError::try_from_code(code).map_or_else(|| "None".to_owned(), |e| e.to_string())
 }
 
-/// Whether a retry can help with an error code: a leader or coordinator
-/// moving or loading, a request timed out.
+/// Whether a retry can help with an error code: Kafka's retriable errors (a
+/// leader or coordinator moving or loading, a request timed out), and
+/// `CONCURRENT_TRANSACTIONS` (the coordinator is still ending a transaction).
 pub fn retriable(code: i16) -> bool {
-    matches!(code, 6 | 7 | 14 | 15 | 16 | 51)
+    ResponseError::try_from_code(code)
+        .is_some_and(|e| e.is_retriable() || e == ResponseError::ConcurrentTransactions)
 }
 
 #[cfg(test)]
@@ -207,6 +192,13 @@ mod tests {
         assert!(check_security(Some("PLAINTEXT")).is_ok());
         let refused = check_security(Some("SASL_SSL")).unwrap_err();
         assert!(refused.to_string().contains("SASL_SSL"), "{refused}");
+    }
+
+    #[test]
+    fn error_codes_are_named_and_told_retriable_as_kafka_does() {
+        assert_eq!(error_name(16), "NotCoordinator");
+        assert!(retriable(16) && retriable(51));
+        assert!(!retriable(0) && !retriable(31) && !retriable(105));
     }
 
     #[test]
