@@ -190,7 +190,21 @@ impl Storage {
     /// Writes `bytes` at `path`, replacing what is there; durable when it
     /// returns.
     pub async fn put(&self, path: &str, bytes: impl Into<Bytes>) -> Result<()> {
-        let bytes = bytes.into();
+        self.write(path, bytes.into(), true).await
+    }
+
+    /// Writes `bytes` at `path`, replacing what is there, for an object that
+    /// a manifest written next to it (in the same directory, with
+    /// [`Storage::create`] or [`Storage::put`]) lists: its bytes are durable
+    /// when it returns, its directory entry (locally) once that manifest's
+    /// write syncs the directory, which covers every file written there
+    /// before it. One directory fsync for a manifest and its files rather
+    /// than one each; nothing may refer to the object before its manifest.
+    pub async fn put_before_manifest(&self, path: &str, bytes: impl Into<Bytes>) -> Result<()> {
+        self.write(path, bytes.into(), false).await
+    }
+
+    async fn write(&self, path: &str, bytes: Bytes, sync_dirs: bool) -> Result<()> {
         if let Some(root) = &self.local {
             // NB: object_store's local put stages the bytes in `<name>#<n>`
             // beside the file: a run killed in the middle leaves that file
@@ -202,7 +216,7 @@ impl Storage {
                 if let Some(dir) = file.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                write_local_atomically(&file, &bytes)
+                write_local(&file, &bytes, sync_dirs)
             })
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
@@ -216,9 +230,12 @@ impl Storage {
                 .await
                 .map_err(|e| self.error(path, "write", e))?;
         }
+        if !sync_dirs || self.local.is_none() {
+            return Ok(());
+        }
         // The directories above, the first time (the file and its own
-        // directory are durable already when local).
-        self.sync(path).await
+        // directory are durable already).
+        self.sync_at(path, false).await
     }
 
     /// Writes `bytes` at `path` unless an object is there already (a
@@ -320,12 +337,18 @@ impl Storage {
     /// Makes a local write durable: the file, its directory, and the first
     /// time a directory is seen, the directories above it up to the root.
     async fn sync(&self, path: &str) -> Result<()> {
+        self.sync_at(path, true).await
+    }
+
+    /// [`Storage::sync`]; without `file_and_dir`, only the directories above
+    /// the file's own (the file and its directory are durable already).
+    async fn sync_at(&self, path: &str, file_and_dir: bool) -> Result<()> {
         let Some(root) = self.local.clone() else {
             return Ok(());
         };
         let file = root.join(path);
         let synced = self.synced_dirs.clone();
-        tokio::task::spawn_blocking(move || sync_local(&root, &file, &synced))
+        tokio::task::spawn_blocking(move || sync_local(&root, &file, &synced, file_and_dir))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(|e| Error::Storage {
@@ -346,25 +369,31 @@ fn sync_local(
     root: &LocalPath,
     file: &LocalPath,
     synced: &Mutex<HashSet<PathBuf>>,
+    file_and_dir: bool,
 ) -> std::io::Result<()> {
-    match std::fs::File::open(file) {
-        Ok(f) => f.sync_all()?,
-        // Deleted since it was written: by a newer run of the query
-        // discarding this (fenced) run's attempt. Nothing of it to keep;
-        // the fence stops this run at its next step.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    if file_and_dir {
+        match std::fs::File::open(file) {
+            Ok(f) => f.sync_all()?,
+            // Deleted since it was written: by a newer run of the query
+            // discarding this (fenced) run's attempt. Nothing of it to keep;
+            // the fence stops this run at its next step.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
     let mut dir = file.parent();
     let mut first = true;
     while let Some(d) = dir {
-        // The file's own directory always (its entry is new); the ones
-        // above only until one is known to be durable already.
+        // The file's own directory always (its entry is new), unless the
+        // caller synced it; the ones above only until one is known to be
+        // durable already.
         let known = synced.lock().unwrap_or_else(|e| e.into_inner()).contains(d);
         if !first && known {
             break;
         }
-        fsync_dir(d)?;
+        if !first || file_and_dir {
+            fsync_dir(d)?;
+        }
         synced
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -387,13 +416,19 @@ pub fn fsync_dir(dir: &LocalPath) -> std::io::Result<()> {
 /// Writes `bytes` to the local file `path` durably and atomically: a hidden
 /// temporary file, fsynced, renamed into place, and the directory fsynced.
 pub fn write_local_atomically(path: &LocalPath, bytes: &[u8]) -> std::io::Result<()> {
+    write_local(path, bytes, true)
+}
+
+/// [`write_local_atomically`]; without `sync_dir`, the directory is not
+/// fsynced (the caller syncs it later, before anything refers to the file).
+fn write_local(path: &LocalPath, bytes: &[u8], sync_dir: bool) -> std::io::Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     let mut file = std::fs::File::create(&tmp)?;
     std::io::Write::write_all(&mut file, bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
+    if sync_dir && let Some(dir) = path.parent() {
         fsync_dir(dir)?;
     }
     Ok(())
@@ -483,6 +518,31 @@ mod tests {
         storage.delete("a/b").await.unwrap();
         storage.delete("a/b").await.unwrap();
         assert!(!storage.exists("a/b").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn files_written_before_their_manifest_are_in_place_without_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap(), "spec.x").unwrap();
+        storage
+            .put_before_manifest("s/0/1-changelog", &b"rows"[..])
+            .await
+            .unwrap();
+        storage
+            .put_before_manifest("s/0/1-changelog", &b"rows again"[..])
+            .await
+            .unwrap();
+        storage.create("s/0/v1.json", &b"{}"[..]).await.unwrap();
+        assert_eq!(
+            storage.get("s/0/1-changelog").await.unwrap().unwrap(),
+            &b"rows again"[..]
+        );
+        let mut names: Vec<String> = std::fs::read_dir(dir.path().join("s/0"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["1-changelog", "v1.json"]);
     }
 
     #[test]

@@ -220,7 +220,7 @@ pub(crate) fn phase_over(
     input_schema: SchemaRef,
 ) -> DfResult<Arc<AggregateExec>> {
     let rows: usize = states.iter().map(RecordBatch::num_rows).sum();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = crate::state::cores();
     let source = MemorySourceConfig::try_new_exec(&[states], partial.schema(), None)?;
     let (input, mode): (Arc<dyn ExecutionPlan>, _) = if rows >= PARALLEL_ROWS && cores > 1 {
         let schema = partial.schema();

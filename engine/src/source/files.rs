@@ -274,7 +274,7 @@ fn decode_in_pieces(
     text: &[u8],
     decode: &(impl Fn(&[u8]) -> std::result::Result<Vec<RecordBatch>, String> + Sync),
 ) -> Option<Vec<RecordBatch>> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = crate::state::cores();
     let pieces = cores.min(text.len() / PIECE_BYTES);
     if pieces <= 1 {
         return None;
@@ -570,7 +570,7 @@ mod tests {
             };
             decode_in_pieces(bytes.as_bytes(), &json)
         };
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = crate::state::cores();
         assert_eq!(
             by_pieces(&text).map(|b| ids(&b)),
             (cores > 1).then(|| expected.clone())

@@ -298,14 +298,39 @@ pub fn hash(bytes: &[u8]) -> u64 {
     h
 }
 
+/// The cores this process may use (cgroup quota included), read once:
+/// the standard library reads the cgroup files on every call, and the
+/// state, the operators and the sources ask several times a batch.
+pub(crate) fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// `f` over each of `items`, in order, the items spread over the machine's
 /// cores (scoped threads; on the calling thread when there is one item or
 /// one core). Partitions are separate RocksDB instances, so their reads and
 /// writes run side by side.
 pub(crate) fn spread<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(items.len());
+    spread_rows(items, usize::MAX, f)
+}
+
+/// From this many rows (keys read or written), [`spread_rows`] starts
+/// threads: below it, starting them costs more than the work (a batch of
+/// a few records would start a thread per core for each state access).
+const SPREAD_ROWS: usize = 1024;
+
+/// [`spread`] for work of `rows` rows in all: on the calling thread below
+/// [`SPREAD_ROWS`].
+pub(crate) fn spread_rows<T: Send, R: Send>(
+    items: Vec<T>,
+    rows: usize,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let threads = if rows < SPREAD_ROWS {
+        1
+    } else {
+        cores().min(items.len())
+    };
     if threads <= 1 {
         return items.into_iter().map(f).collect();
     }
@@ -685,7 +710,7 @@ impl StateStore {
             .filter(|(_, indices)| !indices.is_empty())
             .map(|(partition, indices)| (&partition.db, indices))
             .collect();
-        let found = spread(work, |(db, indices)| {
+        let found = spread_rows(work, keys.len(), |(db, indices)| {
             let values = db.multi_get(indices.iter().map(|&i| &keys[i].1));
             (indices, values)
         });
@@ -719,13 +744,14 @@ impl StateStore {
     /// Applies each partition's batch, the partitions in parallel over the
     /// cores.
     fn write(&mut self, batches: Vec<WriteBatch>) -> Result<()> {
+        let rows = batches.iter().map(WriteBatch::len).sum();
         let work: Vec<(&mut Partition, WriteBatch)> = self
             .partitions
             .iter_mut()
             .zip(batches)
             .filter(|(_, batch)| !batch.is_empty())
             .collect();
-        spread(work, |(partition, batch)| {
+        spread_rows(work, rows, |(partition, batch)| {
             // No write-ahead log: the checkpoint is what makes state durable.
             let mut options = WriteOptions::default();
             options.disable_wal(true);
@@ -909,7 +935,9 @@ impl StateStore {
             changelogs.push((data, manifest));
         }
         // Changelogs go up in parallel, each before its manifest, and are
-        // kept on this disk with the snapshot's files.
+        // kept on this disk with the snapshot's files: a link to the
+        // checkpoint's own file when that is on this machine (no second
+        // file to create), a copy otherwise.
         let operator = &self.operator;
         let remote_ref = &remote;
         let kept = &self.kept;
@@ -919,8 +947,20 @@ impl StateStore {
                 let local = kept
                     .join(manifest.partition.to_string())
                     .join(object_name(&log.path));
-                tokio::fs::write(&local, &data).await.map_err(state_error)?;
-                remote_ref.put(&log.path, data).await?;
+                let data = bytes::Bytes::from(data);
+                // Made durable with its manifest, beside it.
+                remote_ref
+                    .put_before_manifest(&log.path, data.clone())
+                    .await?;
+                let linked = match remote_ref.local_root() {
+                    Some(root) => tokio::fs::hard_link(root.join(&log.path), &local)
+                        .await
+                        .is_ok(),
+                    None => false,
+                };
+                if !linked {
+                    tokio::fs::write(&local, &data).await.map_err(state_error)?;
+                }
                 let path = partition_path(operator, manifest.partition as usize, here);
                 create(remote_ref, &path, &manifest).await?;
                 Ok::<_, Error>(manifest)
@@ -1018,7 +1058,8 @@ impl StateStore {
         }
         futures::stream::iter(uploads.iter().map(|(local, path)| async move {
             let data = tokio::fs::read(local).await.map_err(state_error)?;
-            remote.put(path, data).await
+            // Made durable with the partition's manifest, beside it.
+            remote.put_before_manifest(path, data).await
         }))
         .buffer_unordered(TRANSFERS)
         .try_collect::<Vec<()>>()
@@ -1605,6 +1646,21 @@ mod tests {
         for n in [0usize, 1, 2, 3, 17] {
             let out = spread((0..n).collect(), |i| i * 10);
             assert_eq!(out, (0..n).map(|i| i * 10).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn little_work_is_not_spread_over_threads() {
+        let here = std::thread::current().id();
+        let out = spread_rows((0..4).collect(), SPREAD_ROWS - 1, |i| {
+            (i, std::thread::current().id())
+        });
+        assert_eq!(out, (0..4).map(|i| (i, here)).collect::<Vec<_>>());
+        if cores() > 1 {
+            let out = spread_rows((0..4).collect(), SPREAD_ROWS, |_| {
+                std::thread::current().id()
+            });
+            assert!(out.iter().all(|id| *id != here));
         }
     }
 
