@@ -770,17 +770,35 @@ impl StateStore {
     /// time: every closed window). The operators never write a key below a
     /// bound they took (those rows are late), so the next call starts at
     /// this one's bound.
+    ///
+    /// A partition that had such entries gets one range deletion (in
+    /// RocksDB and in its next changelog) rather than a tombstone per key:
+    /// the same keys, as a point deletion of each would remove them, for
+    /// the cost of one write.
     pub fn take_below(&mut self, bound: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let found = self.range(self.taken_below.as_deref(), bound)?;
-        let mut batches = self.write_batches();
+        let low = self.taken_below.clone().unwrap_or_default();
+        let found = self.range(Some(&low), bound)?;
         let mut out = Vec::new();
         for (p, entries) in found.into_iter().enumerate() {
-            for (key, value) in entries {
-                batches[p].delete(&key);
-                out.push((key, value));
+            if entries.is_empty() {
+                continue;
             }
+            // NB: written here, not through `write`: a batch's iteration
+            // (which records `write`'s batches for the changelog) does not
+            // see range deletions.
+            let mut batch = WriteBatch::default();
+            batch.delete_range(&low[..], bound);
+            let partition = &mut self.partitions[p];
+            partition.changes.delete_range(&low[..], bound);
+            partition.dirty = true;
+            let mut options = WriteOptions::default();
+            options.disable_wal(true);
+            partition
+                .db
+                .write_opt(batch, &options)
+                .map_err(state_error)?;
+            out.extend(entries);
         }
-        self.write(batches)?;
         self.rows = self.rows.saturating_sub(out.len() as u64);
         if self.taken_below.as_deref().is_none_or(|low| low < bound) {
             self.taken_below = Some(bound.to_vec());
@@ -1850,6 +1868,37 @@ mod tests {
             again.get_many(&[key(7)]).unwrap(),
             [Some(b"seven".to_vec())]
         );
+    }
+
+    #[tokio::test]
+    async fn keys_taken_below_a_bound_leave_as_one_range_deletion_that_a_restore_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open_at(dir.path(), None, 1).await;
+        let entries: Vec<PartitionedEntry> = (0u32..100)
+            .map(|i| {
+                let (p, k) = key(i);
+                (p, k, format!("v{i}").into_bytes())
+            })
+            .collect();
+        store.put_many(&entries, 100).unwrap();
+        store.commit(0).await.unwrap();
+        let taken = store.take_below(&40u32.to_be_bytes()).unwrap();
+        assert_eq!(taken.len(), 40);
+        store.commit(1).await.unwrap();
+        let committed = store.committed();
+        assert_eq!((committed.partitions, committed.snapshots), (4, 0));
+        // A range deletion a partition (~20 bytes), not 10 tombstones each.
+        assert!(committed.changelog_bytes < 120, "{committed:?}");
+        drop(store);
+        // Another disk: version 0's snapshot, then version 1's changelog.
+        let restored = open_at(dir.path(), Some(at(1)), 2).await;
+        let keys: Vec<_> = (0u32..100).map(key).collect();
+        let values = restored.get_many(&keys).unwrap();
+        for (i, value) in values.iter().enumerate() {
+            assert_eq!(value.is_some(), i >= 40, "key {i}");
+        }
+        assert_eq!(restored.scan().unwrap().len(), 60);
+        assert_eq!(restored.rows(), 60);
     }
 
     #[tokio::test]
