@@ -1574,9 +1574,8 @@ mod tests {
         PartitionRef { version, epoch: 1 }
     }
 
-    /// Version 0: keys 0..100 with values `v<i>`; version 1: key 7 is
-    /// `seven`.
-    async fn commit_two_versions(store: &mut StateStore) {
+    /// Version 0: keys 0..100 with values `v<i>`.
+    async fn commit_hundred_keys(store: &mut StateStore) {
         let entries: Vec<PartitionedEntry> = (0u32..100)
             .map(|i| {
                 let (p, k) = key(i);
@@ -1585,6 +1584,12 @@ mod tests {
             .collect();
         store.put_many(&entries, 100).unwrap();
         store.commit(0).await.unwrap();
+    }
+
+    /// Version 0: keys 0..100 with values `v<i>`; version 1: key 7 is
+    /// `seven`.
+    async fn commit_two_versions(store: &mut StateStore) {
+        commit_hundred_keys(store).await;
         let (p, k) = key(7);
         store.put_many(&[(p, k, b"seven".to_vec())], 0).unwrap();
         store.commit(1).await.unwrap();
@@ -1874,14 +1879,7 @@ mod tests {
     async fn keys_taken_below_a_bound_leave_as_one_range_deletion_that_a_restore_replays() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open_at(dir.path(), None, 1).await;
-        let entries: Vec<PartitionedEntry> = (0u32..100)
-            .map(|i| {
-                let (p, k) = key(i);
-                (p, k, format!("v{i}").into_bytes())
-            })
-            .collect();
-        store.put_many(&entries, 100).unwrap();
-        store.commit(0).await.unwrap();
+        commit_hundred_keys(&mut store).await;
         let taken = store.take_below(&40u32.to_be_bytes()).unwrap();
         assert_eq!(taken.len(), 40);
         store.commit(1).await.unwrap();
