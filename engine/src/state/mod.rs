@@ -270,6 +270,14 @@ pub struct StateStore {
     cleaning: Option<tokio::task::JoinHandle<(Cleaner, Result<()>)>>,
 }
 
+/// How state is written to RocksDB: without its write-ahead log, since the
+/// checkpoint (changelogs and snapshots) is what makes state durable.
+fn unlogged() -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.disable_wal(true);
+    options
+}
+
 /// Copies the writes of one batch into another (the next changelog).
 struct Record<'a>(&'a mut WriteBatch);
 
@@ -549,8 +557,7 @@ impl StateStore {
             .zip(replays);
         for (p, (((at, uploaded), (snapshot, changelogs)), replay)) in restored_parts.enumerate() {
             let db = open_db(&local.join(p.to_string()), &cache)?;
-            let mut options = WriteOptions::default();
-            options.disable_wal(true);
+            let options = unlogged();
             for changes in replay {
                 db.write_opt(WriteBatch::from_data(&changes), &options)
                     .map_err(state_error)?;
@@ -752,9 +759,7 @@ impl StateStore {
             .filter(|(_, batch)| !batch.is_empty())
             .collect();
         spread_rows(work, rows, |(partition, batch)| {
-            // No write-ahead log: the checkpoint is what makes state durable.
-            let mut options = WriteOptions::default();
-            options.disable_wal(true);
+            let options = unlogged();
             // Kept for the next changelog too.
             batch.iterate(&mut Record(&mut partition.changes));
             partition.dirty = true;
@@ -791,11 +796,9 @@ impl StateStore {
             let partition = &mut self.partitions[p];
             partition.changes.delete_range(&low[..], bound);
             partition.dirty = true;
-            let mut options = WriteOptions::default();
-            options.disable_wal(true);
             partition
                 .db
-                .write_opt(batch, &options)
+                .write_opt(batch, &unlogged())
                 .map_err(state_error)?;
             out.extend(entries);
         }
